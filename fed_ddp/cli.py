@@ -1,0 +1,144 @@
+"""The ``fed-ddp`` command.
+
+    fed-ddp run configs/quickstart.yaml [key=value ...]     launch 1 server + N client ranks and train
+    fed-ddp pretrain configs/quickstart.yaml                 build (and cache) the tiny base model
+    fed-ddp generate RUN/checkpoints/final --prompt "..." --out x.png
+    fed-ddp compare configs/quickstart.yaml [key=value ...]  federated vs centralized vs local-only
+
+Inside ``torchrun`` or SLURM (``RANK``/``WORLD_SIZE`` set), ``fed-ddp run`` does not launch: it joins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+
+from fed_ddp.config import ConfigError, load_config
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"fed-ddp: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # already launched: join
+        from fed_ddp.train import main as rank_main
+
+        return rank_main([args.config, *args.overrides])
+    from fed_ddp.diffusion.models import base_path, quiet_libraries
+
+    quiet_libraries()
+    base_path(cfg.model)  # pretrain the tiny base here, once, before any rank starts
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex[:8],
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5)
+    print(f"fed-ddp: launching {cfg.world_size} ranks (1 server + {cfg.fed.num_clients} clients) "
+          f"-> {cfg.run.dir}", file=sys.stderr)
+    try:
+        elastic_launch(launch, sys.executable)("-u", "-m", "fed_ddp.train", args.config, *args.overrides)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        return _fail(f"rank {rank} failed (exit code {failure.exitcode}); see its log lines above", 1)
+    summary_path = cfg.run.dir / "summary.json"
+    if summary_path.exists():
+        from fed_ddp.server import print_table
+
+        s = json.loads(summary_path.read_text())
+        print_table(s, list(cfg.data.digits), [d for d in cfg.model.tiny.digits if d not in cfg.data.digits])
+        t = s["seconds_total"]
+        print(f"\nTime over {s['rounds']} rounds: {t['round']:.1f} s = local training {t['local_training']:.1f}"
+              f" + communication {t['communication']:.1f} + aggregation {t['aggregation']:.2f}"
+              f" + evaluation {t['evaluation']:.1f} + other {t['other']:.1f}")
+        print(f"Bytes: up {s['bytes_up_total']:,} / down {s['bytes_down_total']:,} "
+              f"({s['lora_parameters']:,} LoRA parameters)")
+        print(f"Run directory: {cfg.run.dir}  (adapter: {cfg.run.dir / 'checkpoints' / 'final'})")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.pretrained:
+        return _fail(f"model.pretrained={cfg.model.pretrained!r}: pretrain builds the tiny base only; set it to null")
+    from fed_ddp.diffusion.models import base_path, quiet_libraries
+
+    quiet_libraries()
+    print(base_path(cfg.model))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from fed_ddp.checkpoint import read_info
+    from fed_ddp.config import LoraSection
+    from fed_ddp.diffusion.lora import attach_lora, load_adapter
+    from fed_ddp.diffusion.models import load_pipeline, quiet_libraries
+    from fed_ddp.evaluation import generate
+    from fed_ddp.images import save_grid
+
+    quiet_libraries()
+    try:
+        info = read_info(args.checkpoint)
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    pipe = load_pipeline(args.base or info["base_model"], torch.device(args.device))
+    attach_lora(pipe.unet, LoraSection(**info["lora"]))
+    load_adapter(pipe.unet, args.checkpoint)
+    imgs = generate(pipe, [args.prompt] * args.num_images, args.seed, args.steps, args.guidance_scale)
+    save_grid(imgs[None], [args.prompt], args.out, cell=args.cell)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fed_ddp.compare import compare
+
+    cfg = load_config(args.config, args.overrides)
+    compare(cfg, args.config, args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fed-ddp", description="Federated LoRA fine-tuning of diffusion models")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in [("run", cmd_run, "launch a federated run"),
+                            ("pretrain", cmd_pretrain, "build and cache the tiny base model"),
+                            ("compare", cmd_compare, "federated vs centralized vs local-only")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config")
+        s.add_argument("overrides", nargs="*", help="key=value config overrides")
+        s.set_defaults(fn=fn)
+    g = sub.add_parser("generate", help="sample images from a checkpointed adapter")
+    g.add_argument("checkpoint", help="a checkpoints/round_NNNN or checkpoints/final folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--out", default="generated.png")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance-scale", type=float, default=1.0)
+    g.add_argument("--base", default=None, help="base pipeline directory (default: the one the run used)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--cell", type=int, default=64, help="pixels per image in the PNG")
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

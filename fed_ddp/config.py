@@ -1,0 +1,298 @@
+"""Typed run configuration: dataclasses <- YAML <- ``key=value`` overrides, merged with OmegaConf.
+
+Every field has a one-line comment; every group validates itself in ``__post_init__``, so a bad
+value fails before any process starts with one line that names the key, the value and what is
+allowed::
+
+    cfg = load_config("configs/quickstart.yaml", ["fed.rounds=3", "lora.rank=8"])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}: {allowed}")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _one_of(key: str, value: Any, choices) -> None:
+    _check(value in choices, key, value, f"must be one of {sorted(choices)}")
+
+
+def _positive(key: str, value: float, zero_ok: bool = False) -> None:
+    ok = value >= 0 if zero_ok else value > 0
+    _check(ok, key, value, "must be >= 0" if zero_ok else "must be > 0")
+
+
+@dataclass(kw_only=True)
+class RunSection:
+    name: str = "quickstart"  # run directory is <output_dir>/<name>
+    output_dir: str = "runs"  # parent folder of run directories
+    seed: int = 0  # seeds data partitioning, model init, local training and sampling
+    resume: bool = False  # continue from the run directory's latest checkpoint
+    log_level: str = "INFO"  # python logging level for all ranks
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name, "run.name", self.name,
+               "must be a non-empty name without '/'")
+        _one_of("run.log_level", self.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"})
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass(kw_only=True)
+class PretrainSection:
+    """How the built-in tiny base is made (used when ``model.pretrained`` is null)."""
+
+    digits: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # concepts the base knows
+    vae_steps: int = 300  # autoencoder training steps
+    unet_steps: int = 1200  # denoiser + text encoder training steps
+    batch_size: int = 64  # pretraining batch size
+    lr: float = 2e-3  # AdamW learning rate
+    empty_caption_fraction: float = 0.1  # share of captions dropped (classifier-free guidance)
+    seed: int = 0  # pretraining seed (part of the cache key)
+
+    def __post_init__(self):
+        _check(bool(self.digits) and all(0 <= d <= 9 for d in self.digits), "model.tiny.digits",
+               self.digits, "must be a non-empty list of digits 0..9")
+        for k in ("vae_steps", "unet_steps", "batch_size"):
+            _positive(f"model.tiny.{k}", getattr(self, k))
+        _positive("model.tiny.lr", self.lr)
+        _check(0 <= self.empty_caption_fraction < 1, "model.tiny.empty_caption_fraction",
+               self.empty_caption_fraction, "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    pretrained: str | None = None  # local diffusers pipeline directory or hub id; null = tiny base
+    revision: str | None = None  # hub revision for `pretrained`
+    cache_dir: str = "~/.cache/fed_ddp"  # where the built-in tiny base is cached
+    tiny: PretrainSection = field(default_factory=PretrainSection)  # built-in base recipe
+
+    def __post_init__(self):
+        if not self.pretrained:
+            return
+        p = Path(self.pretrained).expanduser()
+        if p.exists() or self.pretrained.startswith((".", "/", "~")):  # a local path, not a hub id
+            _check(p.is_dir() and (p / "model_index.json").exists(), "model.pretrained", self.pretrained,
+                   "must be a diffusers pipeline directory (with model_index.json) or a hub id")
+
+
+@dataclass(kw_only=True)
+class LoraSection:
+    rank: int = 4  # LoRA rank r
+    alpha: float = 4.0  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # LoRA dropout
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # UNet module names
+
+    def __post_init__(self):
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+        _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _check(bool(self.targets), "lora.targets", self.targets, "must name at least one module")
+
+
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    source: str = "digits"  # digits (built-in, scikit-learn) | imagefolder
+    path: str | None = None  # imagefolder: one folder with metadata.jsonl, partitioned across clients
+    client_dirs: list[str] = field(default_factory=list)  # imagefolder: one folder per client instead
+    label_field: str = "text"  # metadata field that dirichlet/shards partition over
+    digits: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # digits: concepts the clients hold
+    partition: str = "shards"  # iid | dirichlet | shards
+    dirichlet_alpha: float = 0.5  # dirichlet concentration (smaller = more skewed)
+    shards_per_client: int = 2  # shards: label-sorted shards per client
+    replay_fraction: float = 0.2  # share of each batch drawn from the base's concepts (anti-forgetting)
+    val_fraction: float = 0.1  # held out for the server's validation loss
+    resolution: int = 8  # imagefolder: images are resized to this square size
+
+    def __post_init__(self):
+        _one_of("data.source", self.source, {"digits", "imagefolder"})
+        _one_of("data.partition", self.partition, set(PARTITIONS))
+        _positive("data.dirichlet_alpha", self.dirichlet_alpha)
+        _positive("data.shards_per_client", self.shards_per_client)
+        _check(0 <= self.replay_fraction < 1, "data.replay_fraction", self.replay_fraction, "must be in [0, 1)")
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(bool(self.digits) and all(0 <= d <= 9 for d in self.digits), "data.digits", self.digits,
+               "must be a non-empty list of digits 0..9")
+        if self.source == "imagefolder":
+            _check(bool(self.path) != bool(self.client_dirs), "data.path", self.path,
+                   "imagefolder needs exactly one of data.path or data.client_dirs")
+            for key, folder in [("data.path", self.path)] + [("data.client_dirs", d) for d in self.client_dirs]:
+                if folder:
+                    _check(Path(folder).expanduser().is_dir(), key, folder, "folder does not exist")
+                    _check((Path(folder).expanduser() / "metadata.jsonl").exists(), key, folder,
+                           "folder has no metadata.jsonl (imagefolder layout: file_name, text)")
+
+
+STRATEGIES = ("fedavg", "fedadam", "fedprox")
+
+
+@dataclass(kw_only=True)
+class FedSection:
+    num_clients: int = 4  # clients; world size = 1 (server) + num_clients
+    rounds: int = 5  # federated rounds
+    local_steps: int = 50  # optimizer steps per client per round
+    strategy: str = "fedavg"  # fedavg | fedadam | fedprox
+    server_lr: float = 1.0  # fedavg/fedprox: step along the mean delta; fedadam: eta
+    beta1: float = 0.9  # fedadam first moment decay
+    beta2: float = 0.99  # fedadam second moment decay
+    tau: float = 1e-3  # fedadam adaptivity (epsilon)
+    proximal_mu: float = 0.01  # fedprox: weight of (mu/2)*||w - w_global||^2 in the client loss
+    timeout_s: float = 1800.0  # collective timeout
+
+    def __post_init__(self):
+        for k in ("num_clients", "rounds", "local_steps"):
+            _positive(f"fed.{k}", getattr(self, k))
+        _one_of("fed.strategy", self.strategy, set(STRATEGIES))
+        _positive("fed.server_lr", self.server_lr)
+        for k in ("beta1", "beta2"):
+            _check(0 <= getattr(self, k) < 1, f"fed.{k}", getattr(self, k), "must be in [0, 1)")
+        _positive("fed.tau", self.tau)
+        _positive("fed.proximal_mu", self.proximal_mu, zero_ok=True)
+        _positive("fed.timeout_s", self.timeout_s)
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    engine: str = "torch"  # local training engine: torch
+    batch_size: int = 32  # per-client batch size
+    lr: float = 2e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
+    num_threads: int = 1  # torch CPU threads per rank
+    device: str = "auto"  # auto (cuda:<local_rank> when available) | cpu
+
+    def __post_init__(self):
+        _one_of("train.engine", self.engine, {"torch"})
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, zero_ok=True)
+        _positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
+        _one_of("train.mixed_precision", self.mixed_precision, {"auto", "no", "bf16", "fp16"})
+        _positive("train.num_threads", self.num_threads)
+        _one_of("train.device", self.device, {"auto", "cpu"})
+
+
+@dataclass(kw_only=True)
+class EvalSection:
+    every: int = 1  # validation loss and sample grid every N rounds (and always after the last)
+    accuracy_every: int = 0  # generation accuracy every N rounds (0 = only base and final)
+    images_per_prompt: int = 50  # generated images per digit for generation accuracy
+    inference_steps: int = 25  # DDIM steps when sampling
+    guidance_scale: float = 1.0  # classifier-free guidance (1.0 = off)
+    sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # fixed seeds of sample grids
+    prompts: list[str] = field(default_factory=list)  # sample grid prompts (empty: one per digit)
+
+    def __post_init__(self):
+        _positive("eval.every", self.every)
+        _positive("eval.accuracy_every", self.accuracy_every, zero_ok=True)
+        _positive("eval.images_per_prompt", self.images_per_prompt)
+        _positive("eval.inference_steps", self.inference_steps)
+        _positive("eval.guidance_scale", self.guidance_scale)
+
+
+@dataclass(kw_only=True)
+class WandbSection:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "fed_ddp"  # W&B project
+    entity: str | None = None  # W&B entity (team or user)
+    group: str | None = None  # W&B group (scaling studies)
+    tags: list[str] = field(default_factory=list)  # W&B tags
+
+    def __post_init__(self):
+        _one_of("tracking.wandb.mode", self.mode, {"online", "offline", "disabled"})
+
+
+@dataclass(kw_only=True)
+class TrackingSection:
+    wandb: WandbSection = field(default_factory=WandbSection)  # Weights & Biases
+    progress: bool = True  # progress bar over rounds on the server
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    fed: FedSection = field(default_factory=FedSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def __post_init__(self):
+        if self.data.source == "imagefolder" and self.data.client_dirs:
+            _check(len(self.data.client_dirs) == self.fed.num_clients, "data.client_dirs",
+                   self.data.client_dirs, f"needs one folder per client (fed.num_clients={self.fed.num_clients})")
+
+    @property
+    def world_size(self) -> int:
+        return 1 + self.fed.num_clients
+
+
+def _format_omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).splitlines()[0]
+    if "not in" in msg and "Key" in msg:
+        return ConfigError(key, getattr(e, "value", None) if getattr(e, "value", None) is not None else "",
+                           "unknown key")
+    value = getattr(e, "value", None)
+    return ConfigError(key, value, msg)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Merge defaults <- YAML file <- ``key=value`` overrides and validate; raises ConfigError."""
+    try:
+        cfg = OmegaConf.structured(RunConfig)
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError("config", str(path), "file does not exist")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError("override", item, "must look like key=value")
+            key, _ = item.split("=", 1)
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+                raise ConfigError(key, item.split("=", 1)[1], "unknown key")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _format_omegaconf_error(e) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config (for YAML, W&B and JSON)."""
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(to_dict(cfg)), path)

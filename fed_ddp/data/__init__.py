@@ -1,0 +1,1 @@
+"""Data: built-in digits, image folders with captions, and partitioning across clients."""

@@ -1,0 +1,55 @@
+"""User data in the diffusers/HF ``imagefolder`` layout: images plus ``metadata.jsonl`` lines of
+``{"file_name": "0001.png", "text": "a caption", ...}``. Any other field (e.g. ``label``) can drive
+partitioning through ``data.label_field``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fed_ddp.data.digits import CaptionedImages
+
+
+def read_metadata(folder: str | Path) -> list[dict]:
+    folder = Path(folder).expanduser()
+    meta = folder / "metadata.jsonl"
+    if not meta.exists():
+        raise FileNotFoundError(f"{folder}: no metadata.jsonl (imagefolder layout: file_name, text)")
+    rows = []
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "file_name" not in row or "text" not in row:
+            raise ValueError(f"{meta}:{n}: each line needs 'file_name' and 'text', got keys {sorted(row)}")
+        if not (folder / row["file_name"]).exists():
+            raise FileNotFoundError(f"{meta}:{n}: image {row['file_name']!r} does not exist")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{meta}: no images listed")
+    return rows
+
+
+def load_imagefolder(folder: str | Path, resolution: int, channels: int = 3, label_field: str = "text",
+                     label_names: list[str] | None = None) -> CaptionedImages:
+    """Load, centre-crop and resize every listed image to ``resolution``, scaled to [-1, 1]."""
+    folder = Path(folder).expanduser()
+    rows = read_metadata(folder)
+    mode = "L" if channels == 1 else "RGB"
+    pics = []
+    for row in rows:
+        im = Image.open(folder / row["file_name"]).convert(mode)
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        pics.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    values = [str(row.get(label_field, "")) for row in rows]
+    names = label_names or sorted(set(values))
+    labels = np.array([names.index(v) if v in names else -1 for v in values], dtype=np.int64)
+    return CaptionedImages(torch.from_numpy(np.stack(pics)), [row["text"] for row in rows], labels)

@@ -1,0 +1,35 @@
+"""Aggregation strategies, by name. Pure tensor maths: no process group inside."""
+
+from __future__ import annotations
+
+from fed_ddp.strategies.base import ClientUpdate, RoundPlan, Strategy, weighted_mean
+from fed_ddp.strategies.fedadam import FedAdam
+from fed_ddp.strategies.fedavg import FedAvg, FedProx
+
+REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(name: str, cls: type[Strategy]) -> None:
+    if name in REGISTRY:
+        raise ValueError(f"strategy {name!r} is already registered")
+    REGISTRY[name] = cls
+
+
+register("fedavg", FedAvg)
+register("fedprox", FedProx)
+register("fedadam", FedAdam)
+
+
+def build_strategy(fed, train) -> Strategy:
+    """Build the strategy named by ``fed.strategy`` from the fed and train config groups."""
+    if fed.strategy not in REGISTRY:
+        raise ValueError(f"fed.strategy={fed.strategy!r}: must be one of {sorted(REGISTRY)}")
+    kw = dict(local_steps=fed.local_steps, lr=train.lr, server_lr=fed.server_lr,
+              proximal_mu=fed.proximal_mu if fed.strategy == "fedprox" else 0.0)
+    if fed.strategy == "fedadam":
+        kw.update(beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
+    return REGISTRY[fed.strategy](**kw)
+
+
+__all__ = ["ClientUpdate", "RoundPlan", "Strategy", "FedAvg", "FedAdam", "FedProx", "REGISTRY",
+           "build_strategy", "register", "weighted_mean"]

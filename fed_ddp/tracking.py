@@ -1,0 +1,99 @@
+"""Metrics to local files (always) and Weights & Biases (server rank only), logs tagged by role and rank.
+
+One small interface (``log``, ``log_images``, ``finish``); W&B enters through ``maybe_wandb`` and is a
+no-op when ``tracking.wandb.mode=disabled``, so the round loop never branches on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+
+def setup_logging(role: str, rank: int, level: str = "INFO") -> logging.Logger:
+    fmt = f"%(asctime)s [{role} r{rank}] %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    return logging.getLogger("fed_ddp")
+
+
+def _clean(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class JsonlLogger:
+    """One JSON object per line; flushed at once so nothing is lost if the run dies."""
+
+    def __init__(self, path: str | Path, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a" if append else "w")
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._f.write(json.dumps(_clean(metrics)) + "\n")
+        self._f.flush()
+
+    def log_images(self, images: dict[str, str], step: int) -> None:
+        pass  # the PNGs are already in the run directory
+
+    def finish(self, summary: dict | None = None) -> None:
+        self._f.close()
+
+
+class WandbLogger:
+    def __init__(self, cfg, run_dir: Path, config_dict: dict):
+        import wandb
+
+        w = cfg.tracking.wandb
+        self._wandb = wandb
+        self.run = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
+                              name=cfg.run.name, mode=w.mode, dir=str(run_dir), config=config_dict,
+                              resume="allow" if cfg.run.resume else None)
+
+    def log(self, metrics: dict, step: int) -> None:
+        flat = {}
+        for k, v in metrics.items():
+            if isinstance(v, dict):
+                flat.update({f"{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
+            elif isinstance(v, (int, float)):
+                flat[k] = v
+        self.run.log(flat, step=step)
+
+    def log_images(self, images: dict[str, str], step: int) -> None:
+        self.run.log({k: self._wandb.Image(p) for k, p in images.items()}, step=step)
+
+    def finish(self, summary: dict | None = None) -> None:
+        if summary:
+            for k, v in summary.items():
+                if isinstance(v, (int, float, str)):
+                    self.run.summary[k] = v
+        self.run.finish()
+
+
+class MultiLogger:
+    def __init__(self, *loggers):
+        self.loggers = [lg for lg in loggers if lg is not None]
+
+    def log(self, metrics: dict, step: int) -> None:
+        for lg in self.loggers:
+            lg.log(metrics, step)
+
+    def log_images(self, images: dict[str, str], step: int) -> None:
+        for lg in self.loggers:
+            lg.log_images(images, step)
+
+    def finish(self, summary: dict | None = None) -> None:
+        for lg in self.loggers:
+            lg.finish(summary)
+
+
+def maybe_wandb(cfg, run_dir: Path, config_dict: dict):
+    return None if cfg.tracking.wandb.mode == "disabled" else WandbLogger(cfg, run_dir, config_dict)

@@ -1,0 +1,113 @@
+"""Entry point of every rank: config -> process group -> server or client loop -> tear down.
+
+    torchrun --standalone --nproc-per-node 5 -m fed_ddp.train configs/quickstart.yaml [key=value ...]
+
+(``fed-ddp run`` launches exactly this through torch's own launcher.) Rank 0 is the server, ranks
+1..N the clients. Backend: NCCL when every rank has a CUDA device, gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fed_ddp.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from fed_ddp.dist.topology import Topology
+from fed_ddp.tracking import setup_logging
+
+
+def pick_device(cfg: RunConfig, local_rank: int) -> torch.device:
+    if cfg.train.device == "auto" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | None:
+    from fed_ddp import protocol
+    from fed_ddp.client import LocalTrainer
+    from fed_ddp.data.federated import build_federated_data
+    from fed_ddp.diffusion.lora import attach_lora, num_lora_parameters
+    from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
+    from fed_ddp.transport import CollectiveTransport
+
+    quiet_libraries()
+    log = logging.getLogger("fed_ddp")
+    box = [base_path(cfg.model, show_progress=True) if topo.is_server else None]
+    dist.broadcast_object_list(box, src=0)  # the server pretrains/locates the base; the others wait here
+    pipe = load_pipeline(box[0], device, cfg.model.revision)
+    attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
+    scheduler = training_scheduler(pipe)
+    data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
+    transport = CollectiveTransport(server_rank=0, device=device if dist.get_backend() == "nccl" else None)
+    num_params = num_lora_parameters(pipe.unet)
+
+    if topo.is_server:
+        from fed_ddp.server import Server
+        from fed_ddp.strategies import build_strategy
+        from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb
+
+        run_dir = cfg.run.dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "partition.json").write_text(__import__("json").dumps(data.summary(), indent=2))
+        tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
+                              maybe_wandb(cfg, run_dir, to_dict(cfg)))
+        server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker, box[0])
+        return server.run()
+
+    cid = topo.client_id
+    trainer = LocalTrainer(pipe, scheduler, data.clients[cid], cfg.train, cfg.run.seed, data.replay,
+                           cfg.data.replay_fraction, client_id=cid)
+    log.info("holding %d private examples", trainer.num_examples)
+
+    def handle(down: torch.Tensor) -> torch.Tensor | None:
+        t0 = time.perf_counter()
+        stop, plan, global_flat = protocol.unpack_downlink(down)
+        if stop:
+            return None
+        delta, metrics = trainer.fit(global_flat, plan)
+        metrics["client_seconds"] = time.perf_counter() - t0
+        return protocol.pack_uplink(delta, trainer.num_examples, metrics)
+
+    transport.serve(protocol.downlink_numel(num_params), handle)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        if not argv or argv[0].startswith("-"):
+            raise ConfigError("config", argv[0] if argv else None, "usage: fed_ddp.train CONFIG.yaml [key=value ...]")
+        cfg = load_config(argv[0], argv[1:])
+        topo = Topology.from_env(cfg.fed.num_clients)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"fed-ddp: config error: {e}", file=sys.stderr)
+        return 2
+    log = setup_logging(topo.role, topo.rank, cfg.run.log_level)
+    torch.set_num_threads(cfg.train.num_threads)
+    device = pick_device(cfg, topo.local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.fed.timeout_s),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    try:
+        run_rank(cfg, topo, device)
+    except Exception:
+        log.exception("failed")
+        raise
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
