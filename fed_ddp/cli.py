@@ -101,7 +101,9 @@ def cmd_compare(args) -> int:
     from fed_ddp.compare import compare
 
     cfg = load_config(args.config, args.overrides)
-    compare(cfg, args.config, args.overrides)
+    if not 0 <= args.client < cfg.fed.num_clients:
+        return _fail(f"--client={args.client}: must be in [0, {cfg.fed.num_clients - 1}] (fed.num_clients)")
+    compare(cfg, client=args.client)
     return 0
 
 
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("config")
         s.add_argument("overrides", nargs="*", help="key=value config overrides")
         s.set_defaults(fn=fn)
+    sub.choices["compare"].add_argument("--client", type=int, default=0, help="the local-only client")
     g = sub.add_parser("generate", help="sample images from a checkpointed adapter")
     g.add_argument("checkpoint", help="a checkpoints/round_NNNN or checkpoints/final folder")
     g.add_argument("--prompt", required=True)

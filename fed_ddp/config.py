@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -23,7 +24,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r}: {allowed}")
+        super().__init__(f"{key}: {allowed}" if value is None else f"{key}={value!r}: {allowed}")
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -257,10 +258,8 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
     key = getattr(e, "full_key", None) or "?"
     msg = str(e).splitlines()[0]
     if "not in" in msg and "Key" in msg:
-        return ConfigError(key, getattr(e, "value", None) if getattr(e, "value", None) is not None else "",
-                           "unknown key")
-    value = getattr(e, "value", None)
-    return ConfigError(key, value, msg)
+        return ConfigError(key, None, "unknown key")
+    return ConfigError(key, getattr(e, "value", None), msg)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -271,7 +270,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             p = Path(path)
             if not p.is_file():
                 raise ConfigError("config", str(path), "file does not exist")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            try:
+                loaded = OmegaConf.load(p)
+            except yaml.YAMLError as e:
+                raise ConfigError("config", str(path), f"invalid YAML: {' '.join(str(e).split())}") from None
+            cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError("override", item, "must look like key=value")

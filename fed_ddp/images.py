@@ -13,13 +13,10 @@ from PIL import Image, ImageDraw
 def sample_grid(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float) -> np.ndarray:
     """(rows, cols, H, W, C) images in [0, 1]: prompt r with seed c (each seed its own generator)."""
     device = pipe.unet.device
-    rows = []
-    for p in prompts:
-        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        out = pipe([p] * len(seeds), num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                   output_type="np")
-        rows.append(out.images)
-    return np.stack(rows)
+    gens = [torch.Generator(device=device).manual_seed(s) for _ in prompts for s in seeds]
+    out = pipe([p for p in prompts for _ in seeds], num_inference_steps=steps, guidance_scale=guidance_scale,
+               generator=gens, output_type="np")
+    return out.images.reshape(len(prompts), len(seeds), *out.images.shape[1:])
 
 
 def save_grid(grid: np.ndarray, labels: list[str], path: str | Path, cell: int = 48) -> Path:

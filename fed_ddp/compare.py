@@ -1,0 +1,118 @@
+"""What federation buys: federated vs centralized vs local-only LoRA fine-tuning, at equal total local steps.
+
+    fed-ddp compare configs/quickstart.yaml [key=value ...]
+
+All three arms run in this one process through the in-memory transport, with the same base, data
+split, seeds, evaluation and server loop as ``fed-ddp run``:
+
+- federated:   N clients x K local steps per round, aggregated by ``fed.strategy`` (a sequential
+               simulation of the multi-process run: same maths, clients one after another);
+- centralized: one trainer on the pooled data of all clients, N*K steps per round;
+- local-only:  client ``compare.client`` (0) alone on its own data, N*K steps per round.
+
+Results go to ``<output_dir>/<name>-compare/{federated,centralized,local_only}/`` and a table is
+printed and written to ``compare.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import torch
+
+from fed_ddp import protocol
+from fed_ddp.client import LocalTrainer
+from fed_ddp.config import RunConfig, save_config, to_dict
+from fed_ddp.data.federated import FederatedData, build_federated_data, concat
+from fed_ddp.diffusion.lora import attach_lora, get_flat, set_flat
+from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
+from fed_ddp.server import Server
+from fed_ddp.strategies import build_strategy
+from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb
+from fed_ddp.transport import InMemoryTransport
+
+
+def _handler(trainer: LocalTrainer):
+    def handle(down: torch.Tensor) -> torch.Tensor | None:
+        t0 = time.perf_counter()
+        stop, plan, global_flat = protocol.unpack_downlink(down)
+        if stop:
+            return None
+        delta, metrics = trainer.fit(global_flat, plan)
+        metrics["client_seconds"] = time.perf_counter() - t0
+        return protocol.pack_uplink(delta, trainer.num_examples, metrics)
+
+    return handle
+
+
+def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Tensor, base: str) -> dict:
+    """One arm: the production server loop over in-memory clients."""
+    set_flat(pipe.unet, init)
+    run_dir = cfg.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    trainers = [LocalTrainer(pipe, scheduler, d, cfg.train, cfg.run.seed, data.replay, cfg.data.replay_fraction,
+                             client_id=c) for c, d in enumerate(data.clients)]
+    tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl"), maybe_wandb(cfg, run_dir, to_dict(cfg)))
+    transport = InMemoryTransport([_handler(t) for t in trainers])
+    server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker, base)
+    return server.run()
+
+
+def compare(cfg: RunConfig, client: int = 0) -> dict:
+    quiet_libraries()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base = base_path(cfg.model)
+    pipe = load_pipeline(base, torch.device("cpu"), cfg.model.revision)
+    attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
+    init = get_flat(pipe.unet)
+    scheduler = training_scheduler(pipe)
+    data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
+    root = f"{cfg.run.name}-compare"
+    n, k = cfg.fed.num_clients, cfg.fed.local_steps
+    single = dataclasses.replace(cfg.fed, num_clients=1, local_steps=n * k)
+    arms = {
+        "federated": (dataclasses.replace(cfg, fed=cfg.fed), data),
+        "centralized": (dataclasses.replace(cfg, fed=single),
+                        dataclasses.replace(data, clients=[concat(data.clients)])),
+        "local_only": (dataclasses.replace(cfg, fed=single), dataclasses.replace(data, clients=[data.clients[client]])),
+    }
+    results = {}
+    for name, (arm_cfg, arm_data) in arms.items():
+        arm_cfg = dataclasses.replace(arm_cfg, run=dataclasses.replace(cfg.run, name=name,
+                                                                       output_dir=str(cfg.run.dir.parent / root)))
+        print(f"\n== {name}: {arm_cfg.fed.num_clients} trainer(s) x {arm_cfg.fed.local_steps} steps x "
+              f"{arm_cfg.fed.rounds} rounds on {sum(len(d) for d in arm_data.clients)} private examples", flush=True)
+        results[name] = run_arm(arm_cfg, pipe, scheduler, arm_data, init, base)
+    table = {name: {"total_local_steps": (n if name == "federated" else 1) * arms[name][0].fed.local_steps
+                    * cfg.fed.rounds,
+                    "examples": sum(len(d) for d in arms[name][1].clients),
+                    "gen_acc_clients": r["final"].get("gen_acc_clients"),
+                    "gen_acc_base": r["final"].get("gen_acc_base"),
+                    "val_loss": r["final"].get("val_loss"),
+                    "bytes_up_total": r["bytes_up_total"]}
+             for name, r in results.items()}
+    table["base"] = {"gen_acc_clients": results["federated"]["base"].get("gen_acc_clients"),
+                     "gen_acc_base": results["federated"]["base"].get("gen_acc_base"),
+                     "val_loss": results["federated"]["base"].get("val_loss")}
+    out = cfg.run.dir.parent / root / "compare.json"
+    out.write_text(json.dumps(table, indent=2))
+    print_compare(table)
+    print(f"\nwritten: {out}")
+    return table
+
+
+def print_compare(table: dict) -> None:
+    print(f"\n{'':14s}{'steps':>8s}{'examples':>10s}{'acc, client concepts':>22s}{'acc, base concepts':>20s}"
+          f"{'val loss':>10s}")
+    for name in ("base", "federated", "centralized", "local_only"):
+        r = table[name]
+
+        def pct(v):
+            return f"{v:.1%}" if isinstance(v, float) else "-"
+
+        steps = r.get("total_local_steps", 0)
+        print(f"{name:14s}{steps:8d}{r.get('examples', 0):10d}{pct(r['gen_acc_clients']):>22s}"
+              f"{pct(r['gen_acc_base']):>20s}{r['val_loss']:10.4f}")

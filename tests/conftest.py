@@ -1,0 +1,39 @@
+"""Shared fixtures: a random-init tiny base pipeline (no pretraining, no download) and CLI helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A StableDiffusionPipeline directory of the tiny architecture with random weights."""
+    import torch
+
+    from fed_ddp.diffusion.models import quiet_libraries
+    from fed_ddp.diffusion.tiny import build_pipeline
+
+    quiet_libraries()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "tiny-random"
+    build_pipeline().save_pretrained(path)
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``fed-ddp ARGS`` the way a user does (a fresh interpreter), from the repository root."""
+    full_env = {**os.environ, **(env or {})}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if env is None or k not in env:
+            full_env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "fed_ddp.cli", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,71 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, no ranks left hanging."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+import pytest
+from conftest import ROOT, run_cli
+
+TINY = str(ROOT / "configs" / "tiny_test.yaml")
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fed-ddp:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("fed.roundz=3", ["fed.roundz", "unknown key"]),
+    ("fed.rounds=many", ["fed.rounds", "many"]),
+    ("fed.strategy=fedmagic", ["fed.strategy", "fedmagic", "fedavg"]),
+    ("lora.rank=0", ["lora.rank", "> 0"]),
+])
+def test_bad_config_values(override, needles):
+    _one_line_error(run_cli("run", TINY, override), *needles)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fed:\n  num_clients: 2\ntrain:\n  learning_rate: 0.1\n")
+    _one_line_error(run_cli("run", str(bad)), "train.learning_rate")
+
+
+def test_missing_data_folder(tmp_path):
+    _one_line_error(run_cli("run", TINY, "data.source=imagefolder", f"data.path={tmp_path / 'nope'}"),
+                    "data.path", "does not exist")
+
+
+def test_invalid_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fed:\n  rounds: 2\nfed:\n  rounds: 3\n")  # duplicate key
+    _one_line_error(run_cli("run", str(bad)), "invalid YAML")
+
+
+def test_missing_config_file():
+    _one_line_error(run_cli("run", "configs/does_not_exist.yaml"), "does_not_exist")
+
+
+def test_world_size_that_does_not_fit_the_config():
+    """Inside a launcher with 2 ranks for a 2-client config (needs 3): every rank exits at once."""
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    line = _one_line_error(run_cli("run", TINY, env=env, timeout=120), "fed.num_clients", "3 ranks", "has 2")
+    assert "config error" in line
+
+
+@pytest.mark.slow
+def test_world_size_mismatch_under_the_launcher_does_not_hang():
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=uuid.uuid4().hex[:8],
+                       rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2)
+    with pytest.raises(ChildFailedError) as info:
+        elastic_launch(cfg, sys.executable)("-m", "fed_ddp.train", TINY)
+    assert all(f.exitcode == 2 for f in info.value.failures.values())

@@ -1,0 +1,333 @@
+"""Server strategies (FedAvg, FedProx, FedAdam) and the flat-buffer protocol, checked against
+independent float64 numpy references."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from fed_ddp.config import load_config
+from fed_ddp.protocol import (
+    UP_FIELDS,
+    downlink_numel,
+    pack_downlink,
+    pack_uplink,
+    unpack_downlink,
+    unpack_uplink,
+    uplink_numel,
+)
+from fed_ddp.strategies import (
+    REGISTRY,
+    ClientUpdate,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    RoundPlan,
+    build_strategy,
+    register,
+    weighted_mean,
+)
+
+P = 37  # adapter size used throughout
+
+
+def _updates(seed: int, counts: list[int], p: int = P) -> list[ClientUpdate]:
+    rng = np.random.default_rng(seed)
+    return [ClientUpdate(client_id=i, delta=torch.from_numpy(rng.normal(size=p).astype(np.float32)),
+                         num_examples=n) for i, n in enumerate(counts)]
+
+
+def _ref_mean(updates: list[ClientUpdate]) -> np.ndarray:
+    """Sample-weighted mean in float64, written independently of fed_ddp."""
+    d = np.stack([u.delta.numpy().astype(np.float64) for u in updates])
+    w = np.array([u.num_examples for u in updates], dtype=np.float64)
+    return (w[:, None] * d).sum(axis=0) / w.sum()
+
+
+def _global(seed: int = 123, p: int = P) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=p).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- FedAvg / weighted mean
+
+@pytest.mark.parametrize("server_lr", [1.0, 0.5, 2.0])
+def test_fedavg_moves_global_by_server_lr_times_weighted_mean(server_lr):
+    updates = _updates(0, [3, 50, 7, 140])
+    g = _global()
+    g_before = g.clone()
+    new, metrics = FedAvg(local_steps=5, lr=1e-3, server_lr=server_lr).aggregate(1, g, updates)
+
+    ref_mean = _ref_mean(updates)
+    ref = g_before.numpy().astype(np.float64) + server_lr * ref_mean
+    assert new.shape == g.shape
+    np.testing.assert_allclose(new.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert metrics["update_norm"] == pytest.approx(np.linalg.norm(ref_mean), rel=1e-5)
+    # the input global vector is not modified in place
+    assert torch.equal(g, g_before)
+
+
+def test_weighted_mean_weights_by_num_examples_not_uniformly():
+    ones = torch.ones(4)
+    zeros = torch.zeros(4)
+    updates = [ClientUpdate(0, ones, num_examples=3), ClientUpdate(1, zeros, num_examples=1)]
+    out = weighted_mean(updates)
+    # 3/4 weight on the ones vector; a uniform mean would give 0.5
+    np.testing.assert_allclose(out.numpy(), np.full(4, 0.75), rtol=0, atol=1e-7)
+
+    # swapping the counts moves the mean to the other side
+    swapped = [ClientUpdate(0, ones, num_examples=1), ClientUpdate(1, zeros, num_examples=3)]
+    np.testing.assert_allclose(weighted_mean(swapped).numpy(), np.full(4, 0.25), rtol=0, atol=1e-7)
+
+
+def test_weighted_mean_matches_float64_reference_for_very_unequal_counts():
+    updates = _updates(1, [1, 10, 1000])
+    out = weighted_mean(updates)
+    ref = _ref_mean(updates)
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-5, atol=1e-7)
+    # and is clearly not the unweighted mean
+    unweighted = np.mean([u.delta.numpy().astype(np.float64) for u in updates], axis=0)
+    assert np.abs(out.double().numpy() - unweighted).max() > 1e-2
+    assert out.dtype == updates[0].delta.dtype
+
+
+def test_client_with_zero_examples_has_no_influence():
+    updates = _updates(2, [5, 0, 9])
+    out = weighted_mean(updates)
+    ref = _ref_mean([updates[0], updates[2]])
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [FedAvg, FedProx, FedAdam])
+def test_zero_total_examples_raises_value_error(cls):
+    updates = _updates(3, [0, 0])
+    with pytest.raises(ValueError, match="no examples"):
+        cls(local_steps=1, lr=1e-3).aggregate(0, _global(), updates)
+
+
+def test_weighted_mean_of_no_updates_raises_value_error():
+    with pytest.raises(ValueError):
+        weighted_mean([])
+
+
+# ----------------------------------------------------------------------------- FedAdam
+
+def _ref_fedadam(global0: np.ndarray, rounds: list[list[ClientUpdate]], eta: float, b1: float, b2: float,
+                 tau: float) -> list[np.ndarray]:
+    """Independent numpy FedAdam (no bias correction); returns the global after every round."""
+    w = global0.astype(np.float64).copy()
+    m = np.zeros_like(w)
+    v = np.zeros_like(w)
+    out = []
+    for updates in rounds:
+        d = _ref_mean(updates)
+        m = b1 * m + (1 - b1) * d
+        v = b2 * v + (1 - b2) * d * d
+        w = w + eta * m / (np.sqrt(v) + tau)
+        out.append(w.copy())
+    return out
+
+
+def test_fedadam_three_rounds_match_numpy_reference():
+    eta, b1, b2, tau = 0.05, 0.8, 0.95, 1e-2
+    strat = FedAdam(local_steps=3, lr=1e-3, server_lr=eta, beta1=b1, beta2=b2, tau=tau)
+    rounds = [_updates(10 + r, [4 + r, 20, 9 * (r + 1)]) for r in range(3)]
+    g0 = _global(7)
+    refs = _ref_fedadam(g0.numpy(), rounds, eta, b1, b2, tau)
+
+    g = g0
+    for r, (updates, ref) in enumerate(zip(rounds, refs)):
+        g_prev = g.double().numpy()
+        g, metrics = strat.aggregate(r, g, updates)
+        np.testing.assert_allclose(g.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+        # the reported norm is that of the step actually taken
+        assert metrics["update_norm"] == pytest.approx(np.linalg.norm(ref - g_prev), rel=1e-4, abs=1e-6)
+
+    # sanity: FedAdam is not FedAvg (guards against the reference being trivially equal)
+    fedavg_w = g0.double().numpy() + eta * sum(_ref_mean(u) for u in rounds)
+    assert np.abs(refs[-1] - fedavg_w).max() > 1e-3
+
+
+def test_fedadam_first_step_closed_form():
+    # with m = v = 0: step = eta*(1-b1)*d / (sqrt(1-b2)*|d| + tau)
+    eta, b1, b2, tau = 1.0, 0.9, 0.99, 1e-3
+    d = np.array([2.0, -0.5, 0.0, 1e-4], dtype=np.float32)
+    strat = FedAdam(local_steps=1, lr=1e-3, server_lr=eta, beta1=b1, beta2=b2, tau=tau)
+    new, _ = strat.aggregate(0, torch.zeros(4), [ClientUpdate(0, torch.from_numpy(d), 10)])
+    d64 = d.astype(np.float64)
+    expected = eta * (1 - b1) * d64 / (np.sqrt(1 - b2) * np.abs(d64) + tau)
+    np.testing.assert_allclose(new.double().numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fedadam_state_dict_round_trip_continues_identically():
+    kw = {"local_steps": 2, "lr": 1e-3, "server_lr": 0.1, "beta1": 0.85, "beta2": 0.97, "tau": 1e-3}
+    rounds = [_updates(20 + r, [10, 3 + r, 30]) for r in range(4)]
+    a = FedAdam(**kw)
+    g = _global(9)
+    for r in range(2):
+        g, _ = a.aggregate(r, g, rounds[r])
+
+    # simulate a checkpoint: serialise the state through torch.save/torch.load
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf)
+
+    b = FedAdam(**kw)
+    b.load_state_dict(state)
+    cold = FedAdam(**kw)  # same hyper-parameters but no restored moments
+
+    ga, gb, gc = g, g.clone(), g.clone()
+    for r in range(2, 4):
+        ga, _ = a.aggregate(r, ga, rounds[r])
+        gb, _ = b.aggregate(r, gb, rounds[r])
+        gc, _ = cold.aggregate(r, gc, rounds[r])
+    assert torch.equal(ga, gb)
+
+    # and the restored run equals the uninterrupted numpy reference over all 4 rounds
+    ref = _ref_fedadam(_global(9).numpy(), rounds, kw["server_lr"], kw["beta1"], kw["beta2"], kw["tau"])[-1]
+    np.testing.assert_allclose(gb.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+    # the state matters: without it the continuation differs
+    assert np.abs(gc.double().numpy() - ref).max() > 1e-4
+
+
+def test_fedadam_state_dict_of_fresh_strategy_loads_into_fresh_strategy():
+    kw = {"local_steps": 2, "lr": 1e-3, "server_lr": 0.1}
+    fresh = FedAdam(**kw)
+    other = FedAdam(**kw)
+    other.load_state_dict(fresh.state_dict())
+    updates = _updates(30, [5, 6])
+    g1, _ = fresh.aggregate(0, _global(), updates)
+    g2, _ = other.aggregate(0, _global(), updates)
+    ref = _ref_fedadam(_global().numpy(), [updates], 0.1, 0.9, 0.99, 1e-3)[0]
+    np.testing.assert_allclose(g2.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(g1, g2)
+
+
+# ----------------------------------------------------------------------------- build_strategy / plans
+
+def test_fedprox_aggregates_like_fedavg_and_plans_carry_mu():
+    cfg = load_config(None, ["fed.strategy=fedprox", "fed.proximal_mu=0.05", "fed.local_steps=7",
+                             "train.lr=0.003", "fed.server_lr=0.7"])
+    strat = build_strategy(cfg.fed, cfg.train)
+    assert isinstance(strat, FedProx)
+
+    plan = strat.configure_round(4)
+    assert isinstance(plan, RoundPlan)
+    assert (plan.round, plan.local_steps) == (4, 7)
+    assert plan.lr == pytest.approx(0.003)
+    assert plan.proximal_mu == pytest.approx(0.05)
+
+    updates = _updates(40, [12, 2, 33])
+    g = _global(11)
+    new, _ = strat.aggregate(4, g, updates)
+    ref = g.double().numpy() + 0.7 * _ref_mean(updates)
+    np.testing.assert_allclose(new.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fedavg_plan_has_zero_mu_even_when_config_sets_one():
+    cfg = load_config(None, ["fed.strategy=fedavg", "fed.proximal_mu=0.05", "fed.local_steps=9",
+                             "train.lr=0.004"])
+    strat = build_strategy(cfg.fed, cfg.train)
+    assert type(strat) is FedAvg
+    plan = strat.configure_round(2)
+    assert plan.proximal_mu == 0.0
+    assert (plan.round, plan.local_steps) == (2, 9)
+    assert plan.lr == pytest.approx(0.004)
+
+
+def test_build_fedadam_uses_configured_hyperparameters():
+    cfg = load_config(None, ["fed.strategy=fedadam", "fed.server_lr=0.2", "fed.beta1=0.5", "fed.beta2=0.6",
+                             "fed.tau=0.05", "fed.proximal_mu=0.3"])
+    strat = build_strategy(cfg.fed, cfg.train)
+    assert isinstance(strat, FedAdam)
+    assert strat.configure_round(0).proximal_mu == 0.0
+    rounds = [_updates(50 + r, [3, 8]) for r in range(2)]
+    g = _global(5)
+    for r in range(2):
+        g, _ = strat.aggregate(r, g, rounds[r])
+    ref = _ref_fedadam(_global(5).numpy(), rounds, 0.2, 0.5, 0.6, 0.05)[-1]
+    np.testing.assert_allclose(g.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_strategy_name_is_refused():
+    cfg = load_config(None, [])
+    cfg.fed.strategy = "fedsgd"  # bypasses config validation on purpose
+    with pytest.raises(ValueError, match="fedsgd") as ei:
+        build_strategy(cfg.fed, cfg.train)
+    assert "fedavg" in str(ei.value)
+
+
+def test_registering_an_existing_name_is_refused():
+    before = dict(REGISTRY)
+    with pytest.raises(ValueError, match="already registered"):
+        register("fedavg", FedProx)
+    assert REGISTRY == before
+
+
+# ----------------------------------------------------------------------------- protocol
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_downlink_round_trip(stop):
+    plan = RoundPlan(round=17, local_steps=250, lr=0.002, proximal_mu=0.01)
+    g = _global(3)
+    buf = pack_downlink(plan, g, stop=stop)
+    assert buf.dtype == torch.float32
+    assert buf.ndim == 1 and buf.numel() == downlink_numel(P) == P + 5
+
+    got_stop, got_plan, got_g = unpack_downlink(buf)
+    assert got_stop is stop
+    assert got_plan.round == 17 and got_plan.local_steps == 250
+    assert isinstance(got_plan.round, int) and isinstance(got_plan.local_steps, int)
+    # the header travels as fp32: compare to the fp32-rounded value
+    assert got_plan.lr == pytest.approx(0.002, rel=1e-7)
+    assert got_plan.proximal_mu == pytest.approx(0.01, rel=1e-7)
+    assert torch.equal(got_g, g)
+
+
+def test_downlink_casts_float64_global_to_float32():
+    g64 = torch.from_numpy(np.random.default_rng(4).normal(size=P))
+    buf = pack_downlink(RoundPlan(0, 1, 1e-3), g64)
+    assert buf.dtype == torch.float32
+    _, plan, got = unpack_downlink(buf)
+    np.testing.assert_array_equal(got.numpy(), g64.numpy().astype(np.float32))
+    assert plan.proximal_mu == 0.0
+
+
+def test_uplink_round_trip():
+    delta = torch.from_numpy(np.random.default_rng(6).normal(size=P).astype(np.float32))
+    metrics = {"train_loss": 0.125, "train_seconds": 3.5, "client_seconds": 4.75}
+    buf = pack_uplink(delta, 123457, metrics)
+    assert buf.dtype == torch.float32
+    assert buf.ndim == 1 and buf.numel() == uplink_numel(P) == P + len(UP_FIELDS)
+
+    up = unpack_uplink(buf, client_id=3)
+    assert isinstance(up, ClientUpdate)
+    assert up.client_id == 3
+    assert up.num_examples == 123457 and isinstance(up.num_examples, int)
+    assert torch.equal(up.delta, delta)
+    assert up.metrics == metrics  # values chosen exactly representable in fp32
+    assert "num_examples" not in up.metrics
+
+
+def test_uplink_metrics_round_to_fp32():
+    delta = torch.zeros(2)
+    metrics = {"train_loss": 0.1, "train_seconds": 1.0 / 3.0, "client_seconds": 12345.678}
+    up = unpack_uplink(pack_uplink(delta, 2 ** 24, metrics), client_id=0)
+    assert up.num_examples == 2 ** 24  # exact up to 2**24, as documented
+    for k, v in metrics.items():
+        assert up.metrics[k] == float(np.float32(v))
+
+
+def test_uplink_round_trip_feeds_aggregation():
+    """Deltas that went through the wire aggregate to the float64 reference of the originals."""
+    originals = _updates(60, [8, 100, 31])
+    wire = [unpack_uplink(pack_uplink(u.delta, u.num_examples,
+                                      {"train_loss": 0.0, "train_seconds": 0.0, "client_seconds": 0.0}), u.client_id)
+            for u in originals]
+    g = _global(2)
+    new, _ = FedAvg(local_steps=1, lr=1e-3).aggregate(0, g, wire)
+    ref = g.double().numpy() + _ref_mean(originals)
+    np.testing.assert_allclose(new.double().numpy(), ref, rtol=1e-5, atol=1e-6)
