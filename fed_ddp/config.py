@@ -10,12 +10,13 @@ allowed::
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -255,8 +256,13 @@ class RunConfig:
 
 
 def _format_omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
-    key = getattr(e, "full_key", None) or "?"
     msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    if not key:  # a plain value where a group belongs, e.g. ``fed=3``: OmegaConf names the class only
+        m = re.search(r"not a subclass of (\w+)Section", msg)
+        key = m.group(1).lower() if m else "config"
+        if m:
+            return ConfigError(key, None, "is a config group; set its keys, e.g. fed.rounds=3")
     if "not in" in msg and "Key" in msg:
         return ConfigError(key, None, "unknown key")
     return ConfigError(key, getattr(e, "value", None), msg)
@@ -274,6 +280,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
                 loaded = OmegaConf.load(p)
             except yaml.YAMLError as e:
                 raise ConfigError("config", str(path), f"invalid YAML: {' '.join(str(e).split())}") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError("config", str(path), "must be a YAML mapping of config groups (run:, fed:, ...)")
             cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides:
             if "=" not in item:

@@ -209,10 +209,8 @@ def test_config_error_is_a_value_error():
         load_config(None, ["fed.num_clients=0"])
 
 
-# ----------------------------------------------------------------------------- known gaps (bugs, see report)
+# ----------------------------------------------------------------------------- malformed input
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="BUG: a YAML file whose top level is a list raises TypeError, not ConfigError")
 def test_non_mapping_yaml_is_a_config_error(tmp_path):
     p = tmp_path / "list.yaml"
     p.write_text("- 1\n- 2\n")
@@ -220,8 +218,6 @@ def test_non_mapping_yaml_is_a_config_error(tmp_path):
         load_config(p)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: a scalar given for a whole section (fed=3) reports key '?'")
 def test_scalar_for_section_names_the_section():
     with pytest.raises(ConfigError) as ei:
         load_config(None, ["fed=3"])

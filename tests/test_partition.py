@@ -88,9 +88,6 @@ def test_iid_is_shuffled_not_contiguous():
     assert not any(np.array_equal(p, np.arange(p[0], p[0] + len(p))) for p in parts)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: iid() does not check n >= num_clients and returns empty clients "
-                          "(dirichlet and shards raise ValueError)")
 def test_iid_too_few_samples_raises_value_error():
     with pytest.raises(ValueError):
         iid(3, 5, seed=0)

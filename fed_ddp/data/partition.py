@@ -9,6 +9,8 @@ import numpy as np
 
 
 def iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
+    if n < num_clients:
+        raise ValueError(f"{n} samples cannot give {num_clients} clients 1 each")
     perm = np.random.default_rng(seed).permutation(n)
     return [np.sort(p) for p in np.array_split(perm, num_clients)]
 
