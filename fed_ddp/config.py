@@ -117,12 +117,12 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 
 @dataclass(kw_only=True)
 class DataSection:
-    source: str = "digits"  # digits (built-in, scikit-learn) | imagefolder
+    source: str = "digits"  # digits (built-in, scikit-learn) / imagefolder
     path: str | None = None  # imagefolder: one folder with metadata.jsonl, partitioned across clients
     client_dirs: list[str] = field(default_factory=list)  # imagefolder: one folder per client instead
     label_field: str = "text"  # metadata field that dirichlet/shards partition over
     digits: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # digits: concepts the clients hold
-    partition: str = "shards"  # iid | dirichlet | shards
+    partition: str = "shards"  # iid / dirichlet / shards
     dirichlet_alpha: float = 0.5  # dirichlet concentration (smaller = more skewed)
     shards_per_client: int = 2  # shards: label-sorted shards per client
     replay_fraction: float = 0.2  # share of each batch drawn from the base's concepts (anti-forgetting)
@@ -156,12 +156,12 @@ class FedSection:
     num_clients: int = 4  # clients; world size = 1 (server) + num_clients
     rounds: int = 5  # federated rounds
     local_steps: int = 50  # optimizer steps per client per round
-    strategy: str = "fedavg"  # fedavg | fedadam | fedprox
+    strategy: str = "fedavg"  # fedavg / fedadam / fedprox
     server_lr: float = 1.0  # fedavg/fedprox: step along the mean delta; fedadam: eta
     beta1: float = 0.9  # fedadam first moment decay
     beta2: float = 0.99  # fedadam second moment decay
     tau: float = 1e-3  # fedadam adaptivity (epsilon)
-    proximal_mu: float = 0.01  # fedprox: weight of (mu/2)*||w - w_global||^2 in the client loss
+    proximal_mu: float = 0.01  # fedprox: weight of (mu/2)*‖w - w_global‖² in the client loss
     timeout_s: float = 1800.0  # collective timeout
 
     def __post_init__(self):
@@ -183,9 +183,9 @@ class TrainSection:
     lr: float = 2e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) / no / bf16 / fp16
     num_threads: int = 1  # torch CPU threads per rank
-    device: str = "auto"  # auto (cuda:<local_rank> when available) | cpu
+    device: str = "auto"  # auto (cuda:<local_rank> when available) / cpu
 
     def __post_init__(self):
         _one_of("train.engine", self.engine, {"torch"})
@@ -218,7 +218,7 @@ class EvalSection:
 
 @dataclass(kw_only=True)
 class WandbSection:
-    mode: str = "disabled"  # online | offline | disabled
+    mode: str = "disabled"  # online / offline / disabled
     project: str = "fed_ddp"  # W&B project
     entity: str | None = None  # W&B entity (team or user)
     group: str | None = None  # W&B group (scaling studies)
@@ -307,3 +307,26 @@ def to_dict(cfg: Any) -> dict:
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(to_dict(cfg)), path)
+
+
+def reference_table() -> str:
+    """The README's config reference, built from the dataclasses and their field comments."""
+    import inspect
+
+    def walk(cls, prefix):
+        notes = {}
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=\s*(.+?)\s+#\s*(.*)$", line)
+            if m:
+                notes[m.group(1)] = m.group(3)
+        inst = cls()
+        for f in fields(cls):
+            v = getattr(inst, f.name)
+            if is_dataclass(v):
+                yield from walk(type(v), f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", v, notes.get(f.name, "")
+
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{k}` | `{v}` | {note} |" for k, v, note in walk(RunConfig, "")]
+    return "\n".join(rows)

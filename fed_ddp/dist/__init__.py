@@ -1,0 +1,1 @@
+"""Process-group plumbing: environment, topology and collectives with explicit groups."""
