@@ -30,7 +30,7 @@ from fed_ddp.diffusion.lora import attach_lora, get_flat, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
 from fed_ddp.server import Server
 from fed_ddp.strategies import build_strategy
-from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb
+from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb, setup_logging
 from fed_ddp.transport import InMemoryTransport
 
 
@@ -63,7 +63,7 @@ def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Te
 
 def compare(cfg: RunConfig, client: int = 0) -> dict:
     quiet_libraries()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    setup_logging("compare", 0, cfg.run.log_level)
     base = base_path(cfg.model)
     pipe = load_pipeline(base, torch.device("cpu"), cfg.model.revision)
     attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)

@@ -80,3 +80,26 @@ def test_exported_adapter_loads_in_diffusers_like_fed_ddp_generate(finished_run,
     a, b, c = (np.asarray(Image.open(p), dtype=np.int16) for p in (ours, theirs, plain))
     assert np.array_equal(a, b), f"max pixel difference {np.abs(a - b).max()}"
     assert np.abs(a - c).max() > 0, "the adapter changed nothing: the comparison would not catch a lost adapter"
+
+
+def test_resume_continues_from_the_latest_checkpoint(finished_run, tiny_base, tmp_path):
+    import shutil
+
+    import torch
+
+    run_dir = tmp_path / "e2e"
+    shutil.copytree(finished_run[0], run_dir)
+    shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+    r = run_cli("run", str(ROOT / "configs" / "tiny_test.yaml"), f"model.pretrained={tiny_base}",
+                f"run.output_dir={tmp_path}", "run.name=e2e", "lora.rank=4", "lora.alpha=8", "train.lr=0.05",
+                "fed.rounds=3", "run.resume=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "seconds" in json.loads(x)]
+    assert rounds == [0, 1, 2, 3]  # the old rows kept, only round 3 trained
+    s2 = torch.load(run_dir / "checkpoints" / "round_0002" / "server_state.pt", weights_only=False)
+    s3 = torch.load(run_dir / "checkpoints" / "round_0003" / "server_state.pt", weights_only=False)
+    assert s3["round"] == 3 and not torch.equal(s2["global"], s3["global"])
+    assert torch.equal(s2["global"], torch.load(finished_run[0] / "checkpoints" / "round_0002" / "server_state.pt",
+                                                weights_only=False)["global"])
