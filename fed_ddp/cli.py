@@ -16,7 +16,7 @@ import os
 import sys
 import uuid
 
-from fed_ddp.config import ConfigError, load_config
+from fed_ddp.config import ConfigError, load_config, split_args
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -24,8 +24,13 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
+def _load(args):
+    files, overrides = split_args([args.config, *args.overrides])
+    return load_config(files, overrides)
+
+
 def cmd_run(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # already launched: join
         from fed_ddp.train import main as rank_main
 
@@ -39,7 +44,8 @@ def cmd_run(args) -> int:
 
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex[:8],
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5)
-    print(f"fed-ddp: launching {cfg.world_size} ranks (1 server + {cfg.fed.num_clients} clients) "
+    print(f"fed-ddp: launching {cfg.world_size} ranks (1 server + {cfg.fed.num_clients} clients"
+          f"{f' x {cfg.fed.ranks_per_client} ranks' if cfg.fed.ranks_per_client > 1 else ''}) "
           f"-> {cfg.run.dir}", file=sys.stderr)
     try:
         elastic_launch(launch, sys.executable)("-u", "-m", "fed_ddp.train", args.config, *args.overrides)
@@ -63,7 +69,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     if cfg.model.pretrained:
         return _fail(f"model.pretrained={cfg.model.pretrained!r}: pretrain builds the tiny base only; set it to null")
     from fed_ddp.diffusion.models import base_path, quiet_libraries
@@ -100,7 +106,7 @@ def cmd_generate(args) -> int:
 def cmd_compare(args) -> int:
     from fed_ddp.compare import compare
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     if not 0 <= args.client < cfg.fed.num_clients:
         return _fail(f"--client={args.client}: must be in [0, {cfg.fed.num_clients - 1}] (fed.num_clients)")
     compare(cfg, client=args.client)
@@ -115,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("compare", cmd_compare, "federated vs centralized vs local-only")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config")
-        s.add_argument("overrides", nargs="*", help="key=value config overrides")
+        s.add_argument("overrides", nargs="*", help="more YAML files (merged in order), then key=value overrides")
         s.set_defaults(fn=fn)
     sub.choices["compare"].add_argument("--client", type=int, default=0, help="the local-only client")
     g = sub.add_parser("generate", help="sample images from a checkpointed adapter")

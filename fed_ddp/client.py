@@ -13,75 +13,89 @@ import numpy as np
 import torch
 
 from fed_ddp.data.digits import CaptionedImages
-from fed_ddp.diffusion.lora import get_flat, lora_parameters, set_flat
-from fed_ddp.diffusion.loss import diffusion_loss
+from fed_ddp.diffusion.lora import lora_parameters
+from fed_ddp.diffusion.loss import diffusion_loss, sample_noise
 from fed_ddp.diffusion.models import encode_captions, encode_images
 from fed_ddp.strategies import RoundPlan
 
 
-def autocast_for(device: torch.device, mixed_precision: str):
-    """bf16/fp16 autocast on CUDA where asked ("auto" = bf16 on CUDA); fp32 on CPU."""
-    if device.type != "cuda" or mixed_precision == "no":
+def autocast_for(device: torch.device, mixed_precision: str, engine: str = "torch"):
+    """bf16/fp16 autocast on CUDA where asked ("auto" = bf16 on CUDA); fp32 on CPU.
+
+    DeepSpeed casts the model itself from its bf16/fp16 config, so no autocast there.
+    """
+    if device.type != "cuda" or mixed_precision == "no" or engine == "deepspeed":
         return contextlib.nullcontext()
     dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
     return torch.autocast("cuda", dtype=dtype)
 
 
 class LocalTrainer:
-    """Holds one client's encoded data and trains the shared LoRA-wrapped UNet on it."""
+    """Holds one client's encoded data and trains the shared LoRA-wrapped UNet on it through an engine.
+
+    With R ranks per client, every rank of the client draws the same client-wide micro-batch of
+    ``batch_size * R`` examples (and the same noise) and trains on its own slice, so a client of R
+    ranks takes the same steps as one rank with an R-times larger batch.
+    """
 
     def __init__(self, pipe, scheduler, data: CaptionedImages, train_cfg, seed: int,
-                 replay: CaptionedImages | None = None, replay_fraction: float = 0.0, client_id: int = 0):
+                 replay: CaptionedImages | None = None, replay_fraction: float = 0.0, client_id: int = 0,
+                 engine=None, rank_in_client: int = 0, ranks_per_client: int = 1):
+        from fed_ddp.engines import TorchEngine
+
         self.unet, self.scheduler, self.cfg = pipe.unet, scheduler, train_cfg
+        self.engine = engine or TorchEngine(pipe.unet, train_cfg)
         self.device = self.unet.device
         self.seed, self.client_id = seed, client_id
+        self.slot, self.ranks = rank_in_client, ranks_per_client
         self.num_examples = len(data)
         self.latents = encode_images(pipe, _channels(data.images, pipe.vae.config.in_channels))
         captions = data.captions + (replay.captions if replay else [])
         table = encode_captions(pipe, captions)
         self.embeds = torch.stack([table[c] for c in data.captions])
         self.replay_latents = self.replay_embeds = None
+        self.global_batch = train_cfg.batch_size * ranks_per_client
         self.n_replay = 0
         if replay is not None and replay_fraction > 0:
             self.replay_latents = encode_images(pipe, _channels(replay.images, pipe.vae.config.in_channels))
             self.replay_embeds = torch.stack([table[c] for c in replay.captions])
-            self.n_replay = int(round(replay_fraction * train_cfg.batch_size))
-        self.params = lora_parameters(self.unet)
+            self.n_replay = round(replay_fraction * self.global_batch)
 
-    def _batch(self, rng: np.random.Generator):
-        n_own = self.cfg.batch_size - self.n_replay
-        i = torch.from_numpy(rng.integers(0, len(self.latents), n_own))
+    def _batch(self, rng: np.random.Generator, gen: torch.Generator):
+        """This rank's slice of the client-wide micro-batch: latents, text embeddings, noise, timesteps."""
+        i = torch.from_numpy(rng.integers(0, len(self.latents), self.global_batch - self.n_replay))
         lat, emb = self.latents[i], self.embeds[i]
         if self.n_replay:
             j = torch.from_numpy(rng.integers(0, len(self.replay_latents), self.n_replay))
             lat, emb = torch.cat([lat, self.replay_latents[j]]), torch.cat([emb, self.replay_embeds[j]])
-        return lat.to(self.device), emb.to(self.device)
+        noise, t = sample_noise(lat, self.scheduler.config.num_train_timesteps, gen)
+        mine = slice(self.slot * self.cfg.batch_size, (self.slot + 1) * self.cfg.batch_size)
+        d = self.device
+        return lat[mine].to(d), emb[mine].to(d), noise[mine].to(d), t[mine].to(d)
 
     def fit(self, global_flat: torch.Tensor, plan: RoundPlan) -> tuple[torch.Tensor, dict[str, float]]:
-        """Train ``plan.local_steps`` steps from ``global_flat``; return (local - global, metrics)."""
+        """Train ``plan.local_steps`` optimizer steps from ``global_flat``; return (local - global, metrics)."""
         t0 = time.perf_counter()
-        set_flat(self.unet, global_flat)
-        anchor = [p.detach().clone() for p in self.params] if plan.proximal_mu > 0 else None
+        eng = self.engine
+        eng.write_adapter(global_flat)
+        eng.begin_round(plan.lr)
+        params = lora_parameters(self.unet)
+        anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else None
         seed = self.seed * 1_000_003 + plan.round * 1_009 + self.client_id  # fixed per (client, round)
         rng = np.random.default_rng(seed)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        opt = torch.optim.AdamW(self.params, lr=plan.lr, weight_decay=self.cfg.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
         self.unet.train()
         losses = []
-        for _ in range(plan.local_steps):
-            lat, emb = self._batch(rng)
-            with autocast_for(self.device, self.cfg.mixed_precision):
-                loss = diffusion_loss(self.unet, self.scheduler, lat, emb, generator=gen)
+        for _ in range(plan.local_steps * self.cfg.gradient_accumulation_steps):
+            lat, emb, noise, t = self._batch(rng, gen)
+            with autocast_for(self.device, self.cfg.mixed_precision, self.cfg.engine):
+                loss = diffusion_loss(eng.model, self.scheduler, lat, emb, noise=noise, timesteps=t)
             if anchor is not None:
-                loss = loss + 0.5 * plan.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(self.params, anchor))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            opt.step()
+                loss = loss + 0.5 * plan.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            eng.backward_step(loss)
             losses.append(loss.item())
         self.unet.eval()
-        delta = get_flat(self.unet).cpu() - global_flat.cpu()
+        delta = eng.read_adapter().cpu() - global_flat.cpu()
         return delta, {"train_loss": float(np.mean(losses)), "train_seconds": time.perf_counter() - t0}
 
 

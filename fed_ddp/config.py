@@ -153,7 +153,8 @@ STRATEGIES = ("fedavg", "fedadam", "fedprox")
 
 @dataclass(kw_only=True)
 class FedSection:
-    num_clients: int = 4  # clients; world size = 1 (server) + num_clients
+    num_clients: int = 4  # clients; world size = 1 (server) + num_clients * ranks_per_client
+    ranks_per_client: int = 1  # ranks that train one client together (data parallel inside the client)
     rounds: int = 5  # federated rounds
     local_steps: int = 50  # optimizer steps per client per round
     strategy: str = "fedavg"  # fedavg / fedadam / fedprox
@@ -165,7 +166,7 @@ class FedSection:
     timeout_s: float = 1800.0  # collective timeout
 
     def __post_init__(self):
-        for k in ("num_clients", "rounds", "local_steps"):
+        for k in ("num_clients", "ranks_per_client", "rounds", "local_steps"):
             _positive(f"fed.{k}", getattr(self, k))
         _one_of("fed.strategy", self.strategy, set(STRATEGIES))
         _positive("fed.server_lr", self.server_lr)
@@ -178,8 +179,10 @@ class FedSection:
 
 @dataclass(kw_only=True)
 class TrainSection:
-    engine: str = "torch"  # local training engine: torch
-    batch_size: int = 32  # per-client batch size
+    engine: str = "torch"  # local training engine: torch / deepspeed
+    batch_size: int = 32  # micro-batch per rank (a client's batch per step = batch_size * ranks_per_client * accumulation)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, more time)
     lr: float = 2e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
@@ -188,14 +191,32 @@ class TrainSection:
     device: str = "auto"  # auto (cuda:<local_rank> when available) / cpu
 
     def __post_init__(self):
-        _one_of("train.engine", self.engine, {"torch"})
+        _one_of("train.engine", self.engine, {"torch", "deepspeed"})
         _positive("train.batch_size", self.batch_size)
+        _positive("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, zero_ok=True)
         _positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
         _one_of("train.mixed_precision", self.mixed_precision, {"auto", "no", "bf16", "fp16"})
         _positive("train.num_threads", self.num_threads)
         _one_of("train.device", self.device, {"auto", "cpu"})
+
+
+@dataclass(kw_only=True)
+class DeepSpeedSection:
+    """Used when ``train.engine=deepspeed``; presets in configs/deepspeed/."""
+
+    zero_stage: int = 2  # ZeRO stage 0 / 1 / 2 / 3
+    offload_optimizer: bool = False  # optimizer states (and fp32 master) in CPU memory
+    offload_params: bool = False  # ZeRO-3 only: parameters in CPU memory
+    config: dict = field(default_factory=dict)  # raw DeepSpeed config keys, merged last (advanced)
+
+    def __post_init__(self):
+        _one_of("deepspeed.zero_stage", self.zero_stage, {0, 1, 2, 3})
+        _check(not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params", self.offload_params,
+               "needs deepspeed.zero_stage=3")
+        _check(not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer",
+               self.offload_optimizer, "needs deepspeed.zero_stage >= 1")
 
 
 @dataclass(kw_only=True)
@@ -242,6 +263,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     fed: FedSection = field(default_factory=FedSection)
     train: TrainSection = field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
@@ -252,7 +274,7 @@ class RunConfig:
 
     @property
     def world_size(self) -> int:
-        return 1 + self.fed.num_clients
+        return 1 + self.fed.num_clients * self.fed.ranks_per_client
 
 
 def _format_omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
@@ -268,31 +290,42 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
     return ConfigError(key, getattr(e, "value", None), msg)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Merge defaults <- YAML file <- ``key=value`` overrides and validate; raises ConfigError."""
+def load_config(path: str | os.PathLike | list | tuple | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Merge defaults <- YAML file(s), in order <- ``key=value`` overrides, and validate.
+
+    Raises ConfigError (one line: key, value, what is allowed).
+    """
+    paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
     try:
         cfg = OmegaConf.structured(RunConfig)
-        if path is not None:
-            p = Path(path)
+        for p in map(Path, paths):
             if not p.is_file():
-                raise ConfigError("config", str(path), "file does not exist")
+                raise ConfigError("config", str(p), "file does not exist")
             try:
                 loaded = OmegaConf.load(p)
             except yaml.YAMLError as e:
-                raise ConfigError("config", str(path), f"invalid YAML: {' '.join(str(e).split())}") from None
+                raise ConfigError("config", str(p), f"invalid YAML: {' '.join(str(e).split())}") from None
             if not isinstance(loaded, DictConfig):
-                raise ConfigError("config", str(path), "must be a YAML mapping of config groups (run:, fed:, ...)")
+                raise ConfigError("config", str(p), "must be a YAML mapping of config groups (run:, fed:, ...)")
             cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError("override", item, "must look like key=value")
             key, _ = item.split("=", 1)
-            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not key.startswith(
+                    "deepspeed.config."):
                 raise ConfigError(key, item.split("=", 1)[1], "unknown key")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _format_omegaconf_error(e) from None
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line words -> (YAML files, key=value overrides): files first, in order."""
+    files = [a for a in args if "=" not in a]
+    return files, [a for a in args if "=" in a]
 
 
 def to_dict(cfg: Any) -> dict:

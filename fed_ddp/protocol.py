@@ -42,4 +42,4 @@ def pack_uplink(delta: torch.Tensor, num_examples: int, metrics: dict[str, float
 def unpack_uplink(buf: torch.Tensor, client_id: int) -> ClientUpdate:
     n = len(UP_FIELDS)
     fields = dict(zip(UP_FIELDS, buf[-n:].tolist()))
-    return ClientUpdate(client_id, buf[:-n], int(round(fields.pop("num_examples"))), fields)
+    return ClientUpdate(client_id, buf[:-n], round(fields.pop("num_examples")), fields)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +19,6 @@ from fed_ddp.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from fed_ddp.client import _channels, validation_loss
 from fed_ddp.config import RunConfig
 from fed_ddp.data.federated import FederatedData
-from fed_ddp.diffusion.lora import get_flat, set_flat
 from fed_ddp.diffusion.models import encode_captions, encode_images
 from fed_ddp.diffusion.tiny import caption
 from fed_ddp.evaluation import generation_accuracy, mean_over, reference_classifier
@@ -32,8 +30,11 @@ log = logging.getLogger("fed_ddp.server")
 
 class Server:
     def __init__(self, cfg: RunConfig, pipe, scheduler, data: FederatedData, strategy: Strategy, transport,
-                 tracker, base_model: str):
+                 tracker, base_model: str, engine=None):
+        from fed_ddp.engines import TorchEngine
+
         self.cfg, self.pipe, self.scheduler, self.data = cfg, pipe, scheduler, data
+        self.engine = engine or TorchEngine(pipe.unet, cfg.train)  # reads/writes the adapter (ZeRO-3 aware)
         self.strategy, self.transport, self.tracker = strategy, transport, tracker
         self.run_dir = cfg.run.dir
         self.info = {"base_model": base_model, "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
@@ -72,11 +73,15 @@ class Server:
                 out["gen_acc_base"] = mean_over(acc, self.base_digits)
         return out
 
+    def _save(self, name: str, global_flat: torch.Tensor, rnd: int) -> None:
+        with self.engine.gathered():  # ZeRO-3: export full LoRA tensors, never empty shards
+            save_checkpoint(self.run_dir / "checkpoints" / name, self.pipe.unet, global_flat, rnd,
+                            self.strategy.state_dict(), self.info)
+
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        unet = self.pipe.unet
-        global_flat = get_flat(unet)
+        global_flat = self.engine.read_adapter()
         num_params = global_flat.numel()
         start = 1
         ckpt = latest_checkpoint(self.run_dir) if cfg.run.resume else None
@@ -84,7 +89,7 @@ class Server:
             state = load_state(ckpt)
             global_flat, start = state["global"], state["round"] + 1
             self.strategy.load_state_dict(state["strategy"])
-            set_flat(unet, global_flat)
+            self.engine.write_adapter(global_flat)
             log.info("resuming from %s (round %d done)", ckpt, state["round"])
         log.info("LoRA: %d trainable parameters (%.1f KiB fp32 per adapter); %d clients, rounds %d..%d",
                  num_params, num_params * 4 / 1024, self.transport.num_clients, start, cfg.fed.rounds)
@@ -107,7 +112,7 @@ class Server:
             updates = [protocol.unpack_uplink(u, c) for c, u in enumerate(ups)]
             t_agg = time.perf_counter()
             global_flat, agg_metrics = self.strategy.aggregate(rnd, global_flat, updates)
-            set_flat(unet, global_flat)
+            self.engine.write_adapter(global_flat)
             t_eval = time.perf_counter()
             last = rnd == cfg.fed.rounds
             e = cfg.eval
@@ -115,8 +120,7 @@ class Server:
             acc = e.accuracy_every > 0 and rnd % e.accuracy_every == 0 and not last
             ev = self.evaluate(rnd, losses=every, grid=every, accuracy=acc)
             t_ckpt = time.perf_counter()
-            save_checkpoint(self.run_dir / "checkpoints" / f"round_{rnd:04d}", unet, global_flat, rnd,
-                            self.strategy.state_dict(), self.info)
+            self._save(f"round_{rnd:04d}", global_flat, rnd)
             t_end = time.perf_counter()
             train_s = [u.metrics["train_seconds"] for u in updates]
             client_s = [u.metrics["client_seconds"] for u in updates]
@@ -146,8 +150,7 @@ class Server:
     def finish(self, global_flat: torch.Tensor, base_eval: dict | None, history: list[dict]) -> dict:
         t0 = time.perf_counter()
         final = self.evaluate(self.cfg.fed.rounds, losses=True, grid=False, accuracy=True)
-        save_checkpoint(self.run_dir / "checkpoints" / "final", self.pipe.unet, global_flat, self.cfg.fed.rounds,
-                        self.strategy.state_dict(), self.info)
+        self._save("final", global_flat, self.cfg.fed.rounds)
         rounds = [h for h in history if h["round"] > 0]
         summary = {
             "run": self.cfg.run.name, "rounds": self.cfg.fed.rounds, "num_clients": self.transport.num_clients,

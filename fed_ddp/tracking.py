@@ -35,7 +35,7 @@ class JsonlLogger:
     def __init__(self, path: str | Path, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a" if append else "w")
+        self._f = open(self.path, "a" if append else "w")  # noqa: SIM115 (closed in finish)
 
     def log(self, metrics: dict, step: int) -> None:
         self._f.write(json.dumps(_clean(metrics)) + "\n")

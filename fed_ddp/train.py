@@ -1,6 +1,6 @@
 """Entry point of every rank: config -> process group -> server or client loop -> tear down.
 
-    torchrun --standalone --nproc-per-node 5 -m fed_ddp.train configs/quickstart.yaml [key=value ...]
+    torchrun --standalone --nproc-per-node 5 -m fed_ddp.train configs/quickstart.yaml [more.yaml ...] [key=value ...]
 
 (``fed-ddp run`` launches exactly this through torch's own launcher.) Rank 0 is the server, ranks
 1..N the clients. Backend: NCCL when every rank has a CUDA device, gloo otherwise.
@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fed_ddp.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from fed_ddp.config import ConfigError, RunConfig, load_config, save_config, split_args, to_dict
 from fed_ddp.dist.topology import Topology
 from fed_ddp.tracking import setup_logging
 
@@ -34,6 +34,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     from fed_ddp.data.federated import build_federated_data
     from fed_ddp.diffusion.lora import attach_lora, num_lora_parameters
     from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
+    from fed_ddp.engines import TorchEngine, build_engine
     from fed_ddp.transport import CollectiveTransport
 
     quiet_libraries()
@@ -42,10 +43,18 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     dist.broadcast_object_list(box, src=0)  # the server pretrains/locates the base; the others wait here
     pipe = load_pipeline(box[0], device, cfg.model.revision)
     attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
+    num_params = num_lora_parameters(pipe.unet)
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
-    transport = CollectiveTransport(server_rank=0, device=device if dist.get_backend() == "nccl" else None)
-    num_params = num_lora_parameters(pipe.unet)
+    # Every rank builds its engine in the same order: DeepSpeed's ZeRO-3 set-up has world-wide barriers.
+    deepspeed = cfg.train.engine == "deepspeed"
+    engine = build_engine(pipe.unet, cfg, topo, device) if deepspeed or not topo.is_server else \
+        TorchEngine(pipe.unet, cfg.train)
+    cid = topo.client_id
+    transport = CollectiveTransport(server_rank=0, group=topo.groups.leaders,
+                                    device=device if dist.get_backend() == "nccl" else None,
+                                    client_group=topo.groups.client,
+                                    client_src=None if topo.is_server else topo.leader_of(cid))
 
     if topo.is_server:
         from fed_ddp.server import Server
@@ -58,13 +67,15 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
         (run_dir / "partition.json").write_text(__import__("json").dumps(data.summary(), indent=2))
         tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
                               maybe_wandb(cfg, run_dir, to_dict(cfg)))
-        server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker, box[0])
+        server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker,
+                        box[0], engine=engine)
         return server.run()
 
-    cid = topo.client_id
     trainer = LocalTrainer(pipe, scheduler, data.clients[cid], cfg.train, cfg.run.seed, data.replay,
-                           cfg.data.replay_fraction, client_id=cid)
-    log.info("holding %d private examples", trainer.num_examples)
+                           cfg.data.replay_fraction, client_id=cid, engine=engine,
+                           rank_in_client=topo.rank_in_client, ranks_per_client=topo.ranks_per_client)
+    if topo.is_leader:
+        log.info("holding %d private examples", trainer.num_examples)
 
     def handle(down: torch.Tensor) -> torch.Tensor | None:
         t0 = time.perf_counter()
@@ -75,18 +86,22 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
         metrics["client_seconds"] = time.perf_counter() - t0
         return protocol.pack_uplink(delta, trainer.num_examples, metrics)
 
-    transport.serve(protocol.downlink_numel(num_params), handle)
+    if topo.is_leader:
+        transport.serve(protocol.downlink_numel(num_params), handle)
+    else:
+        transport.follow(protocol.downlink_numel(num_params), handle)
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     try:
         if not argv or argv[0].startswith("-"):
             raise ConfigError("config", argv[0] if argv else None, "usage: fed_ddp.train CONFIG.yaml [key=value ...]")
-        cfg = load_config(argv[0], argv[1:])
-        topo = Topology.from_env(cfg.fed.num_clients)
+        files, overrides = split_args(argv)
+        cfg = load_config(files, overrides)
+        topo = Topology.from_env(cfg.fed.num_clients, cfg.fed.ranks_per_client)
     except ConfigError as e:
         if rank == 0:
             print(f"fed-ddp: config error: {e}", file=sys.stderr)
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.fed.timeout_s),
                             **({"device_id": device} if device.type == "cuda" else {}))
     try:
+        topo = topo.with_groups(deepspeed=cfg.train.engine == "deepspeed")
         run_rank(cfg, topo, device)
     except Exception:
         log.exception("failed")

@@ -36,10 +36,17 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 class CollectiveTransport:
-    """Broadcast + gather over ``torch.distributed`` (server = ``src`` rank of ``group``)."""
+    """Broadcast + gather over ``torch.distributed`` (server = ``src`` rank of ``group``).
 
-    def __init__(self, server_rank: int = 0, group=None, device: torch.device | None = None):
+    ``group`` holds the server and one leader per client. With several ranks per client, the leader
+    re-broadcasts each downlink inside ``client_group`` (from global rank ``client_src``) and the
+    other ranks of the client ``follow``; only leaders send uplinks.
+    """
+
+    def __init__(self, server_rank: int = 0, group=None, device: torch.device | None = None,
+                 client_group=None, client_src: int | None = None):
         self.server_rank, self.group = server_rank, group
+        self.client_group, self.client_src = client_group, client_src
         self.device = device or torch.device("cpu")
         self.num_clients = dist.get_world_size(group) - 1
 
@@ -66,10 +73,20 @@ class CollectiveTransport:
         while True:
             down = torch.empty(downlink_numel, dtype=torch.float32, device=self.device)
             dist.broadcast(down, src=self.server_rank, group=self.group)
+            if self.client_group is not None:
+                dist.broadcast(down, src=self.client_src, group=self.client_group)
             up = handler(down.cpu())
             if up is None:
                 return
             dist.gather(up.to(self.device), gather_list=None, dst=self.server_rank, group=self.group)
+
+    def follow(self, downlink_numel: int, handler: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        """A non-leader rank of a client: take each downlink from the leader and train alongside it."""
+        while True:
+            down = torch.empty(downlink_numel, dtype=torch.float32, device=self.device)
+            dist.broadcast(down, src=self.client_src, group=self.client_group)
+            if handler(down.cpu()) is None:
+                return
 
 
 @dataclass

@@ -36,4 +36,4 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
         if env is None or k not in env:
             full_env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "fed_ddp.cli", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)

@@ -19,7 +19,7 @@ def test_readme_commands_exist():
     makefile = (ROOT / "Makefile").read_text()
     for target in ("demo", "test"):
         assert f"make {target}" in readme
-        assert re.search(rf"^{target}:", makefile, re.M)
+        assert re.search(rf"^{target}:", makefile, re.MULTILINE)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     for name in re.findall(r"configs/[\w/]+\.yaml", readme):
         assert (ROOT / name).exists(), name

@@ -25,7 +25,7 @@ class CaptionedImages:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def subset(self, idx) -> "CaptionedImages":
+    def subset(self, idx) -> CaptionedImages:
         idx = np.asarray(idx, dtype=np.int64)
         return CaptionedImages(self.images[torch.from_numpy(idx)], [self.captions[i] for i in idx], self.labels[idx])
 
@@ -42,5 +42,5 @@ def load_digits_dataset() -> CaptionedImages:
 def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
     """Deterministic random split of range(n) into len(fractions)+1 parts (the last takes the rest)."""
     perm = np.random.default_rng(seed).permutation(n)
-    cuts = np.cumsum([int(round(f * n)) for f in fractions])
+    cuts = np.cumsum([round(f * n) for f in fractions])
     return np.split(perm, cuts)

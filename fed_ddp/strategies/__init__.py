@@ -24,12 +24,22 @@ def build_strategy(fed, train) -> Strategy:
     """Build the strategy named by ``fed.strategy`` from the fed and train config groups."""
     if fed.strategy not in REGISTRY:
         raise ValueError(f"fed.strategy={fed.strategy!r}: must be one of {sorted(REGISTRY)}")
-    kw = dict(local_steps=fed.local_steps, lr=train.lr, server_lr=fed.server_lr,
-              proximal_mu=fed.proximal_mu if fed.strategy == "fedprox" else 0.0)
+    kw = {"local_steps": fed.local_steps, "lr": train.lr, "server_lr": fed.server_lr,
+          "proximal_mu": fed.proximal_mu if fed.strategy == "fedprox" else 0.0}
     if fed.strategy == "fedadam":
         kw.update(beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
     return REGISTRY[fed.strategy](**kw)
 
 
-__all__ = ["ClientUpdate", "RoundPlan", "Strategy", "FedAvg", "FedAdam", "FedProx", "REGISTRY",
-           "build_strategy", "register", "weighted_mean"]
+__all__ = [
+    "REGISTRY",
+    "ClientUpdate",
+    "FedAdam",
+    "FedAvg",
+    "FedProx",
+    "RoundPlan",
+    "Strategy",
+    "build_strategy",
+    "register",
+    "weighted_mean",
+]

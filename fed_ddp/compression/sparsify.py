@@ -1,0 +1,147 @@
+"""Sparsification: ``topk`` (largest magnitudes) and ``randomk`` (a seeded random subset).
+
+Each keeps k = ceil(topk_fraction * n) values of an n-value tensor (at least 1) and sends them exactly
+(the next codec of a chain may quantize them). Both are biased: error feedback (``CodecChain`` with
+``error_feedback=True``, the uplink's default) carries what was dropped into the next round, so the sum
+of what a client sends tracks the sum of its true deltas.
+
+Which values were kept travels as metadata, in the cheapest of three exact forms (a function of n and
+k only, so both ends agree without being told):
+
+- indices, sorted, in the smallest integer type that holds n - 1 (uint8 / int16 offset by -32768 /
+  int32 / int64): k * (1, 2, 4 or 8) bytes;
+- a bitmap of n bits: ceil(n / 8) bytes, cheaper once k / n exceeds 1/8, 1/16 or 1/32;
+- nothing, when k = n.
+
+``randomk`` sends an 8-byte seed instead: the receiver regenerates the same indices (CPU ``randperm``,
+same torch version at both ends).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fed_ddp.compression.base import TRANSFORM, Codec, PieceState, mix_seed
+from fed_ddp.compression.payload import Payload
+from fed_ddp.compression.registry import register
+from fed_ddp.config import ConfigError
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def num_kept(n: int, fraction: float) -> int:
+    """k = ceil(fraction * n), at least 1 and at most n (rounded first so 0.1 * 1280 is exactly 128)."""
+    return min(n, max(1, math.ceil(round(fraction * n, 6))))
+
+
+def index_format(n: int, k: int) -> tuple[str, int]:
+    """(format, bytes) of the cheapest exact description of k sorted indices in [0, n)."""
+    if k >= n:
+        return "all", 0
+    width, name = next((w, f) for bound, w, f in ((2**8, 1, "uint8"), (2**16, 2, "int16"), (2**31, 4, "int32"),
+                                                  (2**63, 8, "int64")) if n <= bound)
+    bitmap = math.ceil(n / 8)
+    return ("bitmap", bitmap) if bitmap < k * width else (name, k * width)
+
+
+def encode_indices(idx: torch.Tensor, n: int) -> torch.Tensor | None:
+    """Sorted int64 indices -> the tensor that travels (None when all n are kept)."""
+    fmt, _ = index_format(n, idx.numel())
+    if fmt == "all":
+        return None
+    if fmt == "bitmap":
+        mask = torch.zeros(math.ceil(n / 8) * 8, dtype=torch.uint8, device=idx.device)
+        mask[idx] = 1
+        return (mask.view(-1, 8) << _BITS.to(idx.device)).sum(dim=1, dtype=torch.uint8)
+    if fmt == "int16":
+        return (idx - 2**15).to(torch.int16)
+    return idx.to(getattr(torch, fmt))
+
+
+def decode_indices(t: torch.Tensor | None, n: int, k: int, device) -> torch.Tensor:
+    fmt, _ = index_format(n, k)
+    if fmt == "all":
+        return torch.arange(n, device=device)
+    if fmt == "bitmap":
+        bits = (t[:, None] >> _BITS.to(t.device)) & 1
+        return bits.reshape(-1)[:n].nonzero().reshape(-1)
+    idx = t.long()
+    return idx + 2**15 if fmt == "int16" else idx
+
+
+class _Sparsifier(Codec):
+    kind = TRANSFORM
+
+    def __init__(self, fraction: float = 0.1):
+        if not 0 < fraction <= 1:
+            raise ConfigError("comm.topk_fraction", fraction, "must be in (0, 1]")
+        self.fraction = fraction
+
+    @classmethod
+    def from_config(cls, comm) -> Codec:
+        return cls(comm.topk_fraction)
+
+    def _scatter(self, p: Payload, idx: torch.Tensor) -> torch.Tensor:
+        values = p.fields["values"].float().reshape(-1)
+        out = torch.zeros(math.prod(p.shape), dtype=torch.float32, device=values.device)
+        out[idx.to(values.device)] = values
+        return out.reshape(p.shape)
+
+
+@register("topk")
+class TopK(_Sparsifier):
+    """The k values of largest magnitude, exactly; the others are dropped.
+
+    Error bound: ||x - x_hat||_2^2 <= (1 - k/n) ||x||_2^2 (the dropped values are the n - k smallest), and
+    every dropped value is no larger in magnitude than the smallest kept one.
+    """
+
+    def encode(self, x: torch.Tensor, state: PieceState | None = None) -> Payload:
+        flat = x.float().reshape(-1)
+        k = num_kept(flat.numel(), self.fraction)
+        idx = flat.abs().topk(k, sorted=False).indices.sort().values
+        fields = {"values": flat[idx]}
+        if (enc := encode_indices(idx, flat.numel())) is not None:
+            fields["indices"] = enc
+        return Payload(self.name, tuple(x.shape), fields, metadata=frozenset({"indices"}))
+
+    def decode(self, p: Payload) -> torch.Tensor:
+        n = math.prod(p.shape)
+        k = num_kept(n, self.fraction)
+        return self._scatter(p, decode_indices(p.fields.get("indices"), n, k, p.fields["values"].device))
+
+
+def random_indices(seed: int, n: int, k: int) -> torch.Tensor:
+    """The k sorted indices random-k keeps for ``seed`` (CPU generator: identical on every rank)."""
+    gen = torch.Generator().manual_seed(mix_seed(seed, 0))
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+@register("randomk")
+class RandomK(_Sparsifier):
+    """k values at indices drawn uniformly without replacement from a seeded generator; not rescaled.
+
+    Error bound: ||x - x_hat||_2^2 = sum of the dropped x_i^2, whose expectation is (1 - k/n) ||x||_2^2;
+    kept values are exact. Metadata is one int64 seed, not k indices.
+    """
+
+    def encode(self, x: torch.Tensor, state: PieceState | None = None) -> Payload:
+        flat = x.float().reshape(-1)
+        n = flat.numel()
+        k = num_kept(n, self.fraction)
+        if k == n:
+            return Payload(self.name, tuple(x.shape), {"values": flat})
+        seed = (state or PieceState()).seed
+        idx = random_indices(seed, n, k).to(flat.device)
+        return Payload(self.name, tuple(x.shape),
+                       {"values": flat[idx], "seed": torch.tensor([seed], dtype=torch.int64, device=flat.device)},
+                       metadata=frozenset({"seed"}))
+
+    def decode(self, p: Payload) -> torch.Tensor:
+        n = math.prod(p.shape)
+        k = num_kept(n, self.fraction)
+        if k == n:
+            return self._scatter(p, torch.arange(n))
+        return self._scatter(p, random_indices(int(p.fields["seed"].item()), n, k))

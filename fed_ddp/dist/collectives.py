@@ -1,0 +1,113 @@
+"""Gathering variable-size byte payloads to one rank, with an exact count of the bytes moved.
+
+    payloads, stats = gather_bytes(buf, dst=0, group=group)    # every rank of ``group`` calls it
+    # on dst: payloads[r] is group rank r's buffer (its own included); elsewhere (None, None)
+
+Two methods, each two collective calls (one when ``sizes`` are known to every rank beforehand, as they
+are for a ``CodecChain``, whose message size is a function of the config and the layout):
+
+- ``p2p`` (default): ``gather`` of one int64 size per rank to dst, then one batched isend/irecv round in
+  which dst receives exactly each rank's bytes. Moves sum(sizes) + 8 (W - 1) bytes: no padding.
+- ``gather``: ``all_gather`` of the sizes (every rank must know the largest), then one ``gather`` of
+  buffers zero-padded to the largest. Moves (W - 1) max(sizes) + 8 W (W - 1) bytes; the padding is
+  counted. One native collective for the payloads: the better choice when sizes are equal.
+
+Bytes moved = bytes of tensors that leave one rank for another, as the collective API carries them
+(each rank's size delivered to each receiver; the backend's own framing is not counted; what dst
+"sends" to itself is not counted). Works on gloo (CPU tensors) and NCCL (tensors on the rank's device);
+``dst`` is a global rank, as in ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+SIZE_DTYPE = torch.int64
+SIZE_BYTES = 8  # one size per rank
+METHODS = ("p2p", "gather")
+
+
+@dataclass(frozen=True)
+class GatherStats:
+    payload_bytes: int  # sum of the payload sizes dst received from the other ranks
+    padding_bytes: int  # bytes moved beyond the payloads ("gather": padding to the largest)
+    size_bytes: int  # bytes moved to exchange the sizes (0 when sizes were given)
+    collectives: int  # collective calls made (a batched isend/irecv round counts as one)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.payload_bytes + self.padding_bytes + self.size_bytes
+
+
+def _global(group, group_rank: int) -> int:
+    return group_rank if group is None or group is dist.GroupMember.WORLD else dist.get_global_rank(group, group_rank)
+
+
+def gather_bytes(payload: torch.Tensor, dst: int, group=None, *, method: str = "p2p",
+                 sizes: list[int] | None = None) -> tuple[list[torch.Tensor] | None, GatherStats | None]:
+    """Gather each rank's 1-D uint8 ``payload`` (any size, 0 included) to global rank ``dst``.
+
+    ``sizes``: every rank's payload size by group rank, when all ranks know them in advance (then no
+    size exchange happens; a rank whose payload does not match its entry raises before sending).
+    Returns (payloads by group rank, stats) on dst and (None, None) elsewhere.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: must be one of {list(METHODS)}")
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise ValueError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    dst_g = dst if group is None or group is dist.GroupMember.WORLD else dist.get_group_rank(group, dst)
+    device = payload.device
+    collectives, size_bytes = 0, 0
+
+    if sizes is not None:
+        sizes = [int(s) for s in sizes]
+        if len(sizes) != world or sizes[me] != payload.numel():
+            raise ValueError(f"rank {me}: payload has {payload.numel()} bytes, sizes={sizes} (world {world})")
+    else:
+        mine = torch.tensor([payload.numel()], dtype=SIZE_DTYPE, device=device)
+        if method == "p2p":  # only dst needs the sizes
+            slots = [torch.empty_like(mine) for _ in range(world)] if me == dst_g else None
+            dist.gather(mine, gather_list=slots, dst=dst, group=group)
+            size_bytes = SIZE_BYTES * (world - 1)
+        else:  # everyone needs the largest, to pad
+            slots = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(slots, mine, group=group)
+            size_bytes = SIZE_BYTES * world * (world - 1)
+        collectives += 1
+        sizes = [int(s.item()) for s in slots] if slots is not None else None
+
+    if method == "p2p":
+        if me == dst_g:
+            out = [payload if r == me else torch.empty(sizes[r], dtype=torch.uint8, device=device)
+                   for r in range(world)]
+            ops = [dist.P2POp(dist.irecv, out[r], _global(group, r), group) for r in range(world)
+                   if r != me and sizes[r] > 0]
+        else:
+            out = None
+            ops = [dist.P2POp(dist.isend, payload, dst, group)] if payload.numel() > 0 else []
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        if me != dst_g:
+            return None, None
+        moved = sum(s for r, s in enumerate(sizes) if r != me)
+        return out, GatherStats(moved, 0, size_bytes, collectives + int(moved > 0))
+
+    longest = max(sizes)  # every rank knows it: all_gather, or given
+    if longest > 0:
+        padded = payload
+        if payload.numel() < longest:
+            padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+            padded[:payload.numel()] = payload
+        slots = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)] if me == dst_g else None
+        dist.gather(padded, gather_list=slots, dst=dst, group=group)
+        collectives += 1
+    if me != dst_g:
+        return None, None
+    out = [payload if r == me else slots[r][:sizes[r]] if longest else payload.new_empty(0) for r in range(world)]
+    moved = sum(s for r, s in enumerate(sizes) if r != me)
+    return out, GatherStats(moved, longest * (world - 1) - moved, size_bytes, collectives)

@@ -1,0 +1,79 @@
+"""How many ranks each node of a multi-node launch runs: 1 server + N clients spread over the nodes.
+
+    python -m fed_ddp.dist.nodes --nnodes 2 CONFIG [key=value ...]                -> "2 1"  (all nodes)
+    python -m fed_ddp.dist.nodes --nnodes 2 --node-rank 1 CONFIG [key=value ...]  -> "1"    (this node)
+
+Used by ``launch/*.sh`` and ``slurm/*.sbatch`` before they start ``torchrun``: the config decides the
+world size (1 + fed.num_clients), so the scripts never ask the user for nproc-per-node. torchrun's
+agents may each run a different number of workers; global ranks are handed out agent by agent. Errors
+(a bad config, more nodes than ranks, more ranks than GPUs on a node) are one ``fed-ddp:`` line and
+exit code 2, before anything is launched. An info line on stderr says what will be launched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fed_ddp.config import ConfigError, load_config
+
+
+def procs_per_node(world_size: int, nnodes: int) -> list[int]:
+    """``world_size`` ranks over ``nnodes`` nodes, as even as possible, the first nodes taking the extra."""
+    if nnodes < 1:
+        raise ConfigError("--nnodes", nnodes, "must be >= 1")
+    if nnodes > world_size:
+        raise ConfigError("--nnodes", nnodes, f"a world of {world_size} ranks (1 server + {world_size - 1} clients) "
+                                              f"cannot fill {nnodes} nodes; use at most {world_size} nodes "
+                                              f"or raise fed.num_clients")
+    base, extra = divmod(world_size, nnodes)
+    return [base + (1 if i < extra else 0) for i in range(nnodes)]
+
+
+def local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA means CPU ranks
+        return 0
+
+
+def plan(config: str, overrides: list[str], nnodes: int, gpus: int | None = None) -> tuple[list[int], str]:
+    """Per-node rank counts and a one-line description; raises ConfigError for launches that cannot work."""
+    cfg = load_config(config, overrides)
+    counts = procs_per_node(cfg.world_size, nnodes)
+    if cfg.train.device == "auto":
+        gpus = local_gpus() if gpus is None else gpus
+        if gpus and max(counts) > gpus:  # NCCL refuses two ranks of one communicator on one GPU
+            raise ConfigError("fed.num_clients", cfg.fed.num_clients,
+                              f"{max(counts)} ranks on a node with {gpus} GPU(s): NCCL needs one GPU per rank; "
+                              f"use more nodes, more GPUs per node, fewer clients, or train.device=cpu")
+    where = f"{gpus} GPU(s) per node" if cfg.train.device == "auto" and gpus else "CPU (gloo)"
+    text = (f"{cfg.world_size} ranks (1 server + {cfg.fed.num_clients} clients) on {nnodes} node(s), "
+            f"ranks per node {' '.join(map(str, counts))}, {where}, run directory {cfg.run.dir}")
+    return counts, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fed_ddp.dist.nodes", description=__doc__.splitlines()[0])
+    p.add_argument("--nnodes", type=int, required=True)
+    p.add_argument("--node-rank", type=int, default=None, help="print only this node's count")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: what torch sees here)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    try:
+        counts, text = plan(a.config, a.overrides, a.nnodes, a.gpus)
+        if a.node_rank is not None and not 0 <= a.node_rank < a.nnodes:
+            raise ConfigError("--node-rank", a.node_rank, f"must be in [0, {a.nnodes - 1}] (--nnodes={a.nnodes})")
+    except ConfigError as e:
+        print(f"fed-ddp: config error: {e}", file=sys.stderr)
+        return 2
+    print(f"fed-ddp: {text}", file=sys.stderr)
+    print(counts[a.node_rank] if a.node_rank is not None else " ".join(map(str, counts)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
