@@ -4,6 +4,8 @@
     fed-ddp pretrain configs/quickstart.yaml                 build (and cache) the tiny base model
     fed-ddp generate RUN/checkpoints/final --prompt "..." --out x.png
     fed-ddp compare configs/quickstart.yaml [key=value ...]  federated vs centralized vs local-only
+    fed-ddp plan configs/quickstart.yaml [key=value ...] [--unet sd15]   bytes per round, before running
+    fed-ddp report RUN_DIR ... [--out DIR]                   plots and a table from finished runs
 
 Inside ``torchrun`` or SLURM (``RANK``/``WORLD_SIZE`` set), ``fed-ddp run`` does not launch: it joins.
 """
@@ -35,6 +37,9 @@ def cmd_run(args) -> int:
         from fed_ddp.train import main as rank_main
 
         return rank_main([args.config, *args.overrides])
+    from fed_ddp.dist.nodes import plan_cfg
+
+    plan_cfg(cfg, nnodes=1)  # more ranks than GPUs here (train.device=auto): one config-error line, nothing started
     from fed_ddp.diffusion.models import base_path, quiet_libraries
 
     quiet_libraries()
@@ -113,17 +118,33 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from fed_ddp.report import report
+
+    done = report(args.run_dirs, args.out)
+    print(f"wrote {done['table_md']}, {done['table_csv']}, " + ", ".join(str(p) for p in done["plots"]))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from fed_ddp.plan import main as plan_main
+
+    return plan_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fed-ddp", description="Federated LoRA fine-tuning of diffusion models")
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, help_ in [("run", cmd_run, "launch a federated run"),
                             ("pretrain", cmd_pretrain, "build and cache the tiny base model"),
-                            ("compare", cmd_compare, "federated vs centralized vs local-only")]:
+                            ("compare", cmd_compare, "federated vs centralized vs local-only"),
+                            ("plan", cmd_plan, "bytes each round will move (comm.* codecs), before running")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config")
         s.add_argument("overrides", nargs="*", help="more YAML files (merged in order), then key=value overrides")
         s.set_defaults(fn=fn)
     sub.choices["compare"].add_argument("--client", type=int, default=0, help="the local-only client")
+    sub.choices["plan"].add_argument("--unet", default=None, help="UNet config: sd15, a config.json or a model dir")
     g = sub.add_parser("generate", help="sample images from a checkpointed adapter")
     g.add_argument("checkpoint", help="a checkpoints/round_NNNN or checkpoints/final folder")
     g.add_argument("--prompt", required=True)
@@ -136,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--cell", type=int, default=64, help="pixels per image in the PNG")
     g.set_defaults(fn=cmd_generate)
+    r = sub.add_parser("report", help="plots and a table (md + csv) from finished run directories")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (config.yaml, metrics.jsonl)")
+    r.add_argument("--out", default="runs/report", help="output folder (default: runs/report)")
+    r.set_defaults(fn=cmd_report)
     return p
 
 

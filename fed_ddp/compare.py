@@ -22,27 +22,30 @@ import time
 
 import torch
 
-from fed_ddp import protocol
 from fed_ddp.client import LocalTrainer
+from fed_ddp.compression import ChainState, layout_of
 from fed_ddp.config import RunConfig, save_config, to_dict
 from fed_ddp.data.federated import FederatedData, build_federated_data, concat
 from fed_ddp.diffusion.lora import attach_lora, get_flat, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
+from fed_ddp.protocol import Wire
 from fed_ddp.server import Server
 from fed_ddp.strategies import build_strategy
 from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb, setup_logging
 from fed_ddp.transport import InMemoryTransport
 
 
-def _handler(trainer: LocalTrainer):
+def _handler(trainer: LocalTrainer, wire: Wire, seed: int):
+    state = ChainState(seed=seed * 1_000_003 + trainer.client_id)  # as fed_ddp.train: the client's codec state
+
     def handle(down: torch.Tensor) -> torch.Tensor | None:
         t0 = time.perf_counter()
-        stop, plan, global_flat = protocol.unpack_downlink(down)
+        stop, plan, global_flat = wire.unpack_downlink(down)
         if stop:
             return None
         delta, metrics = trainer.fit(global_flat, plan)
         metrics["client_seconds"] = time.perf_counter() - t0
-        return protocol.pack_uplink(delta, trainer.num_examples, metrics)
+        return wire.pack_uplink(delta, state, trainer.num_examples, metrics)
 
     return handle
 
@@ -56,8 +59,10 @@ def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Te
     trainers = [LocalTrainer(pipe, scheduler, d, cfg.train, cfg.run.seed, data.replay, cfg.data.replay_fraction,
                              client_id=c) for c, d in enumerate(data.clients)]
     tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl"), maybe_wandb(cfg, run_dir, to_dict(cfg)))
-    transport = InMemoryTransport([_handler(t) for t in trainers])
-    server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker, base)
+    wire = Wire(cfg.comm, layout_of(pipe.unet))
+    transport = InMemoryTransport([_handler(t, wire, cfg.run.seed) for t in trainers])
+    server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker, base,
+                    wire=wire)
     return server.run()
 
 

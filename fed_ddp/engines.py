@@ -113,6 +113,8 @@ class DeepSpeedEngine:
         self.params = lora_parameters(unet)
         self.config = deepspeed_config(train_cfg, ds_cfg, device_type, mpu.get_data_parallel_world_size())
         self.stage = ds_cfg.zero_stage
+        if self.stage == 3:
+            _scope_zero3_trace_checks(mpu.get_data_parallel_group())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=unet, model_parameters=self.params,
                                                                  config=self.config, mpu=mpu)
         self.model = self.engine
@@ -149,6 +151,24 @@ class DeepSpeedEngine:
     def backward_step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed steps the optimizer at accumulation boundaries only
+
+
+def _scope_zero3_trace_checks(group) -> None:
+    """ZeRO-3 checks that every rank traced the same module order, with broadcasts over the *whole
+    world* from rank 0. In a federation the world holds several independent clients and a server
+    that never step together, so the check would deadlock; we run the same check inside this
+    rank's data-parallel group (the client's ranks), where it belongs.
+    """
+    from deepspeed.runtime.zero import partition_parameters, partitioned_param_coordinator, stage3
+
+    def same_as_other_ranks_of_this_client(ints) -> None:
+        seen = [None] * dist.get_world_size(group)
+        dist.all_gather_object(seen, list(ints), group=group)
+        if any(s != seen[0] for s in seen):
+            raise RuntimeError("ZeRO-3: ranks of one client traced different module orders")
+
+    for module in (partitioned_param_coordinator, partition_parameters, stage3):
+        module.assert_ints_same_as_other_ranks = same_as_other_ranks_of_this_client
 
 
 def build_engine(unet, cfg, topo, device: torch.device):

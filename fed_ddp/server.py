@@ -14,15 +14,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fed_ddp import protocol
 from fed_ddp.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from fed_ddp.client import _channels, validation_loss
+from fed_ddp.compression import ChainState
 from fed_ddp.config import RunConfig
 from fed_ddp.data.federated import FederatedData
 from fed_ddp.diffusion.models import encode_captions, encode_images
 from fed_ddp.diffusion.tiny import caption
 from fed_ddp.evaluation import generation_accuracy, mean_over, reference_classifier
 from fed_ddp.images import sample_grid, save_grid
+from fed_ddp.protocol import Wire
 from fed_ddp.strategies import Strategy
 
 log = logging.getLogger("fed_ddp.server")
@@ -30,13 +31,18 @@ log = logging.getLogger("fed_ddp.server")
 
 class Server:
     def __init__(self, cfg: RunConfig, pipe, scheduler, data: FederatedData, strategy: Strategy, transport,
-                 tracker, base_model: str, engine=None):
+                 tracker, base_model: str, engine=None, wire: Wire | None = None):
+        from fed_ddp.compression import layout_of
         from fed_ddp.engines import TorchEngine
 
         self.cfg, self.pipe, self.scheduler, self.data = cfg, pipe, scheduler, data
         self.engine = engine or TorchEngine(pipe.unet, cfg.train)  # reads/writes the adapter (ZeRO-3 aware)
         self.strategy, self.transport, self.tracker = strategy, transport, tracker
         self.run_dir = cfg.run.dir
+        self.wire = wire or Wire(cfg.comm, layout_of(pipe.unet))
+        self.down_state = ChainState(seed=cfg.run.seed * 1_000_003 + 999_983)  # downlink stochastic rounding
+        self.unet_parameters = sum(getattr(p, "ds_numel", p.numel()) for n, p in pipe.unet.named_parameters()
+                                   if "lora_" not in n)  # the frozen base (ZeRO-3: full sizes, not shards)
         self.info = {"base_model": base_model, "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
                                                         "targets": list(cfg.lora.targets)}}
         self.val_sets = {"val_loss": self._encode(data.val)}
@@ -90,9 +96,13 @@ class Server:
             global_flat, start = state["global"], state["round"] + 1
             self.strategy.load_state_dict(state["strategy"])
             self.engine.write_adapter(global_flat)
+            self.down_state.step = start - 1
             log.info("resuming from %s (round %d done)", ckpt, state["round"])
+        w = self.wire
         log.info("LoRA: %d trainable parameters (%.1f KiB fp32 per adapter); %d clients, rounds %d..%d",
                  num_params, num_params * 4 / 1024, self.transport.num_clients, start, cfg.fed.rounds)
+        log.info("wire per client per round: up %s = %d B, down %s = %d B (dense fp32 LoRA: %d B)",
+                 w.up.describe(), w.up_nbytes, w.down.describe(), w.down_nbytes, 4 * num_params)
         history = []
         base_eval = None
         if start == 1:
@@ -107,9 +117,8 @@ class Server:
         for rnd in bar:
             t_round = time.perf_counter()
             plan = self.strategy.configure_round(rnd)
-            ups, stats = self.transport.exchange(protocol.pack_downlink(plan, global_flat),
-                                                 protocol.uplink_numel(num_params))
-            updates = [protocol.unpack_uplink(u, c) for c, u in enumerate(ups)]
+            ups, stats = self.transport.exchange(w.pack_downlink(plan, global_flat, self.down_state), w.up_nbytes)
+            updates = [w.unpack_uplink(u, c) for c, u in enumerate(ups)]
             t_agg = time.perf_counter()
             global_flat, agg_metrics = self.strategy.aggregate(rnd, global_flat, updates)
             self.engine.write_adapter(global_flat)
@@ -136,16 +145,44 @@ class Server:
                    "train_loss": {str(u.client_id): u.metrics["train_loss"] for u in updates},
                    "train_loss_mean": float(np.average(losses, weights=[u.num_examples for u in updates])),
                    "num_examples": {str(u.client_id): u.num_examples for u in updates},
-                   **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "seconds": seconds,
+                   **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "comm": self._comm(stats),
+                   "seconds": seconds,
                    **agg_metrics}
             self.tracker.log(row, step=rnd)
             history.append(row)
             bar.set_postfix(loss=f"{row['train_loss_mean']:.4f}", val=f"{ev.get('val_loss', float('nan')):.4f}")
             log.info("round %d: %s", rnd, _brief(row))
         bar.close()
-        self.transport.stop(protocol.pack_downlink(self.strategy.configure_round(cfg.fed.rounds + 1),
-                                                   global_flat, stop=True))
+        self.transport.stop(w.pack_downlink(self.strategy.configure_round(cfg.fed.rounds + 1), global_flat,
+                                            self.down_state, stop=True))
         return self.finish(global_flat, base_eval, history)
+
+    def _comm(self, stats) -> dict:
+        """Bytes of this round per direction: codec payload, metadata (codec + protocol fields), what the
+        collectives moved, and how many times fewer than dense fp32 LoRA and the full-UNet equivalent."""
+        n, w = self.transport.num_clients, self.wire
+        dense, unet = 4 * w.num_params * n, 4 * self.unet_parameters * n
+        out = {}
+        for name, per_client, moved in (("up", w.up_bytes, stats.bytes_up), ("down", w.down_bytes, stats.bytes_down)):
+            out[name] = {"payload": per_client.payload * n, "metadata": per_client.metadata * n, "moved": moved,
+                         "vs_dense_lora": dense / moved, "vs_full_unet": unet / moved}
+        out["up"]["padding"], out["up"]["sizes"] = stats.up_padding, stats.up_sizes
+        return out
+
+    def _comm_summary(self, rounds: list[dict]) -> dict:
+        w = self.wire
+        out = {"uplink": w.up.describe(), "downlink": w.down.describe(), "lora_parameters": w.num_params,
+               "unet_parameters": self.unet_parameters,
+               "per_client_round": {"up": {"payload": w.up_bytes.payload, "metadata": w.up_bytes.metadata},
+                                    "down": {"payload": w.down_bytes.payload, "metadata": w.down_bytes.metadata}}}
+        for d in ("up", "down"):
+            tot = {k: sum(h["comm"][d][k] for h in rounds) for k in ("payload", "metadata", "moved")}
+            if tot["moved"]:
+                n = self.transport.num_clients * len(rounds)
+                tot["vs_dense_lora"] = 4 * w.num_params * n / tot["moved"]
+                tot["vs_full_unet"] = 4 * self.unet_parameters * n / tot["moved"]
+            out[d] = tot
+        return out
 
     def finish(self, global_flat: torch.Tensor, base_eval: dict | None, history: list[dict]) -> dict:
         t0 = time.perf_counter()
@@ -161,6 +198,7 @@ class Server:
             "final": final,
             "bytes_up_total": sum(h["bytes_up"] for h in rounds),
             "bytes_down_total": sum(h["bytes_down"] for h in rounds),
+            "comm": self._comm_summary(rounds),
             "seconds_total": {k: sum(h["seconds"][k] for h in rounds) for k in
                               ("local_training", "communication", "aggregation", "evaluation", "other", "round")},
             "final_eval_seconds": time.perf_counter() - t0,

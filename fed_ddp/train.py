@@ -29,12 +29,13 @@ def pick_device(cfg: RunConfig, local_rank: int) -> torch.device:
 
 
 def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | None:
-    from fed_ddp import protocol
     from fed_ddp.client import LocalTrainer
+    from fed_ddp.compression import ChainState, layout_of
     from fed_ddp.data.federated import build_federated_data
-    from fed_ddp.diffusion.lora import attach_lora, num_lora_parameters
+    from fed_ddp.diffusion.lora import attach_lora
     from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
     from fed_ddp.engines import TorchEngine, build_engine
+    from fed_ddp.protocol import Wire
     from fed_ddp.transport import CollectiveTransport
 
     quiet_libraries()
@@ -43,7 +44,6 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     dist.broadcast_object_list(box, src=0)  # the server pretrains/locates the base; the others wait here
     pipe = load_pipeline(box[0], device, cfg.model.revision)
     attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
-    num_params = num_lora_parameters(pipe.unet)
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
     # Every rank builds its engine in the same order: DeepSpeed's ZeRO-3 set-up has world-wide barriers.
@@ -51,10 +51,12 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     engine = build_engine(pipe.unet, cfg, topo, device) if deepspeed or not topo.is_server else \
         TorchEngine(pipe.unet, cfg.train)
     cid = topo.client_id
+    wire = Wire(cfg.comm, layout_of(pipe.unet))  # codec chains; every buffer size is known from here on
     transport = CollectiveTransport(server_rank=0, group=topo.groups.leaders,
                                     device=device if dist.get_backend() == "nccl" else None,
                                     client_group=topo.groups.client,
-                                    client_src=None if topo.is_server else topo.leader_of(cid))
+                                    client_src=None if topo.is_server else topo.leader_of(cid),
+                                    method=cfg.comm.gather)
 
     if topo.is_server:
         from fed_ddp.server import Server
@@ -68,7 +70,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
         tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
                               maybe_wandb(cfg, run_dir, to_dict(cfg)))
         server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker,
-                        box[0], engine=engine)
+                        box[0], engine=engine, wire=wire)
         return server.run()
 
     trainer = LocalTrainer(pipe, scheduler, data.clients[cid], cfg.train, cfg.run.seed, data.replay,
@@ -77,20 +79,51 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     if topo.is_leader:
         log.info("holding %d private examples", trainer.num_examples)
 
+    uplink_state = ChainState(seed=cfg.run.seed * 1_000_003 + cid)  # error feedback etc.: this client's own
+    state_dir = cfg.run.dir / "clients" / f"client_{cid:03d}"
+
     def handle(down: torch.Tensor) -> torch.Tensor | None:
         t0 = time.perf_counter()
-        stop, plan, global_flat = protocol.unpack_downlink(down)
+        stop, plan, global_flat = wire.unpack_downlink(down)
         if stop:
             return None
+        if cfg.run.resume and uplink_state.step == 0 and plan.round > 1 and topo.is_leader:
+            load_uplink_state(uplink_state, state_dir, plan.round - 1, log)
         delta, metrics = trainer.fit(global_flat, plan)
+        if not topo.is_leader:
+            return delta  # anything but None: followers only train alongside the leader
         metrics["client_seconds"] = time.perf_counter() - t0
-        return protocol.pack_uplink(delta, trainer.num_examples, metrics)
+        up = wire.pack_uplink(delta, uplink_state, trainer.num_examples, metrics)
+        if uplink_state.residual or uplink_state.slots:
+            save_uplink_state(uplink_state, state_dir, plan.round)
+        return up
 
     if topo.is_leader:
-        transport.serve(protocol.downlink_numel(num_params), handle)
+        transport.serve(wire.down_nbytes, wire.up_nbytes, handle)
     else:
-        transport.follow(protocol.downlink_numel(num_params), handle)
+        transport.follow(wire.down_nbytes, handle)
     return None
+
+
+def save_uplink_state(state, folder, rnd: int) -> None:
+    """The client's codec state after round ``rnd`` (error-feedback residuals, low-rank warm starts), so a
+    resumed run continues with it; the file of round ``rnd - 1`` is kept until this one is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".comm_state_round_{rnd:04d}.pt"
+    torch.save({"round": rnd, "state": state.state_dict()}, tmp)
+    tmp.replace(folder / f"comm_state_round_{rnd:04d}.pt")
+    for old in folder.glob("comm_state_round_*.pt"):
+        if int(old.stem.rsplit("_", 1)[1]) < rnd - 1:
+            old.unlink()
+
+
+def load_uplink_state(state, folder, rnd: int, log) -> None:
+    path = folder / f"comm_state_round_{rnd:04d}.pt"
+    if path.is_file():
+        state.load_state_dict(torch.load(path, weights_only=False)["state"])
+        log.info("resumed codec state of round %d (residual norm %.3g)", rnd, state.residual_norm())
+    else:
+        log.warning("no codec state for round %d in %s: error feedback restarts from zero", rnd, folder)
 
 
 def main(argv: list[str] | None = None) -> int:

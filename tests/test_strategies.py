@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fed_ddp.config import load_config
-from fed_ddp.protocol import (
-    UP_FIELDS,
-    downlink_numel,
-    pack_downlink,
-    pack_uplink,
-    unpack_downlink,
-    unpack_uplink,
-    uplink_numel,
-)
+from fed_ddp.compression import ChainState
+from fed_ddp.config import CommSection, load_config
+from fed_ddp.protocol import DOWN_HEADER_BYTES, UP_FIELDS, UP_TAIL_BYTES, Wire
 from fed_ddp.strategies import (
     REGISTRY,
     ClientUpdate,
@@ -269,15 +262,18 @@ def test_registering_an_existing_name_is_refused():
 
 # ----------------------------------------------------------------------------- protocol
 
+DENSE = Wire(CommSection(), [("w", (P,))])  # empty chains: dense fp32
+
+
 @pytest.mark.parametrize("stop", [False, True])
 def test_downlink_round_trip(stop):
     plan = RoundPlan(round=17, local_steps=250, lr=0.002, proximal_mu=0.01)
     g = _global(3)
-    buf = pack_downlink(plan, g, stop=stop)
-    assert buf.dtype == torch.float32
-    assert buf.ndim == 1 and buf.numel() == downlink_numel(P) == P + 5
+    buf = DENSE.pack_downlink(plan, g, stop=stop)
+    assert buf.dtype == torch.uint8
+    assert buf.ndim == 1 and buf.numel() == DENSE.down_nbytes == 4 * P + DOWN_HEADER_BYTES
 
-    got_stop, got_plan, got_g = unpack_downlink(buf)
+    got_stop, got_plan, got_g = DENSE.unpack_downlink(buf)
     assert got_stop is stop
     assert got_plan.round == 17 and got_plan.local_steps == 250
     assert isinstance(got_plan.round, int) and isinstance(got_plan.local_steps, int)
@@ -289,9 +285,8 @@ def test_downlink_round_trip(stop):
 
 def test_downlink_casts_float64_global_to_float32():
     g64 = torch.from_numpy(np.random.default_rng(4).normal(size=P))
-    buf = pack_downlink(RoundPlan(0, 1, 1e-3), g64)
-    assert buf.dtype == torch.float32
-    _, plan, got = unpack_downlink(buf)
+    buf = DENSE.pack_downlink(RoundPlan(0, 1, 1e-3), g64)
+    _, plan, got = DENSE.unpack_downlink(buf)
     np.testing.assert_array_equal(got.numpy(), g64.numpy().astype(np.float32))
     assert plan.proximal_mu == 0.0
 
@@ -299,11 +294,11 @@ def test_downlink_casts_float64_global_to_float32():
 def test_uplink_round_trip():
     delta = torch.from_numpy(np.random.default_rng(6).normal(size=P).astype(np.float32))
     metrics = {"train_loss": 0.125, "train_seconds": 3.5, "client_seconds": 4.75}
-    buf = pack_uplink(delta, 123457, metrics)
-    assert buf.dtype == torch.float32
-    assert buf.ndim == 1 and buf.numel() == uplink_numel(P) == P + len(UP_FIELDS)
+    buf = DENSE.pack_uplink(delta, None, 123457, metrics)
+    assert buf.dtype == torch.uint8
+    assert buf.ndim == 1 and buf.numel() == DENSE.up_nbytes == 4 * P + 4 * len(UP_FIELDS)
 
-    up = unpack_uplink(buf, client_id=3)
+    up = DENSE.unpack_uplink(buf, client_id=3)
     assert isinstance(up, ClientUpdate)
     assert up.client_id == 3
     assert up.num_examples == 123457 and isinstance(up.num_examples, int)
@@ -313,19 +308,31 @@ def test_uplink_round_trip():
 
 
 def test_uplink_metrics_round_to_fp32():
-    delta = torch.zeros(2)
     metrics = {"train_loss": 0.1, "train_seconds": 1.0 / 3.0, "client_seconds": 12345.678}
-    up = unpack_uplink(pack_uplink(delta, 2 ** 24, metrics), client_id=0)
+    up = DENSE.unpack_uplink(DENSE.pack_uplink(torch.zeros(P), None, 2 ** 24, metrics), client_id=0)
     assert up.num_examples == 2 ** 24  # exact up to 2**24, as documented
     for k, v in metrics.items():
         assert up.metrics[k] == float(np.float32(v))
 
 
+def test_wire_sizes_are_the_codec_messages_plus_protocol_fields():
+    layout = [("a.lora_A", (8, 64)), ("a.lora_B", (64, 8)), ("tiny", (5,))]
+    wire = Wire(CommSection(uplink=["topk", "int8"], downlink=["fp16"], min_numel=100, topk_fraction=0.25), layout)
+    assert wire.down_bytes.payload == 2 * (512 + 512) + 4 * 5 and wire.down_bytes.metadata == DOWN_HEADER_BYTES
+    k = 128  # 25 % of 512 per matrix
+    assert wire.up_bytes.payload == 2 * k + 4 * 5  # int8 codes of top-k values; the small tensor as fp32
+    assert wire.up_bytes.metadata > UP_TAIL_BYTES  # indices and scales, plus the protocol fields
+    buf = wire.pack_uplink(torch.randn(1029), ChainState(), 10, {"train_loss": 0.0, "train_seconds": 0.0, "client_seconds": 0.0})
+    assert buf.numel() == wire.up_nbytes == wire.up_bytes.total
+    with pytest.raises(ValueError, match="expected"):
+        wire.unpack_uplink(buf[:-1], 0)
+
+
 def test_uplink_round_trip_feeds_aggregation():
     """Deltas that went through the wire aggregate to the float64 reference of the originals."""
     originals = _updates(60, [8, 100, 31])
-    wire = [unpack_uplink(pack_uplink(u.delta, u.num_examples,
-                                      {"train_loss": 0.0, "train_seconds": 0.0, "client_seconds": 0.0}), u.client_id)
+    zeros = {"train_loss": 0.0, "train_seconds": 0.0, "client_seconds": 0.0}
+    wire = [DENSE.unpack_uplink(DENSE.pack_uplink(u.delta, None, u.num_examples, zeros), u.client_id)
             for u in originals]
     g = _global(2)
     new, _ = FedAvg(local_steps=1, lr=1e-3).aggregate(0, g, wire)

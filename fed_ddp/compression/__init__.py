@@ -9,13 +9,12 @@ No process-group code here: moving the buffers is ``fed_ddp.dist.collectives``.
 """
 
 from fed_ddp.compression.base import ENCODER, TRANSFORM, Codec, PieceState
+from fed_ddp.compression.chain import CodecChain, Message, build_chain, downlink_chain, layout_of, uplink_chain
+from fed_ddp.compression.config import CommConfig
 from fed_ddp.compression.payload import ByteCount, Payload
 from fed_ddp.compression.registry import REGISTRY, build_codecs, register, validate_chain
-from fed_ddp.compression.chain import (CodecChain, Message, build_chain, downlink_chain, layout_of,  # noqa: I001
-                                       uplink_chain)
-from fed_ddp.compression.config import CommConfig
 from fed_ddp.compression.state import ChainState
 
-__all__ = ["ByteCount", "ChainState", "Codec", "CodecChain", "CommConfig", "ENCODER", "Message", "Payload",
-           "PieceState", "REGISTRY", "TRANSFORM", "build_chain", "build_codecs", "downlink_chain", "layout_of",
+__all__ = ["ENCODER", "REGISTRY", "TRANSFORM", "ByteCount", "ChainState", "Codec", "CodecChain", "CommConfig",
+           "Message", "Payload", "PieceState", "build_chain", "build_codecs", "downlink_chain", "layout_of",
            "register", "uplink_chain", "validate_chain"]

@@ -34,7 +34,9 @@ Layout = list[tuple[str, tuple[int, ...]]]
 
 def layout_of(module: torch.nn.Module) -> Layout:
     """(name, shape) of the trainable LoRA parameters, in flat-vector order (as ``lora.lora_parameters``)."""
-    return [(n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad and "lora_" in n]
+    # ZeRO-3 leaves an empty shard in p.shape; the full shape is ds_shape
+    return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in module.named_parameters()
+            if p.requires_grad and "lora_" in n]
 
 
 @dataclass

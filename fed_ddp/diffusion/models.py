@@ -12,8 +12,12 @@ from fed_ddp.config import ModelSection
 
 def quiet_libraries() -> None:
     """Silence diffusers/transformers chatter (progress bars, deprecation notes) on every rank."""
+    import warnings
+
     import diffusers
     import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers\..*")
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()

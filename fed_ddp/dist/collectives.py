@@ -51,7 +51,8 @@ def gather_bytes(payload: torch.Tensor, dst: int, group=None, *, method: str = "
     """Gather each rank's 1-D uint8 ``payload`` (any size, 0 included) to global rank ``dst``.
 
     ``sizes``: every rank's payload size by group rank, when all ranks know them in advance (then no
-    size exchange happens; a rank whose payload does not match its entry raises before sending).
+    size exchange happens; a rank whose payload does not match its entry raises before sending, and
+    the others wait for the process group's timeout, as with any collective a rank skips).
     Returns (payloads by group rank, stats) on dst and (None, None) elsewhere.
     """
     if method not in METHODS:

@@ -1,0 +1,187 @@
+"""``fed-ddp plan``: what a run will send, byte for byte, before anything runs or downloads.
+
+    fed-ddp plan configs/quickstart.yaml comm.uplink=[topk,int8] comm.downlink=[fp16]
+    fed-ddp plan configs/quickstart.yaml --unet sd15 lora.rank=4 "lora.targets=[to_q,to_k,to_v,to_out.0]"
+
+The UNet is built from its config on the ``meta`` device (shapes, no weights: SD v1.5 costs no
+memory), LoRA is attached by peft exactly as in training, and the configured codec chains encode a
+zero adapter of that layout on the CPU: the sizes printed are those of real messages (they never
+depend on the data). UNet config: ``--unet`` (``sd15``, shipped in ``fed_ddp/diffusion/configs``, or a
+``config.json`` / model directory), else ``model.pretrained`` (``<dir>/unet/config.json``, or the hub),
+else the built-in tiny base.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fed_ddp.compression import ByteCount, CodecChain, CommConfig, downlink_chain, layout_of, uplink_chain
+from fed_ddp.config import ConfigError, RunConfig, load_config
+from fed_ddp.dist.collectives import SIZE_BYTES
+from fed_ddp.protocol import DOWN_HEADER_BYTES, UP_TAIL_BYTES
+
+UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"
+BUILTIN_UNETS = {"sd15": "sd15_unet.json"}  # name -> file in UNET_CONFIGS
+UP_HEADER_BYTES = UP_TAIL_BYTES  # fp32 sample count + metrics after the adapter (fed_ddp.protocol)
+
+
+# -- the model, on the meta device ----------------------------------------------------------------------
+def unet_config(cfg: RunConfig, unet: str | None = None) -> tuple[dict | None, str]:
+    """(UNet2DConditionModel config, where it came from); None config = the built-in tiny base."""
+    if unet:
+        if unet in BUILTIN_UNETS:
+            path = UNET_CONFIGS / BUILTIN_UNETS[unet]
+        else:
+            path = Path(unet).expanduser()
+            for candidate in (path / "unet" / "config.json", path / "config.json"):
+                if path.is_dir() and candidate.is_file():
+                    path = candidate
+                    break
+            if not path.is_file():
+                raise ConfigError("--unet", unet, f"must be one of {sorted(BUILTIN_UNETS)}, a UNet config.json "
+                                  "or a diffusers directory with unet/config.json")
+        return json.loads(path.read_text()), f"{unet} ({path})" if unet in BUILTIN_UNETS else str(path)
+    if cfg.model.pretrained:
+        local = Path(cfg.model.pretrained).expanduser() / "unet" / "config.json"
+        if local.is_file():
+            return json.loads(local.read_text()), str(local)
+        from diffusers import UNet2DConditionModel
+
+        try:
+            return (dict(UNet2DConditionModel.load_config(cfg.model.pretrained, subfolder="unet",
+                                                          revision=cfg.model.revision)),
+                    f"{cfg.model.pretrained} (hub)")
+        except (OSError, ValueError) as e:  # offline, unknown repo, bad id
+            raise ConfigError("model.pretrained", cfg.model.pretrained,
+                              f"cannot read its unet/config.json ({type(e).__name__}); "
+                              "give a local directory or --unet CONFIG.json") from None
+    return None, "built-in tiny base (fed_ddp.diffusion.tiny)"
+
+
+def meta_unet(config: dict | None) -> torch.nn.Module:
+    """The UNet with the shapes of ``config`` and no weights (``meta`` device)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        if config is None:
+            from fed_ddp.diffusion.tiny import build_unet
+
+            return build_unet()
+        return UNet2DConditionModel.from_config(config)
+
+
+# -- the plan ---------------------------------------------------------------------------------------------
+@dataclass
+class Direction:
+    chain: CodecChain
+    message: ByteCount  # the codec message (adapter), as sent
+    header: int  # protocol fields around it (fp32), counted as metadata
+
+    @property
+    def total(self) -> ByteCount:
+        return self.message + ByteCount(0, self.header)
+
+
+@dataclass
+class Plan:
+    unet_source: str
+    unet_parameters: int
+    lora_parameters: int
+    lora_tensors: int
+    rounds: int
+    clients: int
+    up: Direction
+    down: Direction
+
+    @property
+    def dense_lora_bytes(self) -> int:
+        return 4 * self.lora_parameters
+
+    @property
+    def full_unet_bytes(self) -> int:
+        return 4 * self.unet_parameters
+
+
+def make_plan(cfg: RunConfig, comm: CommConfig, unet: str | None = None) -> Plan:
+    from fed_ddp.diffusion.lora import attach_lora
+    from fed_ddp.diffusion.models import quiet_libraries
+
+    quiet_libraries()
+    config, source = unet_config(cfg, unet)
+    model = meta_unet(config)
+    base = sum(p.numel() for p in model.parameters())
+    attach_lora(model, cfg.lora, seed=cfg.run.seed)
+    layout = layout_of(model)
+    up, down = uplink_chain(comm, layout), downlink_chain(comm, layout)
+    return Plan(source, base, up.numel, len(layout), cfg.fed.rounds, cfg.fed.num_clients,
+                Direction(up, up.wire_bytes, UP_HEADER_BYTES), Direction(down, down.wire_bytes, DOWN_HEADER_BYTES))
+
+
+def _ratio(dense: int, sent: int) -> str:
+    r = dense / sent
+    return f"{r:,.0f}x" if r >= 100 else f"{r:.2f}x"
+
+
+def _chain_line(d: Direction, comm: CommConfig) -> str:
+    ch = d.chain
+    params = []
+    names = set(ch.names)
+    if names & {"topk", "randomk"}:
+        params.append(f"topk_fraction {comm.topk_fraction}")
+    if "lowrank" in names:
+        params.append(f"lowrank_rank {comm.lowrank_rank}")
+    if names & {"int8", "int4"}:
+        params.append(f"block_size {comm.block_size}, {'stochastic' if comm.stochastic_rounding else 'nearest'} "
+                      "rounding")
+    if ch.error_feedback:
+        params.append("error feedback")
+    done = sum(ch.compresses(i) for i in range(len(ch.layout)))
+    extra = f" ({', '.join(params)})" if params else ""
+    small = "" if not ch.codecs else f"; {done}/{len(ch.layout)} tensors through it (min_numel {comm.min_numel})"
+    return f"{ch.describe()}{extra}{small}"
+
+
+def format_plan(p: Plan, comm: CommConfig) -> str:
+    lines = [
+        f"UNet      {p.unet_source}, built on the meta device: {p.unet_parameters:,} parameters",
+        (f"LoRA      {p.lora_parameters:,} trainable parameters in {p.lora_tensors} tensors "
+         f"({p.dense_lora_bytes:,} B as fp32)"),
+        f"uplink    {_chain_line(p.up, comm)}",
+        f"downlink  {_chain_line(p.down, comm)}",
+        "",
+        (f"{'bytes per client per round':28s}{'payload':>14s}{'metadata':>12s}{'total':>14s}"
+         f"{'vs dense LoRA':>15s}{'vs full UNet':>14s}"),
+    ]
+    for name, d in (("uplink", p.up), ("downlink", p.down)):
+        t = d.total
+        lines.append(f"  {name:26s}{t.payload:14,}{t.metadata:12,}{t.total:14,}"
+                     f"{_ratio(p.dense_lora_bytes, t.total):>15s}{_ratio(p.full_unet_bytes, t.total):>14s}")
+    n = p.rounds * p.clients
+    lines.append(f"totals over {p.rounds} rounds x {p.clients} clients")
+    for name, ts in (("uplink", [p.up.total]), ("downlink", [p.down.total]), ("both", [p.up.total, p.down.total])):
+        t = sum(ts, ByteCount()) * n
+        dense = len(ts) * n
+        lines.append(f"  {name:26s}{t.payload:14,}{t.metadata:12,}{t.total:14,}"
+                     f"{_ratio(dense * p.dense_lora_bytes, t.total):>15s}{_ratio(dense * p.full_unet_bytes, t.total):>14s}")
+    lines += [
+        "",
+        (f"metadata includes the protocol's fp32 fields ({UP_HEADER_BYTES} B up, {DOWN_HEADER_BYTES} B down). "
+         "'vs' columns: how many times fewer bytes than dense fp32."),
+        (f"A variable-size gather that exchanges sizes first (gather_bytes, p2p) adds {SIZE_BYTES} B per client "
+         "per round on the uplink."),
+    ]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """``fed-ddp plan CONFIG [key=value ...] [--unet sd15|PATH]`` (called by ``fed_ddp.cli``)."""
+    from fed_ddp.config import split_args
+
+    files, overrides = split_args([args.config, *args.overrides])
+    cfg = load_config(files, overrides)
+    print(format_plan(make_plan(cfg, cfg.comm, args.unet), cfg.comm))
+    return 0
