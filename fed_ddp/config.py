@@ -242,7 +242,7 @@ class CommSection:
 
         for key in ("uplink", "downlink"):
             names = getattr(self, key)
-            if isinstance(names, str):  # comm.uplink=topk on the command line
+            if isinstance(names, str):  # a plain string given in Python (the command line needs [topk])
                 names = [names]
             names = [str(n).lower() for n in names]
             setattr(self, key, names)

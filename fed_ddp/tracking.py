@@ -29,6 +29,19 @@ def _clean(v):
     return v
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Numbers of a nested metrics dict under W&B's key convention, at any depth:
+    ``{"seconds": {"round": 1.0}, "final": {"gen_acc": {"5": 0.4}}}`` -> ``seconds/round``, ``final/gen_acc/5``.
+    Strings, lists and None are left out: W&B charts numbers (a NaN is sent; metrics.jsonl writes it null)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class JsonlLogger:
     """One JSON object per line; flushed at once so nothing is lost if the run dies."""
 
@@ -59,22 +72,15 @@ class WandbLogger:
                               resume="allow" if cfg.run.resume else None)
 
     def log(self, metrics: dict, step: int) -> None:
-        flat = {}
-        for k, v in metrics.items():
-            if isinstance(v, dict):
-                flat.update({f"{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
-            elif isinstance(v, (int, float)):
-                flat[k] = v
-        self.run.log(flat, step=step)
+        self.run.log(_flat(metrics), step=step)
 
     def log_images(self, images: dict[str, str], step: int) -> None:
         self.run.log({k: self._wandb.Image(p) for k, p in images.items()}, step=step)
 
     def finish(self, summary: dict | None = None) -> None:
-        if summary:
-            for k, v in summary.items():
-                if isinstance(v, (int, float, str)):
-                    self.run.summary[k] = v
+        if summary:  # summary.json's strings and its numbers at any depth (seconds_total/round, ...)
+            for k, v in {**{k: v for k, v in summary.items() if isinstance(v, str)}, **_flat(summary)}.items():
+                self.run.summary[k] = v
         self.run.finish()
 
 

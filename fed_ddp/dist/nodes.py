@@ -1,10 +1,10 @@
-"""How many ranks each node of a multi-node launch runs: 1 server + N clients spread over the nodes.
+"""How many ranks each node of a multi-node launch runs: the server and the client ranks spread over the nodes.
 
     python -m fed_ddp.dist.nodes --nnodes 2 CONFIG [key=value ...]                -> "2 1"  (all nodes)
     python -m fed_ddp.dist.nodes --nnodes 2 --node-rank 1 CONFIG [key=value ...]  -> "1"    (this node)
 
 Used by ``launch/*.sh`` and ``slurm/*.sbatch`` before they start ``torchrun``: the config decides the
-world size (1 + fed.num_clients), so the scripts never ask the user for nproc-per-node. torchrun's
+world size (1 + fed.num_clients x fed.ranks_per_client), so the scripts never ask for nproc-per-node. torchrun's
 agents may each run a different number of workers; global ranks are handed out agent by agent. Errors
 (a bad config, more nodes than ranks, more ranks than GPUs on a node) are one ``fed-ddp:`` line and
 exit code 2, before anything is launched. An info line on stderr says what will be launched.
@@ -13,9 +13,11 @@ exit code 2, before anything is launched. An info line on stderr says what will 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from fed_ddp.config import ConfigError, load_config
+from fed_ddp.config import ConfigError, load_config, split_args
 
 
 def procs_per_node(world_size: int, nnodes: int) -> list[int]:
@@ -23,14 +25,21 @@ def procs_per_node(world_size: int, nnodes: int) -> list[int]:
     if nnodes < 1:
         raise ConfigError("--nnodes", nnodes, "must be >= 1")
     if nnodes > world_size:
-        raise ConfigError("--nnodes", nnodes, f"a world of {world_size} ranks (1 server + {world_size - 1} clients) "
-                                              f"cannot fill {nnodes} nodes; use at most {world_size} nodes "
-                                              f"or raise fed.num_clients")
+        raise ConfigError("--nnodes", nnodes, f"a world of {world_size} ranks cannot fill {nnodes} nodes; "
+                                              f"use at most {world_size} nodes or raise fed.num_clients")
     base, extra = divmod(world_size, nnodes)
     return [base + (1 if i < extra else 0) for i in range(nnodes)]
 
 
+def describe(cfg) -> str:
+    per = getattr(cfg.fed, "ranks_per_client", 1)
+    return f"{cfg.world_size} ranks (1 server + {cfg.fed.num_clients} clients{f' x {per} ranks' if per > 1 else ''})"
+
+
 def local_gpus() -> int:
+    """CUDA devices this process may use (honours CUDA_VISIBLE_DEVICES); 0 without an NVIDIA driver."""
+    if not Path("/proc/driver/nvidia/gpus").is_dir() or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return 0  # no driver: skip importing torch (seconds per launch on small machines)
     try:
         import torch
 
@@ -39,10 +48,18 @@ def local_gpus() -> int:
         return 0
 
 
-def plan(config: str, overrides: list[str], nnodes: int, gpus: int | None = None) -> tuple[list[int], str]:
-    """Per-node rank counts and a one-line description; raises ConfigError for launches that cannot work."""
-    cfg = load_config(config, overrides)
-    counts = procs_per_node(cfg.world_size, nnodes)
+def plan(config, overrides: list[str], nnodes: int, gpus: int | None = None) -> tuple[list[int], str]:
+    """Per-node rank counts and a one-line description; raises ConfigError for launches that cannot work.
+    ``config``: a YAML path or a list of them (merged in order), as ``load_config`` takes."""
+    return plan_cfg(load_config(config, overrides), nnodes, gpus)
+
+
+def plan_cfg(cfg, nnodes: int, gpus: int | None = None) -> tuple[list[int], str]:
+    """``plan`` for a loaded config (``fed-ddp run`` checks its one-node launch with it)."""
+    try:
+        counts = procs_per_node(cfg.world_size, nnodes)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.value, e.allowed.replace(f"{cfg.world_size} ranks", describe(cfg), 1)) from None
     if cfg.train.device == "auto":
         gpus = local_gpus() if gpus is None else gpus
         if gpus and max(counts) > gpus:  # NCCL refuses two ranks of one communicator on one GPU
@@ -50,7 +67,7 @@ def plan(config: str, overrides: list[str], nnodes: int, gpus: int | None = None
                               f"{max(counts)} ranks on a node with {gpus} GPU(s): NCCL needs one GPU per rank; "
                               f"use more nodes, more GPUs per node, fewer clients, or train.device=cpu")
     where = f"{gpus} GPU(s) per node" if cfg.train.device == "auto" and gpus else "CPU (gloo)"
-    text = (f"{cfg.world_size} ranks (1 server + {cfg.fed.num_clients} clients) on {nnodes} node(s), "
+    text = (f"{describe(cfg)} on {nnodes} node(s), "
             f"ranks per node {' '.join(map(str, counts))}, {where}, run directory {cfg.run.dir}")
     return counts, text
 
@@ -64,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     try:
-        counts, text = plan(a.config, a.overrides, a.nnodes, a.gpus)
+        files, overrides = split_args([a.config, *a.overrides])
+        counts, text = plan(files, overrides, a.nnodes, a.gpus)
         if a.node_rank is not None and not 0 <= a.node_rank < a.nnodes:
             raise ConfigError("--node-rank", a.node_rank, f"must be in [0, {a.nnodes - 1}] (--nnodes={a.nnodes})")
     except ConfigError as e:

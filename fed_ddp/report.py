@@ -1,0 +1,266 @@
+"""Plots and a table from finished run directories: what a scaling study reports. No network, no torch.
+
+    fed-ddp report runs/scaling-* [--out runs/report]
+
+Reads each RUN_DIR's ``config.yaml``, ``metrics.jsonl`` and, when present, ``summary.json``, and writes
+to ``--out``:
+
+    table.md, table.csv   one row per run: the parameters that differ between the runs (number of
+                          clients, LoRA rank and uplink codec always, anything else when it varies), LoRA
+                          parameters, rounds, mean seconds per round and its split, bytes per round up
+                          and down (all clients), how many times fewer bytes the uplink moves than
+                          dense fp32 LoRA (comm.up.vs_dense_lora), final val_loss, gen_acc_clients of
+                          the base and final
+    time_split.png        mean seconds per round split into local training / communication /
+                          aggregation / evaluation / other, runs ordered by number of clients
+    bytes.png             bytes per round up and down, per run, labelled by codec (and clients, rank)
+    quality.png           val_loss per round, and gen_acc_clients (base, measured rounds, final) where present
+
+Means are over the training rounds (1..R) found in metrics.jsonl; a round logged twice (a resumed run)
+counts once, its last line winning.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SPLIT = ("local_training", "communication", "aggregation", "evaluation", "other")
+ALWAYS = ("fed.num_clients", "lora.rank", "comm.uplink")
+NOT_PARAMETERS = ("run.name", "run.output_dir", "run.resume", "run.log_level", "tracking.")
+SHORT = {"fed.num_clients": "clients", "lora.rank": "rank", "comm.uplink": "uplink", "comm.downlink": "downlink"}
+CHAINS = ("comm.uplink", "comm.downlink")  # codec chains: [] is dense fp32
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _mean(xs: list) -> float | int | None:
+    xs = [x for x in xs if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return None
+    m = sum(xs) / len(xs)
+    return int(m) if all(isinstance(x, int) for x in xs) and m.is_integer() else m  # bytes stay integers
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict  # flattened: {"fed.num_clients": 4, ...}
+    rounds: dict[int, dict] = field(default_factory=dict)  # training rounds 1..R
+    base: dict = field(default_factory=dict)  # round 0 (the base model's evaluation)
+    final: dict = field(default_factory=dict)  # the final evaluation
+    summary: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(round, value) of a top-level metric over round 0, the training rounds and the final evaluation."""
+        pts = {}
+        if isinstance(self.base.get(key), (int, float)):
+            pts[0] = self.base[key]
+        for r, row in self.rounds.items():
+            if isinstance(row.get(key), (int, float)):
+                pts[r] = row[key]
+        if isinstance(self.final.get(key), (int, float)) and self.rounds:
+            pts.setdefault(max(self.rounds), self.final[key])
+        return sorted(pts.items())
+
+
+def load_run(path: str | Path) -> Run:
+    p = Path(path)
+    missing = [n for n in ("config.yaml", "metrics.jsonl") if not (p / n).is_file()]
+    if missing:
+        raise ValueError(f"run_dir={str(path)!r}: not a run directory (no {' and no '.join(missing)})")
+    config = _flatten(yaml.safe_load((p / "config.yaml").read_text()) or {})
+    run = Run(p, config)
+    for i, line in enumerate((p / "metrics.jsonl").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"run_dir={str(path)!r}: metrics.jsonl line {i} is not JSON") from None
+        if "final" in row:
+            run.final = row["final"]
+        elif row.get("round") == 0:
+            run.base = row
+        elif isinstance(row.get("round"), int) and row["round"] > 0:
+            run.rounds[row["round"]] = row
+    if (p / "summary.json").is_file():
+        run.summary = json.loads((p / "summary.json").read_text())
+        run.final = run.final or run.summary.get("final", {})
+    return run
+
+
+def parameters(runs: list[Run]) -> list[str]:
+    """Config keys shown per run: number of clients, LoRA rank, and whatever else differs between runs."""
+    keys = sorted({k for r in runs for k in r.config})
+    varying = [k for k in keys if k not in ALWAYS and not k.startswith(NOT_PARAMETERS)
+               and len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+    return list(ALWAYS) + varying
+
+
+def show(key: str, value) -> str:
+    """A config value as the table and the plots print it; a codec chain reads ``topk+int8``, [] ``fp32``."""
+    if key in CHAINS and isinstance(value, list):
+        return "+".join(map(str, value)) or "fp32"
+    return "–" if value is None else str(value)
+
+
+def label(run: Run, keys: list[str]) -> str:
+    shown = [k for k in keys if k in SHORT or k not in ALWAYS]
+    return " ".join(f"{SHORT.get(k, k.rsplit('.', 1)[-1])}={show(k, run.config.get(k))}" for k in shown)
+
+
+def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
+    keys = parameters(runs)
+    columns = (["run"] + keys + ["lora_parameters", "rounds", "round_s"] + [f"{s}_s" for s in SPLIT]
+               + ["bytes_up_per_round", "bytes_down_per_round", "up_vs_dense_lora", "val_loss_final",
+                  "gen_acc_clients_base",
+                  "gen_acc_clients_final"])
+    out = []
+    for run in runs:
+        rows = [run.rounds[r] for r in sorted(run.rounds)]
+        val = [row["val_loss"] for row in rows if isinstance(row.get("val_loss"), (int, float))]
+        d = {"run": run.name, **{k: run.config.get(k) for k in keys},
+             "lora_parameters": (run.summary or {}).get("lora_parameters"),
+             "rounds": len(rows),
+             "round_s": _mean([row.get("seconds", {}).get("round") for row in rows]),
+             **{f"{s}_s": _mean([row.get("seconds", {}).get(s) for row in rows]) for s in SPLIT},
+             "bytes_up_per_round": _mean([row.get("bytes_up") for row in rows]),
+             "bytes_down_per_round": _mean([row.get("bytes_down") for row in rows]),
+             "up_vs_dense_lora": _mean([((row.get("comm") or {}).get("up") or {}).get("vs_dense_lora")
+                                        for row in rows]),
+             "val_loss_final": val[-1] if val else None,
+             "gen_acc_clients_base": run.base.get("gen_acc_clients"),
+             "gen_acc_clients_final": run.final.get("gen_acc_clients")}
+        out.append(d)
+    return columns, out
+
+
+def _fmt(col: str, v) -> str:
+    if v is None:
+        return "–"
+    if col in CHAINS:
+        return show(col, v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if col.startswith("bytes") or col in ("lora_parameters", "rounds") or col in ALWAYS:
+        return f"{v:,.0f}" if isinstance(v, float) else f"{v:,}"
+    if col == "up_vs_dense_lora":
+        return f"{v:.2f}x"
+    if col.startswith("gen_acc"):
+        return f"{v:.1%}"
+    if col.endswith("_s"):
+        return f"{v:.3f}"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_tables(columns: list[str], rows: list[dict], out: Path) -> None:
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows({c: "" if r[c] is None else (json.dumps(r[c]) if isinstance(r[c], (list, dict)) else r[c])
+                     for c in columns} for r in rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(c, r[c]) for c in columns) + " |" for r in rows]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(runs: list[Run], columns: list[str], rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = parameters(runs)
+    labels = [label(r, keys) or r.name for r in runs]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} ({r.name})" for lab, r in zip(labels, runs)]
+    order = sorted(range(len(runs)), key=lambda i: (runs[i].config.get("fed.num_clients") or 0, labels[i]))
+    xt = [labels[i].replace(" ", "\n") for i in order]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(runs) + 2) + 1.8, 4.2))  # + the legend
+    bottom = [0.0] * len(order)
+    for s in SPLIT:
+        vals = [rows[i][f"{s}_s"] or 0.0 for i in order]
+        ax.bar(range(len(order)), vals, bottom=bottom, label=s.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(order)), xt, fontsize=8)
+    ax.set_ylabel("seconds per round (mean)")
+    ax.set_title("Round time split vs number of clients")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
+    fig.tight_layout()
+    fig.savefig(out / "time_split.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "time_split.png")
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(runs) + 2), 4.2))
+    w = 0.4
+    for j, (col, name) in enumerate((("bytes_up_per_round", "up"), ("bytes_down_per_round", "down"))):
+        vals = [(rows[i][col] or 0.0) / 1024 for i in order]
+        bars = ax.bar([x + (j - 0.5) * w for x in range(len(order))], vals, w, label=f"{name} (all clients)")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(order)), xt, fontsize=8)
+    ax.set_ylabel("KiB per round")
+    ax.set_title("Bytes per round vs codec")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bytes.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "bytes.png")
+
+    acc = [r.series("gen_acc_clients") for r in runs]
+    panels = 2 if any(acc) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    for i in order:
+        pts = runs[i].series("val_loss")
+        if pts:
+            axes[0][0].plot(*zip(*pts), marker="o", label=labels[i])
+        if panels == 2 and acc[i]:
+            axes[0][1].plot(*zip(*acc[i]), marker="s", label=labels[i])
+    axes[0][0].set(xlabel="round", ylabel="val_loss (client concepts)", title="Validation loss vs rounds")
+    if panels == 2:
+        axes[0][1].set(xlabel="round", ylabel="gen_acc_clients", title="Generation accuracy (client concepts)",
+                       ylim=(-0.02, 1.02))
+    for a in axes[0]:
+        a.legend(fontsize=7)
+        a.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "quality.png")
+    return written
+
+
+def report(run_dirs: list[str | Path], out: str | Path) -> dict:
+    """Load the runs, write the table (md + csv) and the plots into ``out``; returns what was written."""
+    if not run_dirs:
+        raise ValueError("run_dirs: give at least one run directory")
+    runs = [load_run(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"run_dirs: two runs named {dup[0]!r}; rows are keyed by directory name")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns, rows = table_rows(runs)
+    write_tables(columns, rows, out)
+    plots = plot(runs, columns, rows, out)
+    return {"table_md": out / "table.md", "table_csv": out / "table.csv", "plots": plots, "rows": rows}
