@@ -67,8 +67,11 @@ def cmd_run(args) -> int:
         print(f"\nTime over {s['rounds']} rounds: {t['round']:.1f} s = local training {t['local_training']:.1f}"
               f" + communication {t['communication']:.1f} + aggregation {t['aggregation']:.2f}"
               f" + evaluation {t['evaluation']:.1f} + other {t['other']:.1f}")
-        print(f"Bytes: up {s['bytes_up_total']:,} / down {s['bytes_down_total']:,} "
-              f"({s['lora_parameters']:,} LoRA parameters)")
+        c = s["comm"]
+        print(f"Bytes moved: up {s['bytes_up_total']:,} ({c['uplink']}) / down {s['bytes_down_total']:,} "
+              f"({c['downlink']}) for {s['lora_parameters']:,} LoRA parameters; uplink reduction "
+              f"{c['up'].get('vs_dense_lora', 0):.2f}x vs dense fp32 LoRA, {c['up'].get('vs_full_unet', 0):.1f}x vs "
+              f"the full UNet ({c['unet_parameters']:,} parameters)")
         print(f"Run directory: {cfg.run.dir}  (adapter: {cfg.run.dir / 'checkpoints' / 'final'})")
     return 0
 
