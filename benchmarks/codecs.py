@@ -30,6 +30,11 @@ CHAINS = {  # name -> comm.* overrides
     "topk 10% + int8 + EF": ["comm.uplink=[topk,int8]", "comm.topk_fraction=0.1"],
     "topk 3% + int8 + EF": ["comm.uplink=[topk,int8]", "comm.topk_fraction=0.03"],
     "lowrank r2 + EF": ["comm.uplink=[lowrank]", "comm.lowrank_rank=2"],
+    # candidates for >= 32x
+    "topk 5% + int4 + EF": ["comm.uplink=[topk,int4]", "comm.topk_fraction=0.05"],
+    "randomk 10% + int8 (block 256) + EF": ["comm.uplink=[randomk,int8]", "comm.topk_fraction=0.1",
+                                            "comm.block_size=256"],
+    "lowrank r1 + int4 + EF": ["comm.uplink=[lowrank,int4]", "comm.lowrank_rank=1"],
 }
 
 
@@ -50,8 +55,8 @@ def run(name: str, overrides: list[str], out: Path, extra: list[str], force: boo
 
 def table(results: dict[str, dict]) -> str:
     ref = results.get("fp32 (dense)")
-    lines = ["| uplink chain | uplink bytes / client / round | vs fp32 LoRA | gen. accuracy, client digits "
-             "| vs fp32 (points) | gen. accuracy, base digits | val loss |",
+    lines = [("| uplink chain | uplink bytes / client / round | vs fp32 LoRA | gen. accuracy, client digits "
+              "| vs fp32 (points) | gen. accuracy, base digits | val loss |"),
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in results.items():
         per = s["comm"]["up"]["moved"] / (s["rounds"] * s["num_clients"])

@@ -15,7 +15,7 @@ import torch
 from fed_ddp.data.digits import CaptionedImages
 from fed_ddp.diffusion.lora import lora_parameters
 from fed_ddp.diffusion.loss import diffusion_loss, sample_noise
-from fed_ddp.diffusion.models import encode_captions, encode_images
+from fed_ddp.diffusion.models import encode_captions, encode_images, unet_autocast
 from fed_ddp.strategies import RoundPlan
 
 
@@ -118,6 +118,7 @@ def validation_loss(unet, scheduler, latents: torch.Tensor, embeds: torch.Tensor
     for _ in range(repeats):
         for i in range(0, len(latents), batch_size):
             lat, emb = latents[i:i + batch_size].to(unet.device), embeds[i:i + batch_size].to(unet.device)
-            total += diffusion_loss(unet, scheduler, lat, emb, generator=gen).item() * len(lat)
+            with unet_autocast(unet):
+                total += diffusion_loss(unet, scheduler, lat, emb, generator=gen).float().item() * len(lat)
             n += len(lat)
     return total / max(n, 1)

@@ -46,8 +46,11 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: fl
     """Images in [0, 1], shape (N, H, W, C); one generator so the batch is reproducible from the seed."""
     device = pipe.unet.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
-               output_type="np")
+    from fed_ddp.diffusion.models import unet_autocast
+
+    with unet_autocast(pipe.unet):
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
+                   output_type="np")
     return out.images
 
 

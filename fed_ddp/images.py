@@ -14,8 +14,11 @@ def sample_grid(pipe, prompts: list[str], seeds: list[int], steps: int, guidance
     """(rows, cols, H, W, C) images in [0, 1]: prompt r with seed c (each seed its own generator)."""
     device = pipe.unet.device
     gens = [torch.Generator(device=device).manual_seed(s) for _ in prompts for s in seeds]
-    out = pipe([p for p in prompts for _ in seeds], num_inference_steps=steps, guidance_scale=guidance_scale,
-               generator=gens, output_type="np")
+    from fed_ddp.diffusion.models import unet_autocast
+
+    with unet_autocast(pipe.unet):
+        out = pipe([p for p in prompts for _ in seeds], num_inference_steps=steps, guidance_scale=guidance_scale,
+                   generator=gens, output_type="np")
     return out.images.reshape(len(prompts), len(seeds), *out.images.shape[1:])
 
 

@@ -80,3 +80,14 @@ def encode_captions(pipe, captions: list[str]) -> dict[str, torch.Tensor]:
 
 def is_local_pipeline(path: str) -> bool:
     return (Path(path).expanduser() / "model_index.json").exists()
+
+
+def unet_autocast(unet):
+    """Autocast to the UNet's dtype when it is bf16/fp16 (DeepSpeed casts the model it trains, the server's
+    included) while the pipeline's inputs and its other models stay fp32; a no-op for fp32 UNets."""
+    import contextlib
+
+    if unet.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(unet.device.type, dtype=unet.dtype)
+    return contextlib.nullcontext()
+
