@@ -111,8 +111,11 @@ def _channels(images: torch.Tensor, want: int) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_loss(unet, scheduler, latents: torch.Tensor, embeds: torch.Tensor, seed: int = 1234,
-                    batch_size: int = 256, repeats: int = 4) -> float:
-    """Denoising loss on held-out data at fixed noise and timesteps (comparable across rounds)."""
+                    batch_size: int | None = None, repeats: int = 4) -> float:
+    """Denoising loss on held-out data at fixed noise and timesteps (comparable across rounds).
+
+    Default batch: 256, or about 2**16 latent pixels where that is fewer (16 at SD's 64x64 latents)."""
+    batch_size = batch_size or max(1, min(256, 2 ** 16 // (latents.shape[-1] * latents.shape[-2])))
     gen = torch.Generator(device=unet.device).manual_seed(seed)
     total, n = 0.0, 0
     for _ in range(repeats):

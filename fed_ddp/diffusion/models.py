@@ -56,9 +56,13 @@ def training_scheduler(pipe):
 
 
 @torch.no_grad()
-def encode_images(pipe, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled latents (the VAE posterior mean; the VAE is frozen, so once per run)."""
+def encode_images(pipe, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled latents (the VAE posterior mean; the VAE is frozen, so once per run).
+
+    Default batch: 256, or about 2**20 pixels where that is fewer (4 images at 512x512), so SD-sized
+    images do not run the VAE out of GPU memory."""
     vae = pipe.vae
+    batch_size = batch_size or max(1, min(256, 2 ** 20 // (images.shape[-1] * images.shape[-2])))
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(vae.device, vae.dtype)
