@@ -34,7 +34,8 @@ CHAINS = {  # name -> comm.* overrides
     "topk 5% + int4 + EF": ["comm.uplink=[topk,int4]", "comm.topk_fraction=0.05"],
     "randomk 10% + int8 (block 256) + EF": ["comm.uplink=[randomk,int8]", "comm.topk_fraction=0.1",
                                             "comm.block_size=256"],
-    "lowrank r1 + int4 + EF": ["comm.uplink=[lowrank,int4]", "comm.lowrank_rank=1"],
+    "blocktopk 15% (blocks of 8) + int4 + EF": ["comm.uplink=[blocktopk,int4]", "comm.topk_fraction=0.15"],
+    "blocktopk 10% (blocks of 8) + int4 + EF": ["comm.uplink=[blocktopk,int4]", "comm.topk_fraction=0.1"],
 }
 
 

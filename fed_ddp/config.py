@@ -223,7 +223,7 @@ class DeepSpeedSection:
 class CommSection:
     """How adapters travel: a codec chain per direction (``fed_ddp.compression``) and its knobs.
 
-    A chain is ``[transform] + [encoder]``, each optional: at most one of topk/randomk/lowrank, first;
+    A chain is ``[transform] + [encoder]``, each optional: at most one of topk/blocktopk/randomk/lowrank, first;
     at most one of fp16/bf16/int8/int4, last; ``[]`` sends dense fp32. The downlink carries the global
     adapter itself, not a delta, so it takes casts and quantizers only.
     """
@@ -231,7 +231,8 @@ class CommSection:
     uplink: list[str] = field(default_factory=list)  # client->server codec chain, e.g. [topk, int8]; [] = dense fp32
     downlink: list[str] = field(default_factory=list)  # server->client codec chain: casts/quantizers; [] = dense fp32
     block_size: int = 64  # int8/int4: values per absmax scale (the last block of a tensor may be shorter)
-    topk_fraction: float = 0.1  # topk/randomk: share of each tensor's values sent, in (0, 1]
+    topk_fraction: float = 0.1  # topk/randomk: share of each tensor's values sent (blocktopk: of its blocks), in (0, 1]
+    topk_block: int = 8  # blocktopk: consecutive values per block (one index per block)
     stochastic_rounding: bool = False  # int8/int4: unbiased stochastic rounding instead of round-to-nearest
     lowrank_rank: int = 4  # lowrank: rank of the PowerSGD factors P (n x r) and Q (m x r)
     min_numel: int = 1024  # tensors with fewer values travel uncompressed (dense fp32)
@@ -256,6 +257,7 @@ class CommSection:
                self.block_size, "must be even with int4: 2 must divide it (two 4-bit codes per byte, so every "
                "block starts on a byte boundary)")
         _check(0 < self.topk_fraction <= 1, "comm.topk_fraction", self.topk_fraction, "must be in (0, 1]")
+        _check(self.topk_block >= 1, "comm.topk_block", self.topk_block, "must be an integer >= 1")
         _check(self.lowrank_rank >= 1, "comm.lowrank_rank", self.lowrank_rank, "must be an integer >= 1")
         _positive("comm.min_numel", self.min_numel, zero_ok=True)
         _one_of("comm.gather", self.gather, {"gather", "p2p"})

@@ -130,8 +130,10 @@ def _chain_line(d: Direction, comm: CommConfig) -> str:
     ch = d.chain
     params = []
     names = set(ch.names)
-    if names & {"topk", "randomk"}:
+    if names & {"topk", "randomk", "blocktopk"}:
         params.append(f"topk_fraction {comm.topk_fraction}")
+    if "blocktopk" in names:
+        params.append(f"topk_block {comm.topk_block}")
     if "lowrank" in names:
         params.append(f"lowrank_rank {comm.lowrank_rank}")
     if names & {"int8", "int4"}:

@@ -17,14 +17,15 @@ from fed_ddp.compression.cast import Bf16, Fp16
 from fed_ddp.compression.chain import downlink_chain, uplink_chain
 from fed_ddp.compression.lowrank import LowRank
 from fed_ddp.compression.quantize import Int4, Int8
-from fed_ddp.compression.sparsify import RandomK, TopK, index_format, num_kept
+from fed_ddp.compression.sparsify import BlockTopK, RandomK, TopK, index_format, num_kept
 from fed_ddp.config import ConfigError
 
 SHAPES = [(1001,), (64, 33), (8, 16, 3, 3), (4, 320)]
 LAYOUT = [("a.lora_A", (4, 320)), ("a.lora_B", (320, 4)), ("conv.lora_A", (8, 16, 3, 3)), ("tiny.lora_A", (4, 16)),
           ("b.lora_A", (40, 32)), ("vec", (999,))]
 CHAINS = [[], ["fp16"], ["bf16"], ["int8"], ["int4"], ["topk"], ["randomk"], ["lowrank"], ["topk", "int8"],
-          ["topk", "int4"], ["randomk", "int8"], ["lowrank", "int8"], ["lowrank", "bf16"], ["randomk", "fp16"]]
+          ["topk", "int4"], ["randomk", "int8"], ["lowrank", "int8"], ["lowrank", "bf16"], ["randomk", "fp16"],
+          ["blocktopk"], ["blocktopk", "int4"]]
 
 
 def numel(layout) -> int:
@@ -124,6 +125,29 @@ def test_topk_keeps_largest_exactly_and_meets_the_l2_bound(shape, fraction):
     if k < n:
         assert float(x[~kept].abs().max()) <= float(x[kept].abs().min())
     assert float((x - x_hat).pow(2).sum()) <= (1 - k / n) * float(x.pow(2).sum()) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fraction,block", [(0.01, 8), (0.1, 8), (0.1, 7), (0.5, 64), (1.0, 8)])
+def test_blocktopk_keeps_the_largest_blocks_exactly_and_meets_the_l2_bound(shape, fraction, block):
+    x = rand(shape, seed=5)
+    n = x.numel()
+    nb = math.ceil(n / block)
+    k = num_kept(nb, fraction)
+    codec = BlockTopK(fraction, block)
+    p = codec.encode(x)
+    assert p.fields["values"].numel() == k * block  # whole blocks, the last one zero-padded
+    assert p.bytes.metadata == index_format(nb, k)[1]  # one index (or bit) per block
+    x_hat = codec.decode(p)
+    pad = torch.nn.functional.pad(x.reshape(-1), (0, nb * block - n)).reshape(nb, block)
+    kept = pad.norm(dim=1)[torch.nn.functional.pad(x_hat.reshape(-1), (0, nb * block - n)).reshape(nb, block)
+                            .ne(0).any(dim=1)]
+    got = x_hat.reshape(-1)
+    assert torch.equal(got[got != 0], x.reshape(-1)[got != 0])  # kept values exact
+    norms = pad.norm(dim=1)
+    if k < nb:
+        assert float(norms.sort(descending=True).values[k:].max()) <= float(kept.min()) + 1e-12
+    assert float((x - x_hat).pow(2).sum()) <= (1 - k / nb) * float(x.pow(2).sum()) * (1 + 1e-6)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -274,7 +298,8 @@ def _contraction(names, n, k):
     return rho / (1 - rho)
 
 
-@pytest.mark.parametrize("names", [["topk"], ["topk", "int8"], ["randomk"], ["lowrank"], ["int8"], ["int4"]], ids=str)
+@pytest.mark.parametrize("names", [["topk"], ["topk", "int8"], ["randomk"], ["lowrank"], ["int8"], ["int4"],
+                                   ["blocktopk", "int4"]], ids=str)
 def test_error_feedback_sum_sent_tracks_sum_of_true_deltas(names):
     """sum(sent) = sum(true) - residual exactly, and the residual stays bounded while sums grow."""
     layout = [("a", (16, 80)), ("b", (40, 32))]
@@ -346,6 +371,8 @@ def test_state_dict_resume_continues_bit_for_bit(tmp_path):
     ({"topk_fraction": 1.5}, ["comm.topk_fraction", "1.5", "(0, 1]"]),
     ({"lowrank_rank": 0}, ["comm.lowrank_rank"]),
     ({"min_numel": -1}, ["comm.min_numel"]),
+    ({"topk_block": 0}, ["comm.topk_block", "0", ">= 1"]),
+    ({"gather": "allreduce"}, ["comm.gather", "allreduce", "p2p"]),
 ])
 def test_bad_config_is_one_line_value_error_naming_the_key(kwargs, needles):
     with pytest.raises(ValueError) as e:

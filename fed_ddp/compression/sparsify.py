@@ -13,6 +13,10 @@ k only, so both ends agree without being told):
 - a bitmap of n bits: ceil(n / 8) bytes, cheaper once k / n exceeds 1/8, 1/16 or 1/32;
 - nothing, when k = n.
 
+``blocktopk`` keeps whole blocks of ``topk_block`` consecutive values (the blocks of largest L2 norm), so
+one index (or bitmap bit) describes a block, not a value: at 10 % and blocks of 8 the positions cost
+8x less than ``topk``'s, whose bitmap alone caps its ratio at 32x.
+
 ``randomk`` sends an 8-byte seed instead: the receiver regenerates the same indices (CPU ``randperm``,
 same torch version at both ends).
 """
@@ -145,3 +149,46 @@ class RandomK(_Sparsifier):
         if k == n:
             return self._scatter(p, torch.arange(n))
         return self._scatter(p, random_indices(int(p.fields["seed"].item()), n, k))
+
+
+@register("blocktopk")
+class BlockTopK(_Sparsifier):
+    """The k = ceil(fraction * blocks) blocks of ``block`` consecutive values with the largest L2 norm, exactly.
+
+    The flattened tensor is zero-padded to whole blocks (a kept last block sends its padding: sizes never
+    depend on the data). Error bound: ||x - x_hat||_2^2 <= (1 - k/blocks) ||x||_2^2 (the dropped blocks
+    are the blocks - k of smallest norm), and no dropped block has a larger norm than a kept one.
+    """
+
+    def __init__(self, fraction: float = 0.1, block: int = 8):
+        super().__init__(fraction)
+        if block < 1:
+            raise ConfigError("comm.topk_block", block, "must be an integer >= 1")
+        self.block = block
+
+    @classmethod
+    def from_config(cls, comm) -> Codec:
+        return cls(comm.topk_fraction, comm.topk_block)
+
+    def _blocks(self, n: int) -> int:
+        return math.ceil(n / self.block)
+
+    def encode(self, x: torch.Tensor, state: PieceState | None = None) -> Payload:
+        flat = x.float().reshape(-1)
+        nb = self._blocks(flat.numel())
+        blocks = torch.nn.functional.pad(flat, (0, nb * self.block - flat.numel())).reshape(nb, self.block)
+        k = num_kept(nb, self.fraction)
+        idx = blocks.norm(dim=1).topk(k, sorted=False).indices.sort().values
+        fields = {"values": blocks[idx].reshape(-1)}
+        if (enc := encode_indices(idx, nb)) is not None:
+            fields["indices"] = enc
+        return Payload(self.name, tuple(x.shape), fields, metadata=frozenset({"indices"}))
+
+    def decode(self, p: Payload) -> torch.Tensor:
+        n = math.prod(p.shape)
+        nb = self._blocks(n)
+        values = p.fields["values"].float().reshape(-1, self.block)
+        idx = decode_indices(p.fields.get("indices"), nb, num_kept(nb, self.fraction), values.device)
+        out = torch.zeros(nb, self.block, dtype=torch.float32, device=values.device)
+        out[idx] = values
+        return out.reshape(-1)[:n].reshape(p.shape)
