@@ -62,7 +62,7 @@ def table(results: dict[str, dict]) -> str:
     for name, s in results.items():
         per = s["comm"]["up"]["moved"] / (s["rounds"] * s["num_clients"])
         acc, base, loss = s["final"]["gen_acc_clients"], s["final"].get("gen_acc_base"), s["final"]["val_loss"]
-        diff = f"{100 * (acc - ref['final']['gen_acc_clients']):+.1f}" if ref else "n/a"
+        diff = f"{round(100 * (acc - ref['final']['gen_acc_clients']), 1) + 0.0:+.1f}" if ref else "n/a"
         lines.append(f"| {name} | {per:,.0f} | {s['comm']['up']['vs_dense_lora']:.2f}x | {acc:.1%} | {diff} "
                      f"| {base:.1%} | {loss:.4f} |")
     return "\n".join(lines)
