@@ -36,6 +36,9 @@ CHAINS = {  # name -> comm.* overrides
                                             "comm.block_size=256"],
     "blocktopk 15% (blocks of 8) + int4 + EF": ["comm.uplink=[blocktopk,int4]", "comm.topk_fraction=0.15"],
     "blocktopk 10% (blocks of 8) + int4 + EF": ["comm.uplink=[blocktopk,int4]", "comm.topk_fraction=0.1"],
+    "segtopk 6 of 64 + int4 + EF": ["comm.uplink=[segtopk,int4]", "comm.topk_fraction=0.09", "comm.topk_block=64"],
+    "segtopk 13 of 128 + int4 (block 128) + EF": ["comm.uplink=[segtopk,int4]", "comm.topk_fraction=0.1",
+                                                  "comm.topk_block=128", "comm.block_size=128"],
 }
 
 

@@ -223,7 +223,7 @@ class DeepSpeedSection:
 class CommSection:
     """How adapters travel: a codec chain per direction (``fed_ddp.compression``) and its knobs.
 
-    A chain is ``[transform] + [encoder]``, each optional: at most one of topk/blocktopk/randomk/lowrank, first;
+    A chain is ``[transform] + [encoder]``, each optional: at most one of topk/blocktopk/segtopk/randomk/lowrank, first;
     at most one of fp16/bf16/int8/int4, last; ``[]`` sends dense fp32. The downlink carries the global
     adapter itself, not a delta, so it takes casts and quantizers only.
     """
@@ -232,7 +232,7 @@ class CommSection:
     downlink: list[str] = field(default_factory=list)  # server->client codec chain: casts/quantizers; [] = dense fp32
     block_size: int = 64  # int8/int4: values per absmax scale (the last block of a tensor may be shorter)
     topk_fraction: float = 0.1  # topk/randomk: share of each tensor's values sent (blocktopk: of its blocks), in (0, 1]
-    topk_block: int = 8  # blocktopk: consecutive values per block (one index per block)
+    topk_block: int = 8  # blocktopk: values per block (one index per block); segtopk: values per segment
     stochastic_rounding: bool = False  # int8/int4: unbiased stochastic rounding instead of round-to-nearest
     lowrank_rank: int = 4  # lowrank: rank of the PowerSGD factors P (n x r) and Q (m x r)
     min_numel: int = 1024  # tensors with fewer values travel uncompressed (dense fp32)

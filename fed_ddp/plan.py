@@ -130,9 +130,9 @@ def _chain_line(d: Direction, comm: CommConfig) -> str:
     ch = d.chain
     params = []
     names = set(ch.names)
-    if names & {"topk", "randomk", "blocktopk"}:
+    if names & {"topk", "randomk", "blocktopk", "segtopk"}:
         params.append(f"topk_fraction {comm.topk_fraction}")
-    if "blocktopk" in names:
+    if names & {"blocktopk", "segtopk"}:
         params.append(f"topk_block {comm.topk_block}")
     if "lowrank" in names:
         params.append(f"lowrank_rank {comm.lowrank_rank}")

@@ -17,7 +17,7 @@ from fed_ddp.compression.cast import Bf16, Fp16
 from fed_ddp.compression.chain import downlink_chain, uplink_chain
 from fed_ddp.compression.lowrank import LowRank
 from fed_ddp.compression.quantize import Int4, Int8
-from fed_ddp.compression.sparsify import BlockTopK, RandomK, TopK, index_format, num_kept
+from fed_ddp.compression.sparsify import BlockTopK, RandomK, SegmentTopK, TopK, index_format, num_kept
 from fed_ddp.config import ConfigError
 
 SHAPES = [(1001,), (64, 33), (8, 16, 3, 3), (4, 320)]
@@ -25,7 +25,7 @@ LAYOUT = [("a.lora_A", (4, 320)), ("a.lora_B", (320, 4)), ("conv.lora_A", (8, 16
           ("b.lora_A", (40, 32)), ("vec", (999,))]
 CHAINS = [[], ["fp16"], ["bf16"], ["int8"], ["int4"], ["topk"], ["randomk"], ["lowrank"], ["topk", "int8"],
           ["topk", "int4"], ["randomk", "int8"], ["lowrank", "int8"], ["lowrank", "bf16"], ["randomk", "fp16"],
-          ["blocktopk"], ["blocktopk", "int4"]]
+          ["blocktopk"], ["blocktopk", "int4"], ["segtopk"], ["segtopk", "int4"]]
 
 
 def numel(layout) -> int:
@@ -148,6 +148,41 @@ def test_blocktopk_keeps_the_largest_blocks_exactly_and_meets_the_l2_bound(shape
     if k < nb:
         assert float(norms.sort(descending=True).values[k:].max()) <= float(kept.min()) + 1e-12
     assert float((x - x_hat).pow(2).sum()) <= (1 - k / nb) * float(x.pow(2).sum()) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fraction,segment", [(0.1, 64), (0.09, 64), (0.1, 128), (0.02, 50), (0.5, 16), (1.0, 8)])
+def test_segtopk_keeps_each_segments_largest_exactly_with_combinadic_positions(shape, fraction, segment):
+    x = rand(shape, seed=9)
+    n = x.numel()
+    ns = math.ceil(n / segment)
+    k = num_kept(segment, fraction)
+    codec = SegmentTopK(fraction, segment)
+    p = codec.encode(x)
+    assert p.fields["values"].numel() == ns * k
+    width = 0 if k == segment else 4 if math.comb(segment, k) < 2**31 else 8
+    assert p.bytes.metadata == ns * width  # one rank per segment, not k indices
+    x_hat = codec.decode(p)
+    # independently: per zero-padded segment, keep the k largest magnitudes
+    seg = torch.nn.functional.pad(x.reshape(-1), (0, ns * segment - n)).reshape(ns, segment)
+    idx = seg.abs().topk(k, dim=1).indices
+    ref = torch.zeros_like(seg).scatter_(1, idx, seg.gather(1, idx)).reshape(-1)[:n].reshape(x.shape)
+    assert torch.equal(x_hat, ref)
+    assert float((x - x_hat).pow(2).sum()) <= (1 - k / segment) * float(x.pow(2).sum()) * (1 + 1e-6)
+
+
+def test_segtopk_positions_round_trip_every_subset_rank():
+    """The combinadic rank is a bijection: every 3-subset of 9 positions survives encode -> decode."""
+    import itertools
+
+    codec = SegmentTopK(3 / 9, 9)
+    subsets = list(itertools.combinations(range(9), 3))
+    x = torch.zeros(len(subsets), 9)
+    for r, sub in enumerate(subsets):
+        x[r, list(sub)] = torch.tensor([3.0, -2.0, 1.0])
+    p = codec.encode(x)
+    assert sorted(p.fields["positions"].tolist()) == list(range(math.comb(9, 3)))  # ranks 0 .. C(9,3)-1
+    assert torch.equal(codec.decode(p), x)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -299,7 +334,7 @@ def _contraction(names, n, k):
 
 
 @pytest.mark.parametrize("names", [["topk"], ["topk", "int8"], ["randomk"], ["lowrank"], ["int8"], ["int4"],
-                                   ["blocktopk", "int4"]], ids=str)
+                                   ["blocktopk", "int4"], ["segtopk", "int4"]], ids=str)
 def test_error_feedback_sum_sent_tracks_sum_of_true_deltas(names):
     """sum(sent) = sum(true) - residual exactly, and the residual stays bounded while sums grow."""
     layout = [("a", (16, 80)), ("b", (40, 32))]

@@ -2,7 +2,7 @@
 
 A chain is ``[transform] + [encoder]``, each part optional:
 
-- transforms: ``topk``, ``blocktopk``, ``randomk``, ``lowrank``: at most one, and first. They need the dense tensor
+- transforms: ``topk``, ``blocktopk``, ``segtopk``, ``randomk``, ``lowrank``: at most one, and first. They need the dense tensor
   (top-k ranks all values; PowerSGD multiplies the whole matrix), so nothing may run before them, and
   their output (a value list, or two factors) is no longer a matrix another transform could use.
 - encoders: ``fp16``, ``bf16``, ``int8``, ``int4``: at most one, and last. They turn floats into what
