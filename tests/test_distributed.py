@@ -40,6 +40,8 @@ CHAINS = {
     "lowrank_bf16": ["comm.uplink=[lowrank,bf16]", "comm.downlink=[int8]", "comm.lowrank_rank=2", "comm.gather=p2p"],
     "randomk_int4": ["comm.uplink=[randomk,int4]", "comm.downlink=[bf16]", "comm.stochastic_rounding=true",
                      "comm.block_size=16"],
+    "segtopk_int4": ["comm.uplink=[segtopk,int4]", "comm.downlink=[fp16]", "comm.topk_fraction=0.09",
+                     "comm.topk_block=64"],  # the >= 32x chain of the codec benchmark
 }
 
 
