@@ -16,6 +16,7 @@ as two integers plus tensors.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -26,6 +27,18 @@ import torch
 from fed_ddp.compression.payload import Payload
 
 TRANSFORM, ENCODER = "transform", "encoder"
+
+
+def pad_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` flattened (fp32) and zero-padded to whole rows of ``width`` values: (ceil(n / width), width)."""
+    flat = x.float().reshape(-1)
+    rows = -(-flat.numel() // width)
+    return torch.nn.functional.pad(flat, (0, rows * width - flat.numel())).view(rows, width)
+
+
+def unpad(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of ``pad_rows``: drop the padding, restore ``shape``."""
+    return rows.reshape(-1)[:math.prod(shape)].reshape(shape)
 
 
 def mix_seed(*parts: int) -> int:

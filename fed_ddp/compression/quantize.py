@@ -19,9 +19,8 @@ import math
 from abc import abstractmethod
 
 import torch
-import torch.nn.functional as F
 
-from fed_ddp.compression.base import ENCODER, Codec, PieceState
+from fed_ddp.compression.base import ENCODER, Codec, PieceState, pad_rows, unpad
 from fed_ddp.compression.payload import Payload
 from fed_ddp.compression.registry import register
 from fed_ddp.config import ConfigError
@@ -40,13 +39,8 @@ class _BlockQuantizer(Codec):
     def from_config(cls, comm) -> Codec:
         return cls(comm.block_size, comm.stochastic_rounding)
 
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.float().reshape(-1)
-        nb = math.ceil(flat.numel() / self.block_size)
-        return F.pad(flat, (0, nb * self.block_size - flat.numel())).view(nb, self.block_size)
-
     def encode(self, x: torch.Tensor, state: PieceState | None = None) -> Payload:
-        blocks = self._blocks(x)  # zero padding changes no absmax and is never sent
+        blocks = pad_rows(x, self.block_size)  # zero padding changes no absmax and is never sent
         scales = blocks.abs().amax(dim=1) / self.qmax
         y = blocks / torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
         if self.stochastic:
@@ -59,11 +53,8 @@ class _BlockQuantizer(Codec):
                        metadata=frozenset({"scales"}))
 
     def decode(self, p: Payload) -> torch.Tensor:
-        n = math.prod(p.shape)
-        q = self._unpack(p.fields["codes"], n)
-        nb = p.fields["scales"].numel()
-        q = F.pad(q, (0, nb * self.block_size - n)).view(nb, self.block_size)
-        return (q * p.fields["scales"][:, None]).reshape(-1)[:n].reshape(p.shape)
+        q = pad_rows(self._unpack(p.fields["codes"], math.prod(p.shape)), self.block_size)
+        return unpad(q * p.fields["scales"][:, None], p.shape)
 
     @abstractmethod
     def _pack(self, q: torch.Tensor) -> torch.Tensor:

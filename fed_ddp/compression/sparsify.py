@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from fed_ddp.compression.base import TRANSFORM, Codec, PieceState, mix_seed
+from fed_ddp.compression.base import TRANSFORM, Codec, PieceState, mix_seed, pad_rows, unpad
 from fed_ddp.compression.payload import Payload
 from fed_ddp.compression.registry import register
 from fed_ddp.config import ConfigError
@@ -175,13 +175,9 @@ class BlockTopK(_Sparsifier):
     def from_config(cls, comm) -> Codec:
         return cls(comm.topk_fraction, comm.topk_block)
 
-    def _blocks(self, n: int) -> int:
-        return math.ceil(n / self.block)
-
     def encode(self, x: torch.Tensor, state: PieceState | None = None) -> Payload:
-        flat = x.float().reshape(-1)
-        nb = self._blocks(flat.numel())
-        blocks = torch.nn.functional.pad(flat, (0, nb * self.block - flat.numel())).reshape(nb, self.block)
+        blocks = pad_rows(x, self.block)
+        nb = blocks.shape[0]
         k = num_kept(nb, self.fraction)
         idx = blocks.norm(dim=1).topk(k, sorted=False).indices.sort().values
         fields = {"values": blocks[idx].reshape(-1)}
@@ -190,13 +186,12 @@ class BlockTopK(_Sparsifier):
         return Payload(self.name, tuple(x.shape), fields, metadata=frozenset({"indices"}))
 
     def decode(self, p: Payload) -> torch.Tensor:
-        n = math.prod(p.shape)
-        nb = self._blocks(n)
+        nb = math.ceil(math.prod(p.shape) / self.block)
         values = p.fields["values"].float().reshape(-1, self.block)
         idx = decode_indices(p.fields.get("indices"), nb, num_kept(nb, self.fraction), values.device)
         out = torch.zeros(nb, self.block, dtype=torch.float32, device=values.device)
         out[idx] = values
-        return out.reshape(-1)[:n].reshape(p.shape)
+        return unpad(out, p.shape)
 
 
 def _comb_table(s: int, k: int) -> torch.Tensor:
@@ -227,13 +222,8 @@ class SegmentTopK(_Sparsifier):
     def from_config(cls, comm) -> Codec:
         return cls(comm.topk_fraction, comm.topk_block)
 
-    def _segments(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.float().reshape(-1)
-        ns = math.ceil(flat.numel() / self.segment)
-        return torch.nn.functional.pad(flat, (0, ns * self.segment - flat.numel())).reshape(ns, self.segment)
-
     def encode(self, x: torch.Tensor, state: PieceState | None = None) -> Payload:
-        seg = self._segments(x)
+        seg = pad_rows(x, self.segment)
         pos = seg.abs().topk(self.k, dim=1, sorted=False).indices.sort(dim=1).values  # (segments, k)
         fields = {"values": seg.gather(1, pos).reshape(-1)}
         if self.k < self.segment:  # rank = sum_i C(pos_i, i + 1) over the sorted positions
@@ -243,7 +233,6 @@ class SegmentTopK(_Sparsifier):
         return Payload(self.name, tuple(x.shape), fields, metadata=frozenset({"positions"}))
 
     def decode(self, p: Payload) -> torch.Tensor:
-        n = math.prod(p.shape)
         values = p.fields["values"].float().reshape(-1, self.k)
         ns = values.shape[0]
         if self.k == self.segment:
@@ -258,4 +247,4 @@ class SegmentTopK(_Sparsifier):
             pos = torch.stack(cols[::-1], dim=1).to(values.device)
         out = torch.zeros(ns, self.segment, dtype=torch.float32, device=values.device)
         out.scatter_(1, pos, values)
-        return out.reshape(-1)[:n].reshape(p.shape)
+        return unpad(out, p.shape)
