@@ -23,12 +23,12 @@ import time
 import torch
 
 from fed_ddp.client import LocalTrainer
-from fed_ddp.compression import ChainState, layout_of
+from fed_ddp.compression import layout_of
 from fed_ddp.config import RunConfig, save_config, to_dict
 from fed_ddp.data.federated import FederatedData, build_federated_data, concat
 from fed_ddp.diffusion.lora import attach_lora, get_flat, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
-from fed_ddp.protocol import Wire
+from fed_ddp.protocol import Wire, client_codec_state
 from fed_ddp.server import Server
 from fed_ddp.strategies import build_strategy
 from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb, setup_logging
@@ -36,7 +36,7 @@ from fed_ddp.transport import InMemoryTransport
 
 
 def _handler(trainer: LocalTrainer, wire: Wire, seed: int):
-    state = ChainState(seed=seed * 1_000_003 + trainer.client_id)  # as fed_ddp.train: the client's codec state
+    state = client_codec_state(seed, trainer.client_id)
 
     def handle(down: torch.Tensor) -> torch.Tensor | None:
         t0 = time.perf_counter()

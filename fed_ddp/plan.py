@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-from fed_ddp.compression import ByteCount, CodecChain, CommConfig, downlink_chain, layout_of, uplink_chain
+from fed_ddp.compression import ByteCount, CodecChain, CommConfig, layout_of
 from fed_ddp.config import ConfigError, RunConfig, load_config
 from fed_ddp.dist.collectives import SIZE_BYTES
-from fed_ddp.protocol import DOWN_HEADER_BYTES, UP_TAIL_BYTES
+from fed_ddp.protocol import DOWN_HEADER_BYTES, UP_TAIL_BYTES, Wire
 
 UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"
 BUILTIN_UNETS = {"sd15": "sd15_unet.json"}  # name -> file in UNET_CONFIGS
-UP_HEADER_BYTES = UP_TAIL_BYTES  # fp32 sample count + metrics after the adapter (fed_ddp.protocol)
 
 
 # -- the model, on the meta device ----------------------------------------------------------------------
@@ -116,9 +115,9 @@ def make_plan(cfg: RunConfig, comm: CommConfig, unet: str | None = None) -> Plan
     base = sum(p.numel() for p in model.parameters())
     attach_lora(model, cfg.lora, seed=cfg.run.seed)
     layout = layout_of(model)
-    up, down = uplink_chain(comm, layout), downlink_chain(comm, layout)
-    return Plan(source, base, up.numel, len(layout), cfg.fed.rounds, cfg.fed.num_clients,
-                Direction(up, up.wire_bytes, UP_HEADER_BYTES), Direction(down, down.wire_bytes, DOWN_HEADER_BYTES))
+    w = Wire(comm, layout)  # the chains and sizes training will use
+    return Plan(source, base, w.num_params, len(layout), cfg.fed.rounds, cfg.fed.num_clients,
+                Direction(w.up, w.up.wire_bytes, UP_TAIL_BYTES), Direction(w.down, w.down.wire_bytes, DOWN_HEADER_BYTES))
 
 
 def _ratio(dense: int, sent: int) -> str:
@@ -171,7 +170,7 @@ def format_plan(p: Plan, comm: CommConfig) -> str:
                      f"{_ratio(dense * p.dense_lora_bytes, t.total):>15s}{_ratio(dense * p.full_unet_bytes, t.total):>14s}")
     lines += [
         "",
-        (f"metadata includes the protocol's fp32 fields ({UP_HEADER_BYTES} B up, {DOWN_HEADER_BYTES} B down). "
+        (f"metadata includes the protocol's fp32 fields ({UP_TAIL_BYTES} B up, {DOWN_HEADER_BYTES} B down). "
          "'vs' columns: how many times fewer bytes than dense fp32."),
         (f"A variable-size gather that exchanges sizes first (gather_bytes, p2p) adds {SIZE_BYTES} B per client "
          "per round on the uplink."),

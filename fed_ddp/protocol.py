@@ -33,6 +33,11 @@ def _f32(buf: torch.Tensor) -> list[float]:
     return buf.clone().view(torch.float32).tolist()
 
 
+def client_codec_state(run_seed: int, client_id: int) -> ChainState:
+    """A client's uplink codec state (error feedback, warm starts), with random streams of its own."""
+    return ChainState(seed=run_seed * 1_000_003 + client_id)
+
+
 class Wire:
     """Packs and unpacks the round's buffers with the configured codec chains.
 

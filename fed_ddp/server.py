@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fed_ddp.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from fed_ddp.client import _channels, validation_loss
-from fed_ddp.compression import ChainState
+from fed_ddp.compression import ChainState, layout_of
 from fed_ddp.config import RunConfig
 from fed_ddp.data.federated import FederatedData
 from fed_ddp.diffusion.models import encode_captions, encode_images
@@ -32,7 +32,6 @@ log = logging.getLogger("fed_ddp.server")
 class Server:
     def __init__(self, cfg: RunConfig, pipe, scheduler, data: FederatedData, strategy: Strategy, transport,
                  tracker, base_model: str, engine=None, wire: Wire | None = None):
-        from fed_ddp.compression import layout_of
         from fed_ddp.engines import TorchEngine
 
         self.cfg, self.pipe, self.scheduler, self.data = cfg, pipe, scheduler, data
@@ -161,13 +160,17 @@ class Server:
         """Bytes of this round per direction: codec payload, metadata (codec + protocol fields), what the
         collectives moved, and how many times fewer than dense fp32 LoRA and the full-UNet equivalent."""
         n, w = self.transport.num_clients, self.wire
-        dense, unet = 4 * w.num_params * n, 4 * self.unet_parameters * n
         out = {}
         for name, per_client, moved in (("up", w.up_bytes, stats.bytes_up), ("down", w.down_bytes, stats.bytes_down)):
             out[name] = {"payload": per_client.payload * n, "metadata": per_client.metadata * n, "moved": moved,
-                         "vs_dense_lora": dense / moved, "vs_full_unet": unet / moved}
+                         **self._ratios(moved, n)}
         out["up"]["padding"], out["up"]["sizes"] = stats.up_padding, stats.up_sizes
         return out
+
+    def _ratios(self, moved: int, messages: int) -> dict:
+        """How many times fewer bytes than ``messages`` adapters as dense fp32 LoRA, and as the full UNet."""
+        return {"vs_dense_lora": 4 * self.wire.num_params * messages / moved,
+                "vs_full_unet": 4 * self.unet_parameters * messages / moved}
 
     def _comm_summary(self, rounds: list[dict]) -> dict:
         w = self.wire
@@ -178,9 +181,7 @@ class Server:
         for d in ("up", "down"):
             tot = {k: sum(h["comm"][d][k] for h in rounds) for k in ("payload", "metadata", "moved")}
             if tot["moved"]:
-                n = self.transport.num_clients * len(rounds)
-                tot["vs_dense_lora"] = 4 * w.num_params * n / tot["moved"]
-                tot["vs_full_unet"] = 4 * self.unet_parameters * n / tot["moved"]
+                tot.update(self._ratios(tot["moved"], self.transport.num_clients * len(rounds)))
             out[d] = tot
         return out
 

@@ -30,12 +30,12 @@ def pick_device(cfg: RunConfig, local_rank: int) -> torch.device:
 
 def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | None:
     from fed_ddp.client import LocalTrainer
-    from fed_ddp.compression import ChainState, layout_of
+    from fed_ddp.compression import layout_of
     from fed_ddp.data.federated import build_federated_data
     from fed_ddp.diffusion.lora import attach_lora
     from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
     from fed_ddp.engines import TorchEngine, build_engine
-    from fed_ddp.protocol import Wire
+    from fed_ddp.protocol import Wire, client_codec_state
     from fed_ddp.transport import CollectiveTransport
 
     quiet_libraries()
@@ -79,7 +79,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     if topo.is_leader:
         log.info("holding %d private examples", trainer.num_examples)
 
-    uplink_state = ChainState(seed=cfg.run.seed * 1_000_003 + cid)  # error feedback etc.: this client's own
+    uplink_state = client_codec_state(cfg.run.seed, cid)
     state_dir = cfg.run.dir / "clients" / f"client_{cid:03d}"
 
     def handle(down: torch.Tensor) -> torch.Tensor | None:
