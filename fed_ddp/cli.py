@@ -37,7 +37,7 @@ def cmd_run(args) -> int:
         from fed_ddp.train import main as rank_main
 
         return rank_main([args.config, *args.overrides])
-    from fed_ddp.dist.nodes import plan_cfg
+    from fed_ddp.distributed.nodes import plan_cfg
 
     plan_cfg(cfg, nnodes=1)  # more ranks than GPUs here (train.device=auto): one config-error line, nothing started
     from fed_ddp.diffusion.models import base_path, quiet_libraries

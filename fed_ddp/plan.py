@@ -21,7 +21,7 @@ import torch
 
 from fed_ddp.compression import ByteCount, CodecChain, CommConfig, layout_of
 from fed_ddp.config import ConfigError, RunConfig, load_config
-from fed_ddp.dist.collectives import SIZE_BYTES
+from fed_ddp.distributed.collectives import SIZE_BYTES
 from fed_ddp.protocol import DOWN_HEADER_BYTES, UP_TAIL_BYTES, Wire
 
 UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fed_ddp.config import ConfigError, RunConfig, load_config, save_config, split_args, to_dict
-from fed_ddp.dist.topology import Topology
+from fed_ddp.distributed.topology import Topology
 from fed_ddp.tracking import setup_logging
 
 

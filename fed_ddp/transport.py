@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from fed_ddp.dist.collectives import gather_bytes
+from fed_ddp.distributed.collectives import gather_bytes
 
 
 @dataclass

@@ -26,7 +26,7 @@ for v in NNODES NODE_RANK RDZV_ENDPOINT; do
 done
 PY=${FED_DDP_PYTHON:-python}
 
-NPROC=$("$PY" -m fed_ddp.dist.nodes --nnodes "$NNODES" --node-rank "$NODE_RANK" "$@")
+NPROC=$("$PY" -m fed_ddp.distributed.nodes --nnodes "$NNODES" --node-rank "$NODE_RANK" "$@")
 
 # shellcheck disable=SC2086
 exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \

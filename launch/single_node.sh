@@ -10,7 +10,7 @@ set -euo pipefail
 PY=${FED_DDP_PYTHON:-python}
 
 # 1 + fed.num_clients from the config (and a clear error before anything starts if it is invalid)
-NPROC=$("$PY" -m fed_ddp.dist.nodes --nnodes 1 --node-rank 0 "$@")
+NPROC=$("$PY" -m fed_ddp.distributed.nodes --nnodes 1 --node-rank 0 "$@")
 
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags
 exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" --max-restarts 0 ${TORCHRUN_ARGS:-} \

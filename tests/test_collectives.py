@@ -59,7 +59,7 @@ def _spy(log: list):
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:
-    from fed_ddp.dist.collectives import gather_bytes
+    from fed_ddp.distributed.collectives import gather_bytes
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
@@ -128,7 +128,7 @@ def test_dst_receives_exactly_each_payload_and_counts_every_byte(ranks, name):
 
 
 def test_bad_payloads_are_refused_before_any_collective():
-    from fed_ddp.dist.collectives import gather_bytes
+    from fed_ddp.distributed.collectives import gather_bytes
 
     with pytest.raises(ValueError, match="uint8"):
         gather_bytes(torch.zeros(3), dst=0)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fed_ddp.config import ConfigError, RunConfig, load_config, to_dict
-from fed_ddp.dist.topology import Topology
+from fed_ddp.distributed.topology import Topology
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("*.yml"))

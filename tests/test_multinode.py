@@ -112,7 +112,7 @@ def test_launch_errors_are_one_line(tmp_path):
 
 def test_ranks_per_node():
     from fed_ddp.config import ConfigError
-    from fed_ddp.dist.nodes import plan, procs_per_node
+    from fed_ddp.distributed.nodes import plan, procs_per_node
 
     assert procs_per_node(3, 1) == [3]
     assert procs_per_node(3, 2) == [2, 1]
@@ -131,7 +131,7 @@ def test_fed_ddp_run_refuses_more_ranks_than_gpus(monkeypatch, capsys):
     """`fed-ddp run` on one node checks ranks vs GPUs the way the launch scripts do: one line, nothing started."""
     from fed_ddp import cli
 
-    monkeypatch.setattr("fed_ddp.dist.nodes.local_gpus", lambda: 2)
+    monkeypatch.setattr("fed_ddp.distributed.nodes.local_gpus", lambda: 2)
     monkeypatch.setattr("fed_ddp.diffusion.models.base_path", lambda *a, **k: pytest.fail("must not get this far"))
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)

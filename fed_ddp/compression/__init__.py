@@ -5,7 +5,7 @@
     buf = chain.encode(delta, state).to_bytes()          # client
     delta_hat = chain.decode(chain.from_bytes(buf))      # server
 
-No process-group code here: moving the buffers is ``fed_ddp.dist.collectives``.
+No process-group code here: moving the buffers is ``fed_ddp.distributed.collectives``.
 """
 
 from fed_ddp.compression.base import ENCODER, TRANSFORM, Codec, PieceState

@@ -21,7 +21,7 @@ import torch
 from fed_ddp.compression.base import TRANSFORM, Codec, PieceState
 from fed_ddp.compression.payload import Payload
 from fed_ddp.compression.registry import register
-from fed_ddp.config import ConfigError
+from fed_ddp.errors import ConfigError
 
 WARM = "lowrank_q"  # PieceState.slot key of the warm-start Q
 

@@ -23,7 +23,7 @@ import torch
 from fed_ddp.compression.base import ENCODER, Codec, PieceState, pad_rows, unpad
 from fed_ddp.compression.payload import Payload
 from fed_ddp.compression.registry import register
-from fed_ddp.config import ConfigError
+from fed_ddp.errors import ConfigError
 
 
 class _BlockQuantizer(Codec):

@@ -16,7 +16,7 @@ can be registered once.
 from __future__ import annotations
 
 from fed_ddp.compression.base import ENCODER, TRANSFORM, Codec
-from fed_ddp.config import ConfigError
+from fed_ddp.errors import ConfigError
 
 REGISTRY: dict[str, type[Codec]] = {}
 

@@ -35,7 +35,7 @@ import torch
 from fed_ddp.compression.base import TRANSFORM, Codec, PieceState, mix_seed, pad_rows, unpad
 from fed_ddp.compression.payload import Payload
 from fed_ddp.compression.registry import register
-from fed_ddp.config import ConfigError
+from fed_ddp.errors import ConfigError
 
 _BITS = torch.arange(8, dtype=torch.uint8)
 

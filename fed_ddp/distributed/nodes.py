@@ -1,7 +1,7 @@
 """How many ranks each node of a multi-node launch runs: the server and the client ranks spread over the nodes.
 
-    python -m fed_ddp.dist.nodes --nnodes 2 CONFIG [key=value ...]                -> "2 1"  (all nodes)
-    python -m fed_ddp.dist.nodes --nnodes 2 --node-rank 1 CONFIG [key=value ...]  -> "1"    (this node)
+    python -m fed_ddp.distributed.nodes --nnodes 2 CONFIG [key=value ...]                -> "2 1"  (all nodes)
+    python -m fed_ddp.distributed.nodes --nnodes 2 --node-rank 1 CONFIG [key=value ...]  -> "1"    (this node)
 
 Used by ``launch/*.sh`` and ``slurm/*.sbatch`` before they start ``torchrun``: the config decides the
 world size (1 + fed.num_clients x fed.ranks_per_client), so the scripts never ask for nproc-per-node. torchrun's
@@ -73,7 +73,7 @@ def plan_cfg(cfg, nnodes: int, gpus: int | None = None) -> tuple[list[int], str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fed_ddp.dist.nodes", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fed_ddp.distributed.nodes", description=__doc__.splitlines()[0])
     p.add_argument("--nnodes", type=int, required=True)
     p.add_argument("--node-rank", type=int, default=None, help="print only this node's count")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: what torch sees here)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from fed_ddp.config import ConfigError
+from fed_ddp.errors import ConfigError
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Topology:
     groups: Groups | None = field(default=None, compare=False)
 
     @classmethod
-    def from_env(cls, num_clients: int, ranks_per_client: int = 1, env=os.environ) -> "Topology":
+    def from_env(cls, num_clients: int, ranks_per_client: int = 1, env=os.environ) -> Topology:
         """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun, ``fed-ddp run`` or SLURM's srun)."""
         rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
         world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
@@ -80,7 +80,7 @@ class Topology:
         return self.client_ranks(c)[0]
 
     # -- groups (collective calls: every rank, same order) -----------------------------------
-    def with_groups(self, deepspeed: bool = False) -> "Topology":
+    def with_groups(self, deepspeed: bool = False) -> Topology:
         client = leaders = single = None
         if self.ranks_per_client > 1:
             for c in range(self.num_clients):
@@ -96,7 +96,7 @@ class Topology:
         return Topology(self.rank, self.world_size, self.local_rank, self.num_clients, self.ranks_per_client,
                         Groups(client, leaders, single, client or single))
 
-    def deepspeed_mpu(self) -> "ClientMPU":
+    def deepspeed_mpu(self) -> ClientMPU:
         return ClientMPU(self.groups.dp, self.groups.single)
 
 
