@@ -35,6 +35,7 @@ import torch
 
 from fed_ddp import engines, train
 from fed_ddp.client import LocalTrainer
+from fed_ddp.lora_names import is_lora_name
 
 REC: dict = {"rank": int(os.environ.get("RANK", "0")), "rounds": [], "fwd_max": {}}
 _STATE: dict = {"armed": False}
@@ -73,7 +74,7 @@ def param_bytes(unet) -> dict:
     out = {"base_held": {}, "base_full": 0, "lora_held": {}, "lora_full": 0, "partitioned": 0, "persistent": 0}
     for name, p in unet.named_parameters():
         es = p.element_size()
-        which = "lora" if "lora_" in name else "base"
+        which = "lora" if is_lora_name(name) else "base"
         held = out[f"{which}_held"]
         if hasattr(p, "ds_tensor"):  # ZeRO-3: own shard always, the full tensor only while gathered
             out["partitioned"] += 1

@@ -37,9 +37,12 @@ def cmd_run(args) -> int:
         from fed_ddp.train import main as rank_main
 
         return rank_main([args.config, *args.overrides])
-    from fed_ddp.distributed.nodes import plan_cfg
+    from fed_ddp.distributed.nodes import describe, plan_cfg
 
     plan_cfg(cfg, nnodes=1)  # more ranks than GPUs here (train.device=auto): one config-error line, nothing started
+    check_data(cfg)  # partition the data here: too few examples, bad files, one line before any rank starts
+    if warning := cfg.fed.idle_workers_warning():
+        print(f"fed-ddp: warning: {warning}", file=sys.stderr)
     from fed_ddp.diffusion.models import base_path, quiet_libraries
 
     quiet_libraries()
@@ -49,9 +52,7 @@ def cmd_run(args) -> int:
 
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex[:8],
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5)
-    print(f"fed-ddp: launching {cfg.world_size} ranks (1 server + {cfg.fed.num_clients} clients"
-          f"{f' x {cfg.fed.ranks_per_client} ranks' if cfg.fed.ranks_per_client > 1 else ''}) "
-          f"-> {cfg.run.dir}", file=sys.stderr)
+    print(f"fed-ddp: launching {describe(cfg)} -> {cfg.run.dir}", file=sys.stderr)
     try:
         elastic_launch(launch, sys.executable)("-u", "-m", "fed_ddp.train", args.config, *args.overrides)
     except ChildFailedError as e:
@@ -59,21 +60,60 @@ def cmd_run(args) -> int:
         return _fail(f"rank {rank} failed (exit code {failure.exitcode}); see its log lines above", 1)
     summary_path = cfg.run.dir / "summary.json"
     if summary_path.exists():
-        from fed_ddp.server import print_table
-
         s = json.loads(summary_path.read_text())
         print_table(s, list(cfg.data.digits), [d for d in cfg.model.tiny.digits if d not in cfg.data.digits])
         t = s["seconds_total"]
         print(f"\nTime over {s['rounds']} rounds: {t['round']:.1f} s = local training {t['local_training']:.1f}"
               f" + communication {t['communication']:.1f} + aggregation {t['aggregation']:.2f}"
               f" + evaluation {t['evaluation']:.1f} + other {t['other']:.1f}")
-        c = s["comm"]
-        print(f"Bytes moved: up {s['bytes_up_total']:,} ({c['uplink']}) / down {s['bytes_down_total']:,} "
-              f"({c['downlink']}) for {s['lora_parameters']:,} LoRA parameters; uplink reduction "
-              f"{c['up'].get('vs_dense_lora', 0):.2f}x vs dense fp32 LoRA, {c['up'].get('vs_full_unet', 0):.1f}x vs "
-              f"the full UNet ({c['unet_parameters']:,} parameters)")
+        print_bytes(s)
         print(f"Run directory: {cfg.run.dir}  (adapter: {cfg.run.dir / 'checkpoints' / 'final'})")
     return 0
+
+
+def print_table(summary: dict, client_digits: list[int], base_digits: list[int], file=None) -> None:
+    """The quickstart's closing table: generation accuracy of the base vs the federated adapter."""
+    import sys
+
+    file = file or sys.stdout
+    b, f = summary.get("base", {}), summary["final"]
+    if "gen_acc" not in f:
+        return
+    n = summary.get("images_per_prompt", "?")
+    print(f"\nGeneration accuracy: share of {n} images per prompt that a reference classifier "
+          f"({summary['classifier_test_accuracy']:.1%} on real digits) assigns to the prompted digit", file=file)
+    print(f"  {'':26s}{'base':>8s}{'federated':>11s}", file=file)
+    rows = [(f"digit {d} ({'client' if d in client_digits else 'base'} concept)",
+             b.get("gen_acc", {}).get(str(d), float("nan")), f["gen_acc"][str(d)])
+            for d in sorted(int(k) for k in f["gen_acc"])]
+    rows.append(("mean, client concepts", b.get("gen_acc_clients", float("nan")), f["gen_acc_clients"]))
+    if base_digits:
+        rows.append(("mean, base concepts", b.get("gen_acc_base", float("nan")), f.get("gen_acc_base", float("nan"))))
+    for name, bv, fv in rows:
+        print(f"  {name:26s}{bv:8.1%}{fv:11.1%}", file=file)
+
+
+def print_bytes(s: dict, file=None) -> None:
+    """The closing byte lines: over the air (per client) and in the cluster (collectives), never mixed."""
+    c = s["comm"]
+    up, down = c["air"]["up"], c["air"]["down"]
+    print(f"Bytes over the air: up {up['total']:,} in {up['messages']:,} client messages ({c['uplink']}), down "
+          f"{down['total']:,} to {down['messages']:,} clients ({c['downlink']}), for {s['lora_parameters']:,} LoRA "
+          f"parameters; uplink {up.get('vs_dense_lora', 0):.2f}x fewer than dense fp32 LoRA, "
+          f"{up.get('vs_full_unet', 0):.1f}x fewer than the full UNet ({c['unet_parameters']:,} parameters)", file=file)
+    print(f"Bytes in the cluster (collectives): up {s['bytes_up_total']:,} / down {s['bytes_down_total']:,} "
+          f"over {s['workers']} worker(s)", file=file)
+
+
+def check_data(cfg) -> None:
+    """Build the federated split in the launcher, so data errors are one line before any rank starts."""
+    from fed_ddp.data.federated import build_federated_data
+
+    try:
+        build_federated_data(cfg)
+    except (ValueError, OSError) as e:
+        raise ConfigError("data", None, f"cannot give {cfg.fed.num_clients} clients their data: "
+                          f"{' '.join(str(e).split())}") from None
 
 
 def cmd_pretrain(args) -> int:

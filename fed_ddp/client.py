@@ -1,7 +1,8 @@
-"""A client: K local LoRA steps from the current global adapter, then its delta and sample count.
+"""A client's local training: K LoRA steps from the current global adapter, then its delta and sample count.
 
-``LocalTrainer`` is plain PyTorch (no process group), so the same code serves the torchrun clients,
-the in-process comparison baselines and the tests.
+``LocalTrainer`` is plain PyTorch (no process group), so the same code serves the workers that play
+clients under torchrun, the in-process comparison baselines and the tests. Its random streams depend
+on the run seed, the round and the client id only (``fed_ddp.seeds``), never on the worker.
 """
 
 from __future__ import annotations
@@ -16,7 +17,24 @@ from fed_ddp.data.digits import CaptionedImages
 from fed_ddp.diffusion.lora import lora_parameters
 from fed_ddp.diffusion.loss import diffusion_loss, sample_noise
 from fed_ddp.diffusion.models import encode_captions, encode_images, unet_autocast
+from fed_ddp.seeds import client_round
 from fed_ddp.strategies import RoundPlan
+
+
+class EncodedSet:
+    """Images as VAE latents and captions as text-encoder states, ready for training steps."""
+
+    def __init__(self, latents: torch.Tensor, embeds: torch.Tensor):
+        self.latents, self.embeds = latents, embeds
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+
+def encode_set(pipe, data: CaptionedImages) -> EncodedSet:
+    table = encode_captions(pipe, data.captions)
+    return EncodedSet(encode_images(pipe, _channels(data.images, pipe.vae.config.in_channels)),
+                      torch.stack([table[c] for c in data.captions]))
 
 
 def autocast_for(device: torch.device, mixed_precision: str, engine: str = "torch"):
@@ -38,8 +56,8 @@ class LocalTrainer:
     ranks takes the same steps as one rank with an R-times larger batch.
     """
 
-    def __init__(self, pipe, scheduler, data: CaptionedImages, train_cfg, seed: int,
-                 replay: CaptionedImages | None = None, replay_fraction: float = 0.0, client_id: int = 0,
+    def __init__(self, pipe, scheduler, data: CaptionedImages | EncodedSet, train_cfg, seed: int,
+                 replay: CaptionedImages | EncodedSet | None = None, replay_fraction: float = 0.0, client_id: int = 0,
                  engine=None, rank_in_client: int = 0, ranks_per_client: int = 1):
         from fed_ddp.engines import TorchEngine
 
@@ -48,17 +66,15 @@ class LocalTrainer:
         self.device = self.unet.device
         self.seed, self.client_id = seed, client_id
         self.slot, self.ranks = rank_in_client, ranks_per_client
-        self.num_examples = len(data)
-        self.latents = encode_images(pipe, _channels(data.images, pipe.vae.config.in_channels))
-        captions = data.captions + (replay.captions if replay else [])
-        table = encode_captions(pipe, captions)
-        self.embeds = torch.stack([table[c] for c in data.captions])
+        own = data if isinstance(data, EncodedSet) else encode_set(pipe, data)
+        self.num_examples = len(own)
+        self.latents, self.embeds = own.latents, own.embeds
         self.replay_latents = self.replay_embeds = None
         self.global_batch = train_cfg.batch_size * ranks_per_client
         self.n_replay = 0
         if replay is not None and replay_fraction > 0:
-            self.replay_latents = encode_images(pipe, _channels(replay.images, pipe.vae.config.in_channels))
-            self.replay_embeds = torch.stack([table[c] for c in replay.captions])
+            rep = replay if isinstance(replay, EncodedSet) else encode_set(pipe, replay)
+            self.replay_latents, self.replay_embeds = rep.latents, rep.embeds
             self.n_replay = round(replay_fraction * self.global_batch)
 
     def _batch(self, rng: np.random.Generator, gen: torch.Generator):
@@ -81,7 +97,7 @@ class LocalTrainer:
         eng.begin_round(plan.lr)
         params = lora_parameters(self.unet)
         anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else None
-        seed = self.seed * 1_000_003 + plan.round * 1_009 + self.client_id  # fixed per (client, round)
+        seed = client_round(self.seed, plan.round, self.client_id)
         rng = np.random.default_rng(seed)
         gen = torch.Generator().manual_seed(seed)
         self.unet.train()

@@ -5,10 +5,12 @@
 All three arms run in this one process through the in-memory transport, with the same base, data
 split, seeds, evaluation and server loop as ``fed-ddp run``:
 
-- federated:   N clients x K local steps per round, aggregated by ``fed.strategy`` (a sequential
+- federated:   m sampled clients x K local steps per round, aggregated by ``fed.strategy`` (a sequential
                simulation of the multi-process run: same maths, clients one after another);
-- centralized: one trainer on the pooled data of all clients, N*K steps per round;
-- local-only:  client ``compare.client`` (0) alone on its own data, N*K steps per round.
+- centralized: one trainer on the pooled data of all clients, m*K steps per round;
+- local-only:  client ``--client`` (0) alone on its own data, m*K steps per round.
+
+m = the expected clients per round (all N by default), so every arm takes the same number of steps.
 
 Results go to ``<output_dir>/<name>-compare/{federated,centralized,local_only}/`` and a table is
 printed and written to ``compare.json``.
@@ -18,51 +20,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import torch
 
-from fed_ddp.client import LocalTrainer
 from fed_ddp.compression import layout_of
 from fed_ddp.config import RunConfig, save_config, to_dict
 from fed_ddp.data.federated import FederatedData, build_federated_data, concat
 from fed_ddp.diffusion.lora import attach_lora, get_flat, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
-from fed_ddp.protocol import Wire, client_codec_state
+from fed_ddp.protocol import Wire
 from fed_ddp.server import Server
 from fed_ddp.strategies import build_strategy
 from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb, setup_logging
 from fed_ddp.transport import InMemoryTransport
-
-
-def _handler(trainer: LocalTrainer, wire: Wire, seed: int):
-    state = client_codec_state(seed, trainer.client_id)
-
-    def handle(down: torch.Tensor) -> torch.Tensor | None:
-        t0 = time.perf_counter()
-        stop, plan, global_flat = wire.unpack_downlink(down)
-        if stop:
-            return None
-        delta, metrics = trainer.fit(global_flat, plan)
-        metrics["client_seconds"] = time.perf_counter() - t0
-        return wire.pack_uplink(delta, state, trainer.num_examples, metrics)
-
-    return handle
+from fed_ddp.worker import Worker
 
 
 def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Tensor, base: str) -> dict:
-    """One arm: the production server loop over in-memory clients."""
+    """One arm: the production server loop and worker over the in-memory transport (one worker plays every
+    sampled client in turn; a client's update does not depend on which worker plays it)."""
     set_flat(pipe.unet, init)
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    trainers = [LocalTrainer(pipe, scheduler, d, cfg.train, cfg.run.seed, data.replay, cfg.data.replay_fraction,
-                             client_id=c) for c, d in enumerate(data.clients)]
-    tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl"), maybe_wandb(cfg, run_dir, to_dict(cfg)))
-    wire = Wire(cfg.comm, layout_of(pipe.unet))
-    transport = InMemoryTransport([_handler(t, wire, cfg.run.seed) for t in trainers])
-    server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker, base,
-                    wire=wire)
+    tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
+                          maybe_wandb(cfg, run_dir, to_dict(cfg)))
+    wire = Wire(cfg.comm, layout_of(pipe.unet), workers=1)
+    worker = Worker(0, cfg, pipe, scheduler, data, wire)
+    server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), InMemoryTransport([worker.handle]),
+                    tracker, base, wire=wire)
     return server.run()
 
 
@@ -76,8 +62,9 @@ def compare(cfg: RunConfig, client: int = 0) -> dict:
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
     root = f"{cfg.run.name}-compare"
-    n, k = cfg.fed.num_clients, cfg.fed.local_steps
-    single = dataclasses.replace(cfg.fed, num_clients=1, local_steps=n * k)
+    n, k = round(cfg.fed.expected_round_size), cfg.fed.local_steps
+    single = dataclasses.replace(cfg.fed, num_clients=1, workers=1, clients_per_round=None, sampling="all",
+                                 sample_rate=None, availability=1.0, dropout_rate=0.0, local_steps=n * k)
     arms = {
         "federated": (dataclasses.replace(cfg, fed=cfg.fed), data),
         "centralized": (dataclasses.replace(cfg, fed=single),

@@ -136,8 +136,15 @@ STRATEGIES = ("fedavg", "fedadam", "fedprox")
 
 @dataclass(kw_only=True)
 class FedSection:
-    num_clients: int = 4  # clients; world size = 1 (server) + num_clients * ranks_per_client
-    ranks_per_client: int = 1  # ranks that train one client together (data parallel inside the client)
+    num_clients: int = 4  # population N: the data is partitioned over N clients (records, not processes)
+    workers: int | None = None  # training ranks (or rank groups) W that play the sampled clients; null = min(N, clients_per_round, 8)
+    ranks_per_client: int = 1  # ranks per worker, training one client together (data parallel); world = 1 + workers * ranks_per_client
+    clients_per_round: int | None = None  # uniform/weighted: m clients per round; null = all N
+    sampling: str = "uniform"  # all / uniform (m without replacement) / poisson (each joins with sample_rate) / weighted (by data size)
+    sample_rate: float | None = None  # poisson: probability q that a client joins a round, in (0, 1]
+    availability: Any = 1.0  # probability a client is reachable in a round, or a trace file (one 0/1 line per client)
+    dropout_rate: float = 0.0  # simulated: probability a sampled client fails to report (seeded)
+    client_cache: int = 32  # per worker: clients whose encoded data and state stay in memory (LRU)
     rounds: int = 5  # federated rounds
     local_steps: int = 50  # optimizer steps per client per round
     strategy: str = "fedavg"  # fedavg / fedadam / fedprox
@@ -149,8 +156,35 @@ class FedSection:
     timeout_s: float = 1800.0  # collective timeout
 
     def __post_init__(self):
+        from fed_ddp.population.sampling import MODES
+
         for k in ("num_clients", "ranks_per_client", "rounds", "local_steps"):
             _positive(f"fed.{k}", getattr(self, k))
+        n = self.num_clients
+        _one_of("fed.sampling", self.sampling, set(MODES))
+        m = self.clients_per_round
+        if m is not None:
+            _check(isinstance(m, int) and 1 <= m <= n, "fed.clients_per_round", m,
+                   f"must be an integer in [1, fed.num_clients={n}] (or null for all)")
+            _check(self.sampling in ("uniform", "weighted") or (self.sampling == "all" and m == n),
+                   "fed.clients_per_round", m, f"applies to fed.sampling=uniform or weighted, not {self.sampling} "
+                   "(set it to null)")
+        if self.sampling == "poisson":
+            q = self.sample_rate
+            _check(q is not None and 0 < q <= 1, "fed.sample_rate", q, "must be in (0, 1] with fed.sampling=poisson")
+        else:
+            _check(self.sample_rate is None, "fed.sample_rate", self.sample_rate,
+                   f"applies to fed.sampling=poisson only (sampling is {self.sampling}); set it to null")
+        a = self.availability
+        if isinstance(a, str):
+            _check(Path(a).expanduser().is_file(), "fed.availability", a, "trace file does not exist")
+        else:
+            _check(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 < a <= 1, "fed.availability", a,
+                   "must be a probability in (0, 1] or a trace file (one line of 0/1 per client)")
+        _check(0 <= self.dropout_rate < 1, "fed.dropout_rate", self.dropout_rate, "must be in [0, 1)")
+        _check(self.workers is None or (isinstance(self.workers, int) and 1 <= self.workers <= n), "fed.workers",
+               self.workers, f"must be an integer in [1, fed.num_clients={n}] (or null: min(N, clients_per_round, 8))")
+        _positive("fed.client_cache", self.client_cache, zero_ok=True)
         _one_of("fed.strategy", self.strategy, set(STRATEGIES))
         _positive("fed.server_lr", self.server_lr)
         for k in ("beta1", "beta2"):
@@ -158,6 +192,26 @@ class FedSection:
         _positive("fed.tau", self.tau)
         _positive("fed.proximal_mu", self.proximal_mu, zero_ok=True)
         _positive("fed.timeout_s", self.timeout_s)
+
+    @property
+    def num_workers(self) -> int:
+        """W: ``workers``, or min(N, clients per round, 8) when null."""
+        if self.workers is not None:
+            return self.workers
+        return min(self.num_clients, self.clients_per_round or self.num_clients, 8)
+
+    @property
+    def expected_round_size(self) -> float:
+        """Clients sampled per round on average (before availability and dropouts)."""
+        if self.sampling == "poisson":
+            return self.sample_rate * self.num_clients
+        return float(self.clients_per_round or self.num_clients)
+
+    def idle_workers_warning(self) -> str | None:
+        if self.num_workers > self.expected_round_size:
+            return (f"fed.workers={self.num_workers} > {self.expected_round_size:g} clients per round: "
+                    f"some workers will sit idle")
+        return None
 
 
 @dataclass(kw_only=True)
@@ -258,7 +312,7 @@ class RunConfig:
 
     @property
     def world_size(self) -> int:
-        return 1 + self.fed.num_clients * self.fed.ranks_per_client
+        return 1 + self.fed.num_workers * self.fed.ranks_per_client
 
 
 def _format_omegaconf_error(e: OmegaConfBaseException) -> ConfigError:

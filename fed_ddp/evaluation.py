@@ -69,3 +69,43 @@ def generation_accuracy(pipe, digits: list[int], images_per_prompt: int, seed: i
 def mean_over(acc: dict[int, float], digits) -> float:
     vals = [acc[d] for d in digits if d in acc]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+class Evaluator:
+    """The server's evaluation of the global adapter: validation losses at fixed noise, a sample grid,
+    and (digits) generation accuracy. Owns the encoded validation sets and the prompts."""
+
+    def __init__(self, cfg, pipe, scheduler, data, tracker=None):
+        from fed_ddp.client import encode_set
+
+        self.cfg, self.pipe, self.scheduler, self.tracker = cfg, pipe, scheduler, tracker
+        self.val_sets = {"val_loss": encode_set(pipe, data.val)}
+        if data.val_base is not None:
+            self.val_sets["val_loss_base"] = encode_set(pipe, data.val_base)
+        self.prompts = list(cfg.eval.prompts) or (
+            [caption(d) for d in range(10)] if cfg.data.source == "digits" else sorted(set(data.val.captions))[:8])
+        self.client_digits = list(cfg.data.digits)
+        self.base_digits = [d for d in cfg.model.tiny.digits if d not in self.client_digits]
+
+    def __call__(self, rnd: int, losses: bool = True, grid: bool = True, accuracy: bool = False) -> dict:
+        from fed_ddp.client import validation_loss
+        from fed_ddp.images import sample_grid, save_grid
+
+        out: dict = {}
+        e = self.cfg.eval
+        if losses:
+            for name, enc in self.val_sets.items():
+                out[name] = validation_loss(self.pipe.unet, self.scheduler, enc.latents, enc.embeds)
+        if grid:
+            g = sample_grid(self.pipe, self.prompts, list(e.sample_seeds), e.inference_steps, e.guidance_scale)
+            path = save_grid(g, self.prompts, self.cfg.run.dir / "samples" / f"round_{rnd:04d}.png")
+            if self.tracker is not None:
+                self.tracker.log_images({"samples": str(path)}, step=rnd)
+        if accuracy and self.cfg.data.source == "digits":
+            acc = generation_accuracy(self.pipe, sorted(set(self.client_digits + self.base_digits)),
+                                      e.images_per_prompt, self.cfg.run.seed, e.inference_steps, e.guidance_scale)
+            out["gen_acc"] = {str(d): a for d, a in acc.items()}
+            out["gen_acc_clients"] = mean_over(acc, self.client_digits)
+            if self.base_digits:
+                out["gen_acc_base"] = mean_over(acc, self.base_digits)
+        return out

@@ -2,6 +2,7 @@
 
     fed-ddp plan configs/quickstart.yaml comm.uplink=[topk,int8] comm.downlink=[fp16]
     fed-ddp plan configs/quickstart.yaml --unet sd15 lora.rank=4 "lora.targets=[to_q,to_k,to_v,to_out.0]"
+    fed-ddp plan configs/population.yaml fed.num_clients=100000    # bytes per round, memory and disk at that size
 
 The UNet is built from its config on the ``meta`` device (shapes, no weights: SD v1.5 costs no
 memory), LoRA is attached by peft exactly as in training, and the configured codec chains encode a
@@ -14,15 +15,16 @@ else the built-in tiny base.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fed_ddp.compression import ByteCount, CodecChain, CommConfig, layout_of
+from fed_ddp.compression import ByteCount, ChainState, CodecChain, CommConfig, layout_of
 from fed_ddp.config import ConfigError, RunConfig, load_config
 from fed_ddp.distributed.collectives import SIZE_BYTES
-from fed_ddp.protocol import DOWN_HEADER_BYTES, UP_TAIL_BYTES, Wire
+from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_TAIL_BYTES, Wire
 
 UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"
 BUILTIN_UNETS = {"sd15": "sd15_unet.json"}  # name -> file in UNET_CONFIGS
@@ -92,9 +94,16 @@ class Plan:
     lora_parameters: int
     lora_tensors: int
     rounds: int
-    clients: int
+    clients: int  # population N
     up: Direction
     down: Direction
+    per_round: float = 0.0  # clients per round (expected, before availability and dropouts)
+    workers: int = 1
+    sampling: str = "all"
+    state_bytes: int = 0  # one client's state on disk (codec residuals and warm starts), 0 if it keeps none
+    client_cache: int = 0
+    cluster_down: int = 0  # bytes the downlink broadcasts deliver per round (head + body, every worker)
+    cluster_up: int = 0  # bytes the uplink gather moves per round (native gather: padded to the fullest worker)
 
     @property
     def dense_lora_bytes(self) -> int:
@@ -115,9 +124,19 @@ def make_plan(cfg: RunConfig, comm: CommConfig, unet: str | None = None) -> Plan
     base = sum(p.numel() for p in model.parameters())
     attach_lora(model, cfg.lora, seed=cfg.run.seed)
     layout = layout_of(model)
-    w = Wire(comm, layout)  # the chains and sizes training will use
-    return Plan(source, base, w.num_params, len(layout), cfg.fed.rounds, cfg.fed.num_clients,
-                Direction(w.up, w.up.wire_bytes, UP_TAIL_BYTES), Direction(w.down, w.down.wire_bytes, DOWN_HEADER_BYTES))
+    f = cfg.fed
+    w = Wire(comm, layout, f.num_workers)  # the chains and sizes training will use
+    state = ChainState()
+    w.up.encode(torch.zeros(w.num_params), state)  # a real encode fills the state a client keeps, at real sizes
+    state_bytes = sum(t.numel() * t.element_size() for t in state.to_tensors()[0].values())
+    m = f.expected_round_size
+    slots = math.ceil(m / f.num_workers)
+    gather_up = (f.num_workers * slots if comm.gather == "gather" else m) * w.up_nbytes
+    return Plan(source, base, w.num_params, len(layout), f.rounds, f.num_clients,
+                Direction(w.up, w.up.wire_bytes, UP_TAIL_BYTES), Direction(w.down, w.down.wire_bytes, PLAN_BYTES),
+                per_round=m, workers=f.num_workers, sampling=f.sampling, state_bytes=state_bytes,
+                client_cache=f.client_cache, cluster_down=f.num_workers * (HEAD_BYTES + w.body_nbytes(slots)),
+                cluster_up=round(gather_up))
 
 
 def _ratio(dense: int, sent: int) -> str:
@@ -154,28 +173,59 @@ def format_plan(p: Plan, comm: CommConfig) -> str:
         f"uplink    {_chain_line(p.up, comm)}",
         f"downlink  {_chain_line(p.down, comm)}",
         "",
-        (f"{'bytes per client per round':28s}{'payload':>14s}{'metadata':>12s}{'total':>14s}"
+        (f"{'bytes per client per round':28s}{'payload':>18s}{'metadata':>14s}{'total':>18s}"
          f"{'vs dense LoRA':>15s}{'vs full UNet':>14s}"),
     ]
     for name, d in (("uplink", p.up), ("downlink", p.down)):
         t = d.total
-        lines.append(f"  {name:26s}{t.payload:14,}{t.metadata:12,}{t.total:14,}"
+        lines.append(f"  {name:26s}{t.payload:18,}{t.metadata:14,}{t.total:18,}"
                      f"{_ratio(p.dense_lora_bytes, t.total):>15s}{_ratio(p.full_unet_bytes, t.total):>14s}")
-    n = p.rounds * p.clients
-    lines.append(f"totals over {p.rounds} rounds x {p.clients} clients")
+    n = p.rounds * p.per_round
+    lines.append(f"totals over the air, {p.rounds} rounds x {p.per_round:g} clients")
     for name, ts in (("uplink", [p.up.total]), ("downlink", [p.down.total]), ("both", [p.up.total, p.down.total])):
-        t = sum(ts, ByteCount()) * n
+        one = sum(ts, ByteCount())
+        t = ByteCount(round(one.payload * n), round(one.metadata * n))
         dense = len(ts) * n
-        lines.append(f"  {name:26s}{t.payload:14,}{t.metadata:12,}{t.total:14,}"
+        lines.append(f"  {name:26s}{t.payload:18,}{t.metadata:14,}{t.total:18,}"
                      f"{_ratio(dense * p.dense_lora_bytes, t.total):>15s}{_ratio(dense * p.full_unet_bytes, t.total):>14s}")
+    lines += _population_lines(p)
     lines += [
         "",
-        (f"metadata includes the protocol's fp32 fields ({UP_TAIL_BYTES} B up, {DOWN_HEADER_BYTES} B down). "
+        (f"metadata includes the protocol's fields ({UP_TAIL_BYTES} B up, {PLAN_BYTES} B down). "
          "'vs' columns: how many times fewer bytes than dense fp32."),
         (f"A variable-size gather that exchanges sizes first (gather_bytes, p2p) adds {SIZE_BYTES} B per client "
          "per round on the uplink."),
     ]
     return "\n".join(lines)
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:,.1f} MiB" if b < 2**30 else f"{b / 2**30:,.2f} GiB"
+
+
+def _population_lines(p: Plan) -> list[str]:
+    """Population N, workers, per-round cluster bytes; memory that does not grow with N; disk that does."""
+    m, n = p.per_round, p.clients
+    ever = n * (1 - (1 - min(1.0, m / n)) ** p.rounds)  # expected distinct clients after R uniform rounds
+    adapter = p.dense_lora_bytes
+    lines = [
+        "",
+        (f"population {n:,} clients, {p.sampling} sampling, {m:g} per round (expected) on {p.workers} worker(s); "
+         f"per round in the cluster: down {p.cluster_down:,} B (broadcast to every worker), "
+         f"up {p.cluster_up:,} B (gather)"),
+        (f"memory, flat in N: server holds the round's decoded updates, {m:g} x {_mb(adapter)} = {_mb(m * adapter)}; "
+         f"each worker caches at most {min(p.client_cache, n)} clients' encoded data and state"
+         + (f" ({_mb(min(p.client_cache, n) * p.state_bytes)} of state)" if p.state_bytes else "")),
+    ]
+    if p.state_bytes:
+        lines.append(f"disk: {_mb(p.state_bytes)} per client that ever took part (codec residuals, kept twice "
+                     f"across a round: up to {_mb(2 * p.state_bytes)}); after {p.rounds} rounds about {ever:,.0f} "
+                     f"clients = {_mb(2 * ever * p.state_bytes)} under clients/, "
+                     f"plus {p.rounds + 1} checkpoints of {_mb(2 * adapter)}")
+    else:
+        lines.append(f"disk: clients keep no state with this uplink chain; {p.rounds + 1} checkpoints of "
+                     f"{_mb(2 * adapter)}")
+    return lines
 
 
 def main(args) -> int:

@@ -1,28 +1,41 @@
-"""What one round puts on the wire: two flat uint8 buffers, shared by server and clients.
+"""What one round puts on the wire, shared by server and workers.
 
-    downlink = [stop, round, local_steps, lr, proximal_mu] (fp32)  + downlink-chain message (global adapter)
-    uplink   = uplink-chain message (adapter delta)  + [num_examples, train_loss, train_seconds, client_seconds] (fp32)
+Downlink (server -> every worker, two broadcasts)::
 
-The messages are ``fed_ddp.compression`` codec chains (``comm.uplink`` / ``comm.downlink``; an empty
-chain is dense fp32). Every size is a function of the config and the adapter layout only, never of the
-data, so both ends know each buffer's exact length before anything moves and no size travels.
+    head = [stop, round, local_steps, lr, proximal_mu, slots] (fp32)
+    body = assignment table int32 [workers x slots] (client ids, -1 = empty slot)  + downlink-chain message
+
+Uplink (worker w -> server, one gather): worker w's clients' messages, one after another, in table order::
+
+    message = uplink-chain message (the client's adapter delta)
+              + [client_id] (int32) + [num_examples, train_loss, train_seconds, client_seconds] (fp32)
+
+Every size is a function of the config, the adapter layout and the head only, never of the data: the
+body's size follows from ``slots``, and worker w's uplink is exactly (clients in its row) x
+``up_nbytes``, so both ends know every buffer's length before anything moves and no size travels.
 Counts travel as fp32, exact up to 2**24 (16.7 M examples per client).
 
-Accounting (``Wire.up_bytes`` / ``down_bytes``): payload = the codec's values; metadata = the codec's
-scales, indices and seeds plus the protocol's fp32 fields.
+Byte accounting (``Wire``): per client and round, ``down_bytes`` = what a client needs over the air
+(the plan fields + the global adapter) and ``up_bytes`` = one client's message; payload = the codec's
+values, metadata = the codec's scales, indices and seeds plus the protocol's fields. The assignment
+table is cluster traffic only (a phone does not need to know who else plays).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fed_ddp.compression import ByteCount, ChainState, CodecChain, downlink_chain, uplink_chain
+from fed_ddp.seeds import client_codec
 from fed_ddp.strategies import ClientUpdate, RoundPlan
 
-DOWN_HEADER = 5
+HEAD_FIELDS = ("stop", "round", "local_steps", "lr", "proximal_mu", "slots")
+HEAD_BYTES = 4 * len(HEAD_FIELDS)
+PLAN_BYTES = 4 * 5  # the plan fields a client needs (all but slots)
 UP_FIELDS = ("num_examples", "train_loss", "train_seconds", "client_seconds")
-DOWN_HEADER_BYTES = 4 * DOWN_HEADER
-UP_TAIL_BYTES = 4 * len(UP_FIELDS)
+UP_TAIL_BYTES = 4 + 4 * len(UP_FIELDS)  # int32 client id + fp32 fields
 
 
 def _f32_bytes(values: list[float]) -> torch.Tensor:
@@ -35,49 +48,88 @@ def _f32(buf: torch.Tensor) -> list[float]:
 
 def client_codec_state(run_seed: int, client_id: int) -> ChainState:
     """A client's uplink codec state (error feedback, warm starts), with random streams of its own."""
-    return ChainState(seed=run_seed * 1_000_003 + client_id)
+    return ChainState(seed=client_codec(run_seed, client_id))
+
+
+@dataclass(frozen=True)
+class Head:
+    stop: bool
+    plan: RoundPlan
+    slots: int  # the most clients any worker plays this round (columns of the table)
 
 
 class Wire:
     """Packs and unpacks the round's buffers with the configured codec chains.
 
-    ``layout`` is the adapter's (name, shape) list in flat-vector order (``compression.layout_of``).
+    ``layout`` is the adapter's (name, shape) list in flat-vector order (``compression.layout_of``);
+    ``workers`` the number of rows of the assignment table.
     """
 
-    def __init__(self, comm, layout):
+    def __init__(self, comm, layout, workers: int = 1):
         self.up: CodecChain = uplink_chain(comm, layout)
         self.down: CodecChain = downlink_chain(comm, layout)
+        self.layout, self.workers = list(layout), int(workers)
         self.num_params = self.up.numel
-        self.up_bytes = self.up.wire_bytes + ByteCount(0, UP_TAIL_BYTES)  # one client's uplink
-        self.down_bytes = self.down.wire_bytes + ByteCount(0, DOWN_HEADER_BYTES)  # one client's downlink
-        self.up_nbytes, self.down_nbytes = self.up_bytes.total, self.down_bytes.total
+        self.up_bytes = self.up.wire_bytes + ByteCount(0, UP_TAIL_BYTES)  # one client's message
+        self.down_bytes = self.down.wire_bytes + ByteCount(0, PLAN_BYTES)  # what one client receives
+        self.up_nbytes = self.up_bytes.total
+        self.down_msg_nbytes = self.down.wire_bytes.total
 
-    # -- server -> clients ------------------------------------------------------------------------
-    def pack_downlink(self, plan: RoundPlan, global_flat: torch.Tensor, state: ChainState | None = None,
-                      stop: bool = False) -> torch.Tensor:
-        head = _f32_bytes([float(stop), plan.round, plan.local_steps, plan.lr, plan.proximal_mu])
+    # -- server -> workers ------------------------------------------------------------------------
+    def pack_head(self, plan: RoundPlan, slots: int, stop: bool = False) -> torch.Tensor:
+        return _f32_bytes([float(stop), plan.round, plan.local_steps, plan.lr, plan.proximal_mu, slots])
+
+    def unpack_head(self, buf: torch.Tensor) -> Head:
+        self._check(buf, HEAD_BYTES, "downlink head")
+        stop, rnd, steps, lr, mu, slots = _f32(buf)
+        return Head(bool(stop), RoundPlan(int(rnd), int(steps), float(lr), float(mu)), int(slots))
+
+    def body_nbytes(self, slots: int) -> int:
+        return 4 * self.workers * slots + self.down_msg_nbytes
+
+    def pack_body(self, table: list[list[int]], global_flat: torch.Tensor, state: ChainState | None = None
+                  ) -> torch.Tensor:
+        slots = max((len(row) for row in table), default=0)
+        if len(table) != self.workers:
+            raise ValueError(f"assignment table has {len(table)} rows, the wire has {self.workers} workers")
+        ids = torch.full((self.workers, slots), -1, dtype=torch.int32)
+        for w, row in enumerate(table):
+            ids[w, :len(row)] = torch.tensor(row, dtype=torch.int32)
         msg = self.down.encode(global_flat.detach().float().cpu(), state).to_bytes()
-        return torch.cat([head, msg])
+        return torch.cat([ids.reshape(-1).view(torch.uint8), msg])
 
-    def unpack_downlink(self, buf: torch.Tensor) -> tuple[bool, RoundPlan, torch.Tensor]:
-        """(stop, plan, the global adapter as the clients see it: decoded, fp32)."""
-        self._check(buf, self.down_nbytes, "downlink")
-        stop, rnd, steps, lr, mu = _f32(buf[:DOWN_HEADER_BYTES])
-        flat = self.down.decode(self.down.from_bytes(buf[DOWN_HEADER_BYTES:]))
-        return bool(stop), RoundPlan(int(rnd), int(steps), float(lr), float(mu)), flat
+    def unpack_body(self, buf: torch.Tensor, slots: int) -> tuple[list[list[int]], torch.Tensor]:
+        """(each worker's client ids, the global adapter as clients see it: decoded, fp32)."""
+        self._check(buf, self.body_nbytes(slots), "downlink body")
+        cut = 4 * self.workers * slots
+        ids = buf[:cut].clone().view(torch.int32).reshape(self.workers, slots)
+        table = [[int(c) for c in row if c >= 0] for row in ids.tolist()]
+        return table, self.down.decode(self.down.from_bytes(buf[cut:]))
 
-    # -- clients -> server ------------------------------------------------------------------------
-    def pack_uplink(self, delta: torch.Tensor, state: ChainState | None, num_examples: int,
+    def up_sizes(self, table: list[list[int]]) -> list[int]:
+        """Bytes each worker sends this round, by worker index."""
+        return [len(row) * self.up_nbytes for row in table]
+
+    # -- a client's message -----------------------------------------------------------------------
+    def pack_uplink(self, client_id: int, delta: torch.Tensor, state: ChainState | None, num_examples: int,
                     metrics: dict[str, float]) -> torch.Tensor:
-        """Encode ``delta`` (updating the client's error-feedback ``state``) and append the fp32 fields."""
+        """Encode ``delta`` (updating the client's error-feedback ``state``) and append its id and fields."""
         msg = self.up.encode(delta.detach().float().cpu(), state).to_bytes()
-        return torch.cat([msg, _f32_bytes([num_examples] + [metrics[k] for k in UP_FIELDS[1:]])])
+        cid = torch.tensor([client_id], dtype=torch.int32).view(torch.uint8)
+        return torch.cat([msg, cid, _f32_bytes([num_examples] + [metrics[k] for k in UP_FIELDS[1:]])])
 
-    def unpack_uplink(self, buf: torch.Tensor, client_id: int) -> ClientUpdate:
-        self._check(buf, self.up_nbytes, "uplink")
-        fields = dict(zip(UP_FIELDS, _f32(buf[-UP_TAIL_BYTES:])))
+    def unpack_uplink(self, buf: torch.Tensor) -> ClientUpdate:
+        self._check(buf, self.up_nbytes, "uplink message")
+        tail = buf[-UP_TAIL_BYTES:]
+        cid = int(tail[:4].clone().view(torch.int32).item())
+        fields = dict(zip(UP_FIELDS, _f32(tail[4:])))
         delta = self.up.decode(self.up.from_bytes(buf[:-UP_TAIL_BYTES]))
-        return ClientUpdate(client_id, delta, round(fields.pop("num_examples")), fields)
+        return ClientUpdate(cid, delta, round(fields.pop("num_examples")), fields)
+
+    def split_uplink(self, buf: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """A worker's uplink buffer -> its ``count`` client messages."""
+        self._check(buf, count * self.up_nbytes, "worker uplink")
+        return [buf[i * self.up_nbytes:(i + 1) * self.up_nbytes] for i in range(count)]
 
     @staticmethod
     def _check(buf: torch.Tensor, want: int, what: str) -> None:

@@ -9,7 +9,7 @@ to ``--out``:
                           clients, LoRA rank and uplink codec always, anything else when it varies), LoRA
                           parameters, rounds, mean seconds per round and its split, bytes per round up
                           and down (all clients), how many times fewer bytes the uplink moves than
-                          dense fp32 LoRA (comm.up.vs_dense_lora), final val_loss, gen_acc_clients of
+                          dense fp32 LoRA (comm.air.up.vs_dense_lora), final val_loss, gen_acc_clients of
                           the base and final
     time_split.png        mean seconds per round split into local training / communication /
                           aggregation / evaluation / other, runs ordered by number of clients
@@ -35,6 +35,12 @@ ALWAYS = ("fed.num_clients", "lora.rank", "comm.uplink")
 NOT_PARAMETERS = ("run.name", "run.output_dir", "run.resume", "run.log_level", "tracking.")
 SHORT = {"fed.num_clients": "clients", "lora.rank": "rank", "comm.uplink": "uplink", "comm.downlink": "downlink"}
 CHAINS = ("comm.uplink", "comm.downlink")  # codec chains: [] is dense fp32
+
+
+def _air_up(row: dict) -> dict:
+    """Over-the-air uplink bytes of a round (``comm.air.up``; runs before populations: ``comm.up``)."""
+    comm = row.get("comm") or {}
+    return (comm.get("air") or {}).get("up") or comm.get("up") or {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -144,7 +150,7 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
              **{f"{s}_s": _mean([row.get("seconds", {}).get(s) for row in rows]) for s in SPLIT},
              "bytes_up_per_round": _mean([row.get("bytes_up") for row in rows]),
              "bytes_down_per_round": _mean([row.get("bytes_down") for row in rows]),
-             "up_vs_dense_lora": _mean([((row.get("comm") or {}).get("up") or {}).get("vs_dense_lora")
+             "up_vs_dense_lora": _mean([_air_up(row).get("vs_dense_lora")
                                         for row in rows]),
              "val_loss_final": val[-1] if val else None,
              "gen_acc_clients_base": run.base.get("gen_acc_clients"),

@@ -1,13 +1,22 @@
-"""The server's round loop: plan, exchange, aggregate, evaluate, checkpoint, log.
+"""The server's round loop: sample, assign, exchange, aggregate, evaluate, checkpoint, log.
 
-It talks to clients only through a transport (collectives or in-memory), so the same loop runs under
-torchrun and in one process.
+It talks to workers only through a transport (collectives or in-memory), so the same loop runs under
+torchrun and in one process. Each round:
+
+    clients = select_round(fed, round)          who is reachable, sampled, and fails to report (simulated)
+    table   = assign(clients.playing, workers)  balanced; travels in the downlink body
+    ups     = transport.exchange(head, body)    every worker plays its row, one message per client
+    global  = strategy.aggregate(arrived updates, weights renormalised over them)
+
+Bytes are reported two ways and never mixed: ``comm.air`` (per client: what each would receive from
+and send to the base station) and ``comm.cluster`` (what the collectives moved between ranks).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 
 import numpy as np
@@ -15,16 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from fed_ddp.checkpoint import latest_checkpoint, load_state, save_checkpoint
-from fed_ddp.client import _channels, validation_loss
 from fed_ddp.compression import ChainState, layout_of
 from fed_ddp.config import RunConfig
 from fed_ddp.data.federated import FederatedData
-from fed_ddp.diffusion.models import encode_captions, encode_images
-from fed_ddp.diffusion.tiny import caption
-from fed_ddp.evaluation import generation_accuracy, mean_over, reference_classifier
-from fed_ddp.images import sample_grid, save_grid
+from fed_ddp.evaluation import Evaluator, reference_classifier
+from fed_ddp.lora_names import is_lora_name
+from fed_ddp.population import assign, read_trace, select_round
 from fed_ddp.protocol import Wire
-from fed_ddp.strategies import Strategy
+from fed_ddp.seeds import server_codec
+from fed_ddp.strategies import ClientUpdate, Strategy
 
 log = logging.getLogger("fed_ddp.server")
 
@@ -38,45 +46,21 @@ class Server:
         self.engine = engine or TorchEngine(pipe.unet, cfg.train)  # reads/writes the adapter (ZeRO-3 aware)
         self.strategy, self.transport, self.tracker = strategy, transport, tracker
         self.run_dir = cfg.run.dir
-        self.wire = wire or Wire(cfg.comm, layout_of(pipe.unet))
-        self.down_state = ChainState(seed=cfg.run.seed * 1_000_003 + 999_983)  # downlink stochastic rounding
+        self.workers = transport.num_workers
+        self.wire = wire or Wire(cfg.comm, layout_of(pipe.unet), self.workers)
+        if self.wire.workers != self.workers:
+            raise ValueError(f"wire built for {self.wire.workers} workers, transport has {self.workers}")
+        self.down_state = ChainState(seed=server_codec(cfg.run.seed))  # downlink stochastic rounding
         self.unet_parameters = sum(getattr(p, "ds_numel", p.numel()) for n, p in pipe.unet.named_parameters()
-                                   if "lora_" not in n)  # the frozen base (ZeRO-3: full sizes, not shards)
+                                   if not is_lora_name(n))  # the frozen base (ZeRO-3: full sizes, not shards)
         self.info = {"base_model": base_model, "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
                                                         "targets": list(cfg.lora.targets)}}
-        self.val_sets = {"val_loss": self._encode(data.val)}
-        if data.val_base is not None:
-            self.val_sets["val_loss_base"] = self._encode(data.val_base)
-        self.prompts = list(cfg.eval.prompts) or (
-            [caption(d) for d in range(10)] if cfg.data.source == "digits" else sorted(set(data.val.captions))[:8])
-        self.client_digits = list(cfg.data.digits)
-        self.base_digits = [d for d in cfg.model.tiny.digits if d not in self.client_digits]
-
-    def _encode(self, d):
-        table = encode_captions(self.pipe, d.captions)
-        return (encode_images(self.pipe, _channels(d.images, self.pipe.vae.config.in_channels)),
-                torch.stack([table[c] for c in d.captions]))
-
-    # -- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, rnd: int, losses: bool = True, grid: bool = True, accuracy: bool = False) -> dict:
-        out: dict = {}
-        if losses:
-            for name, (lat, emb) in self.val_sets.items():
-                out[name] = validation_loss(self.pipe.unet, self.scheduler, lat, emb)
-        if grid:
-            e = self.cfg.eval
-            g = sample_grid(self.pipe, self.prompts, list(e.sample_seeds), e.inference_steps, e.guidance_scale)
-            path = save_grid(g, self.prompts, self.run_dir / "samples" / f"round_{rnd:04d}.png")
-            self.tracker.log_images({"samples": str(path)}, step=rnd)
-        if accuracy and self.cfg.data.source == "digits":
-            e = self.cfg.eval
-            acc = generation_accuracy(self.pipe, sorted(set(self.client_digits + self.base_digits)),
-                                      e.images_per_prompt, self.cfg.run.seed, e.inference_steps, e.guidance_scale)
-            out["gen_acc"] = {str(d): a for d, a in acc.items()}
-            out["gen_acc_clients"] = mean_over(acc, self.client_digits)
-            if self.base_digits:
-                out["gen_acc_base"] = mean_over(acc, self.base_digits)
-        return out
+        self.sizes = np.array([len(c) for c in data.clients])
+        if len(self.sizes) != cfg.fed.num_clients:
+            raise ValueError(f"data has {len(self.sizes)} clients, fed.num_clients={cfg.fed.num_clients}")
+        a = cfg.fed.availability
+        self.trace = read_trace(a, cfg.fed.num_clients) if isinstance(a, str) else None
+        self.evaluate = Evaluator(cfg, pipe, scheduler, data, tracker)
 
     def _save(self, name: str, global_flat: torch.Tensor, rnd: int) -> None:
         with self.engine.gathered():  # ZeRO-3: export full LoRA tensors, never empty shards
@@ -85,7 +69,7 @@ class Server:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg = self.cfg
+        cfg, w = self.cfg, self.wire
         global_flat = self.engine.read_adapter()
         num_params = global_flat.numel()
         start = 1
@@ -97,11 +81,18 @@ class Server:
             self.engine.write_adapter(global_flat)
             self.down_state.step = start - 1
             log.info("resuming from %s (round %d done)", ckpt, state["round"])
-        w = self.wire
-        log.info("LoRA: %d trainable parameters (%.1f KiB fp32 per adapter); %d clients, rounds %d..%d",
-                 num_params, num_params * 4 / 1024, self.transport.num_clients, start, cfg.fed.rounds)
-        log.info("wire per client per round: up %s = %d B, down %s = %d B (dense fp32 LoRA: %d B)",
-                 w.up.describe(), w.up_nbytes, w.down.describe(), w.down_nbytes, 4 * num_params)
+        elif (self.run_dir / "clients").exists():  # a fresh start: no client may inherit an older run's state
+            shutil.rmtree(self.run_dir / "clients")
+            log.warning("fresh start: removed the client states of an earlier run in %s", self.run_dir / "clients")
+        f = cfg.fed
+        who = (f"all {f.num_clients}" if f.sampling == "all" else f"q={f.sample_rate} of {f.num_clients}"
+               if f.sampling == "poisson" else f"{f.clients_per_round or f.num_clients} of {f.num_clients} ({f.sampling})")
+        log.info("LoRA: %d trainable parameters (%.1f KiB fp32 per adapter); clients per round: %s on %d workers; "
+                 "rounds %d..%d", num_params, num_params * 4 / 1024, who, self.workers, start, f.rounds)
+        log.info("per client per round: up %s = %d B, down %s = %d B (dense fp32 LoRA: %d B)",
+                 w.up.describe(), w.up_nbytes, w.down.describe(), w.down_bytes.total, 4 * num_params)
+        if warning := f.idle_workers_warning():
+            log.warning(warning)
         history = []
         base_eval = None
         if start == 1:
@@ -111,78 +102,123 @@ class Server:
             self.tracker.log({"round": 0, **base_eval}, step=0)
             history.append({"round": 0, **base_eval})
             log.info("base model: %s", _brief(base_eval))
-        bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", disable=not cfg.tracking.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(range(start, f.rounds + 1), desc="rounds", disable=not cfg.tracking.progress, dynamic_ncols=True)
         for rnd in bar:
-            t_round = time.perf_counter()
-            plan = self.strategy.configure_round(rnd)
-            ups, stats = self.transport.exchange(w.pack_downlink(plan, global_flat, self.down_state), w.up_nbytes)
-            updates = [w.unpack_uplink(u, c) for c, u in enumerate(ups)]
-            t_agg = time.perf_counter()
-            global_flat, agg_metrics = self.strategy.aggregate(rnd, global_flat, updates)
-            self.engine.write_adapter(global_flat)
-            t_eval = time.perf_counter()
-            last = rnd == cfg.fed.rounds
-            e = cfg.eval
-            every = last or rnd % e.every == 0
-            acc = e.accuracy_every > 0 and rnd % e.accuracy_every == 0 and not last
-            ev = self.evaluate(rnd, losses=every, grid=every, accuracy=acc)
-            t_ckpt = time.perf_counter()
-            self._save(f"round_{rnd:04d}", global_flat, rnd)
-            t_end = time.perf_counter()
-            train_s = [u.metrics["train_seconds"] for u in updates]
-            client_s = [u.metrics["client_seconds"] for u in updates]
-            crit = max if stats.parallel else sum
-            seconds = {"local_training": crit(train_s),
-                       "communication": max(0.0, stats.seconds - crit(client_s)),
-                       "aggregation": t_eval - t_agg,
-                       "evaluation": t_ckpt - t_eval}
-            seconds["other"] = max(0.0, (t_end - t_round) - sum(seconds.values()))
-            seconds["round"] = t_end - t_round
-            losses = [u.metrics["train_loss"] for u in updates]
-            row = {"round": rnd,
-                   "train_loss": {str(u.client_id): u.metrics["train_loss"] for u in updates},
-                   "train_loss_mean": float(np.average(losses, weights=[u.num_examples for u in updates])),
-                   "num_examples": {str(u.client_id): u.num_examples for u in updates},
-                   **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "comm": self._comm(stats),
-                   "seconds": seconds,
-                   **agg_metrics}
-            self.tracker.log(row, step=rnd)
+            row = self.round(rnd, global_flat)
+            global_flat = row.pop("_global")
             history.append(row)
-            bar.set_postfix(loss=f"{row['train_loss_mean']:.4f}", val=f"{ev.get('val_loss', float('nan')):.4f}")
-            log.info("round %d: %s", rnd, _brief(row))
+            bar.set_postfix(loss=f"{row['train_loss_mean'] or float('nan'):.4f}",
+                            val=f"{row.get('val_loss', float('nan')):.4f}")
         bar.close()
-        self.transport.stop(w.pack_downlink(self.strategy.configure_round(cfg.fed.rounds + 1), global_flat,
-                                            self.down_state, stop=True))
+        self.transport.stop(w.pack_head(self.strategy.configure_round(f.rounds + 1), 0, stop=True))
         return self.finish(global_flat, base_eval, history)
 
-    def _comm(self, stats) -> dict:
-        """Bytes of this round per direction: codec payload, metadata (codec + protocol fields), what the
-        collectives moved, and how many times fewer than dense fp32 LoRA and the full-UNet equivalent."""
-        n, w = self.transport.num_clients, self.wire
-        out = {}
-        for name, per_client, moved in (("up", w.up_bytes, stats.bytes_up), ("down", w.down_bytes, stats.bytes_down)):
-            out[name] = {"payload": per_client.payload * n, "metadata": per_client.metadata * n, "moved": moved,
-                         **self._ratios(moved, n)}
-        out["up"]["padding"], out["up"]["sizes"] = stats.up_padding, stats.up_sizes
-        return out
+    def round(self, rnd: int, global_flat: torch.Tensor) -> dict:
+        """One round, start to checkpoint; returns its metrics row (and the new global under ``_global``)."""
+        cfg, w = self.cfg, self.wire
+        t_round = time.perf_counter()
+        plan = self.strategy.configure_round(rnd)
+        chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace)
+        table = assign(chosen.playing, self.workers)
+        head = w.pack_head(plan, max(len(r) for r in table))
+        body = w.pack_body(table, global_flat, self.down_state)
+        ups, stats = self.transport.exchange(head, body, w.up_sizes(table))
+        updates: list[ClientUpdate] = []
+        per_worker: list[list[ClientUpdate]] = []
+        for row, buf in zip(table, ups):
+            mine = []
+            for cid, msg in zip(row, w.split_uplink(buf, len(row))):
+                u = w.unpack_uplink(msg)
+                if u.client_id != cid:
+                    raise RuntimeError(f"round {rnd}: a message in client {cid}'s slot says client {u.client_id}")
+                mine.append(u)
+            per_worker.append(mine)
+            updates.extend(mine)
+        updates.sort(key=lambda u: u.client_id)  # aggregation order: by client id, whoever played it
+        t_agg = time.perf_counter()
+        if updates:
+            global_flat, agg_metrics = self.strategy.aggregate(rnd, global_flat, updates)
+            self.engine.write_adapter(global_flat)
+        else:
+            agg_metrics = {"empty_round": True}
+            log.warning("round %d: no client reported (%d sampled, %d dropped): the global adapter is kept",
+                        rnd, len(chosen.sampled), len(chosen.dropped))
+        t_eval = time.perf_counter()
+        last = rnd == cfg.fed.rounds
+        e = cfg.eval
+        every = last or rnd % e.every == 0
+        acc = e.accuracy_every > 0 and rnd % e.accuracy_every == 0 and not last
+        ev = self.evaluate(rnd, losses=every, grid=every, accuracy=acc)
+        t_ckpt = time.perf_counter()
+        self._save(f"round_{rnd:04d}", global_flat, rnd)
+        t_end = time.perf_counter()
+        # critical path: workers run in parallel, each plays its clients one after another
+        crit = max if stats.parallel else sum
+        train_s = crit([sum(u.metrics["train_seconds"] for u in m) for m in per_worker] or [0.0])
+        client_s = crit([sum(u.metrics["client_seconds"] for u in m) for m in per_worker] or [0.0])
+        seconds = {"local_training": train_s, "communication": max(0.0, stats.seconds - client_s),
+                   "aggregation": t_eval - t_agg, "evaluation": t_ckpt - t_eval}
+        seconds["other"] = max(0.0, (t_end - t_round) - sum(seconds.values()))
+        seconds["round"] = t_end - t_round
+        losses = [u.metrics["train_loss"] for u in updates]
+        row = {"round": rnd,
+               "clients": {"reachable": chosen.reachable, "sampled": chosen.sampled, "dropped": chosen.dropped,
+                           "arrived": [u.client_id for u in updates],
+                           "per_worker": [len(r) for r in table]},
+               "train_loss": {str(u.client_id): u.metrics["train_loss"] for u in updates},
+               "train_loss_mean": float(np.average(losses, weights=[u.num_examples for u in updates]))
+               if updates else None,
+               "num_examples": {str(u.client_id): u.num_examples for u in updates},
+               "train_seconds": {str(u.client_id): u.metrics["train_seconds"] for u in updates},
+               **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
+               "comm": self._comm(stats, len(chosen.sampled), len(updates)),
+               "seconds": seconds, **agg_metrics}
+        self.tracker.log(row, step=rnd)
+        log.info("round %d: %s", rnd, _brief(row))
+        return {**row, "_global": global_flat}
 
-    def _ratios(self, moved: int, messages: int) -> dict:
+    def _save(self, name: str, global_flat: torch.Tensor, rnd: int) -> None:
+        with self.engine.gathered():  # ZeRO-3: export full LoRA tensors, never empty shards
+            save_checkpoint(self.run_dir / "checkpoints" / name, self.pipe.unet, global_flat, rnd,
+                            self.strategy.state_dict(), self.info)
+
+    def _comm(self, stats, receivers: int, senders: int) -> dict:
+        """Bytes of this round, two ways never mixed.
+
+        air: per client, what the base station's link carries: every sampled client receives the plan
+        and the global adapter, every client that reports sends one message (payload = codec values,
+        metadata = codec side information + protocol fields), with ratios against sending the same
+        messages as dense fp32 LoRA and as the full UNet. cluster: what the collectives moved between
+        ranks (downlink head + body to every worker; uplink gather, padding and size exchange included).
+        """
+        w = self.wire
+        air = {}
+        for name, per_client, n in (("up", w.up_bytes, senders), ("down", w.down_bytes, receivers)):
+            total = per_client.total * n
+            air[name] = {"messages": n, "payload": per_client.payload * n, "metadata": per_client.metadata * n,
+                         "total": total, **(self._ratios(total, n) if total else {})}
+        cluster = {"up": {"moved": stats.bytes_up, "padding": stats.up_padding, "sizes": stats.up_sizes},
+                   "down": {"moved": stats.bytes_down}, "collectives": stats.collectives}
+        return {"air": air, "cluster": cluster}
+
+    def _ratios(self, total: int, messages: int) -> dict:
         """How many times fewer bytes than ``messages`` adapters as dense fp32 LoRA, and as the full UNet."""
-        return {"vs_dense_lora": 4 * self.wire.num_params * messages / moved,
-                "vs_full_unet": 4 * self.unet_parameters * messages / moved}
+        return {"vs_dense_lora": 4 * self.wire.num_params * messages / total,
+                "vs_full_unet": 4 * self.unet_parameters * messages / total}
 
     def _comm_summary(self, rounds: list[dict]) -> dict:
         w = self.wire
         out = {"uplink": w.up.describe(), "downlink": w.down.describe(), "lora_parameters": w.num_params,
                "unet_parameters": self.unet_parameters,
                "per_client_round": {"up": {"payload": w.up_bytes.payload, "metadata": w.up_bytes.metadata},
-                                    "down": {"payload": w.down_bytes.payload, "metadata": w.down_bytes.metadata}}}
+                                    "down": {"payload": w.down_bytes.payload, "metadata": w.down_bytes.metadata}},
+               "air": {}, "cluster": {}}
         for d in ("up", "down"):
-            tot = {k: sum(h["comm"][d][k] for h in rounds) for k in ("payload", "metadata", "moved")}
-            if tot["moved"]:
-                tot.update(self._ratios(tot["moved"], self.transport.num_clients * len(rounds)))
-            out[d] = tot
+            tot = {k: sum(h["comm"]["air"][d][k] for h in rounds) for k in ("messages", "payload", "metadata", "total")}
+            if tot["total"]:
+                tot.update(self._ratios(tot["total"], tot["messages"]))
+            out["air"][d] = tot
+            out["cluster"][d] = {"moved": sum(h["comm"]["cluster"][d]["moved"] for h in rounds)}
         return out
 
     def finish(self, global_flat: torch.Tensor, base_eval: dict | None, history: list[dict]) -> dict:
@@ -190,8 +226,15 @@ class Server:
         final = self.evaluate(self.cfg.fed.rounds, losses=True, grid=False, accuracy=True)
         self._save("final", global_flat, self.cfg.fed.rounds)
         rounds = [h for h in history if h["round"] > 0]
+        f = self.cfg.fed
         summary = {
-            "run": self.cfg.run.name, "rounds": self.cfg.fed.rounds, "num_clients": self.transport.num_clients,
+            "run": self.cfg.run.name, "rounds": f.rounds, "num_clients": f.num_clients, "workers": self.workers,
+            "sampling": {"mode": f.sampling, "clients_per_round": f.clients_per_round, "sample_rate": f.sample_rate,
+                         "dropout_rate": f.dropout_rate,
+                         "clients_sampled": sum(len(h["clients"]["sampled"]) for h in rounds),
+                         "clients_arrived": sum(len(h["clients"]["arrived"]) for h in rounds),
+                         "distinct_clients": len({c for h in rounds for c in h["clients"]["arrived"]}),
+                         "empty_rounds": sum(1 for h in rounds if h.get("empty_round"))},
             "lora_parameters": int(global_flat.numel()),
             "images_per_prompt": self.cfg.eval.images_per_prompt,
             "classifier_test_accuracy": reference_classifier().test_accuracy,
@@ -205,7 +248,7 @@ class Server:
             "final_eval_seconds": time.perf_counter() - t0,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.tracker.log({"round": self.cfg.fed.rounds, "final": final}, step=self.cfg.fed.rounds)
+        self.tracker.log({"round": f.rounds, "final": final}, step=f.rounds)
         self.tracker.finish(summary)
         return summary
 
@@ -213,25 +256,3 @@ class Server:
 def _brief(row: dict) -> str:
     keys = ("train_loss_mean", "val_loss", "val_loss_base", "gen_acc_clients", "gen_acc_base", "bytes_up")
     return ", ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))
-
-
-def print_table(summary: dict, client_digits: list[int], base_digits: list[int], file=None) -> None:
-    """The quickstart's closing table: generation accuracy of the base vs the federated adapter."""
-    import sys
-
-    file = file or sys.stdout
-    b, f = summary.get("base", {}), summary["final"]
-    if "gen_acc" not in f:
-        return
-    n = summary.get("images_per_prompt", "?")
-    print(f"\nGeneration accuracy: share of {n} images per prompt that a reference classifier "
-          f"({summary['classifier_test_accuracy']:.1%} on real digits) assigns to the prompted digit", file=file)
-    print(f"  {'':26s}{'base':>8s}{'federated':>11s}", file=file)
-    rows = [(f"digit {d} ({'client' if d in client_digits else 'base'} concept)",
-             b.get("gen_acc", {}).get(str(d), float("nan")), f["gen_acc"][str(d)])
-            for d in sorted(int(k) for k in f["gen_acc"])]
-    rows.append(("mean, client concepts", b.get("gen_acc_clients", float("nan")), f["gen_acc_clients"]))
-    if base_digits:
-        rows.append(("mean, base concepts", b.get("gen_acc_base", float("nan")), f.get("gen_acc_base", float("nan"))))
-    for name, bv, fv in rows:
-        print(f"  {name:26s}{bv:8.1%}{fv:11.1%}", file=file)

@@ -1,9 +1,10 @@
-"""Entry point of every rank: config -> process group -> server or client loop -> tear down.
+"""Entry point of every rank: config -> process group -> server or worker loop -> tear down.
 
     torchrun --standalone --nproc-per-node 5 -m fed_ddp.train configs/quickstart.yaml [more.yaml ...] [key=value ...]
 
 (``fed-ddp run`` launches exactly this through torch's own launcher.) Rank 0 is the server, ranks
-1..N the clients. Backend: NCCL when every rank has a CUDA device, gloo otherwise.
+1..W*R the workers (``fed.workers`` W of ``fed.ranks_per_client`` R ranks each), which play the
+clients the server samples each round. Backend: NCCL when every rank has a CUDA device, gloo otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from datetime import timedelta
 
 import torch
@@ -29,17 +29,15 @@ def pick_device(cfg: RunConfig, local_rank: int) -> torch.device:
 
 
 def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | None:
-    from fed_ddp.client import LocalTrainer
     from fed_ddp.compression import layout_of
     from fed_ddp.data.federated import build_federated_data
     from fed_ddp.diffusion.lora import attach_lora
     from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
     from fed_ddp.engines import TorchEngine, build_engine
-    from fed_ddp.protocol import Wire, client_codec_state
+    from fed_ddp.protocol import HEAD_BYTES, Wire
     from fed_ddp.transport import CollectiveTransport
 
     quiet_libraries()
-    log = logging.getLogger("fed_ddp")
     box = [base_path(cfg.model, show_progress=True) if topo.is_server else None]
     dist.broadcast_object_list(box, src=0)  # the server pretrains/locates the base; the others wait here
     pipe = load_pipeline(box[0], device, cfg.model.revision)
@@ -50,12 +48,12 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     deepspeed = cfg.train.engine == "deepspeed"
     engine = build_engine(pipe.unet, cfg, topo, device) if deepspeed or not topo.is_server else \
         TorchEngine(pipe.unet, cfg.train)
-    cid = topo.client_id
-    wire = Wire(cfg.comm, layout_of(pipe.unet))  # codec chains; every buffer size is known from here on
+    wid = topo.worker_id
+    wire = Wire(cfg.comm, layout_of(pipe.unet), topo.num_workers)  # every buffer size is known from here on
     transport = CollectiveTransport(server_rank=0, group=topo.groups.leaders,
                                     device=device if dist.get_backend() == "nccl" else None,
                                     client_group=topo.groups.client,
-                                    client_src=None if topo.is_server else topo.leader_of(cid),
+                                    client_src=None if topo.is_server else topo.leader_of(wid),
                                     method=cfg.comm.gather)
 
     if topo.is_server:
@@ -73,57 +71,18 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
                         box[0], engine=engine, wire=wire)
         return server.run()
 
-    trainer = LocalTrainer(pipe, scheduler, data.clients[cid], cfg.train, cfg.run.seed, data.replay,
-                           cfg.data.replay_fraction, client_id=cid, engine=engine,
-                           rank_in_client=topo.rank_in_client, ranks_per_client=topo.ranks_per_client)
+    from fed_ddp.worker import Worker
+
+    worker = Worker(wid, cfg, pipe, scheduler, data, wire, engine=engine, leader=topo.is_leader,
+                    rank_in_client=topo.rank_in_client, ranks_per_client=topo.ranks_per_client)
     if topo.is_leader:
-        log.info("holding %d private examples", trainer.num_examples)
-
-    uplink_state = client_codec_state(cfg.run.seed, cid)
-    state_dir = cfg.run.dir / "clients" / f"client_{cid:03d}"
-
-    def handle(down: torch.Tensor) -> torch.Tensor | None:
-        t0 = time.perf_counter()
-        stop, plan, global_flat = wire.unpack_downlink(down)
-        if stop:
-            return None
-        if cfg.run.resume and uplink_state.step == 0 and plan.round > 1 and topo.is_leader:
-            load_uplink_state(uplink_state, state_dir, plan.round - 1, log)
-        delta, metrics = trainer.fit(global_flat, plan)
-        if not topo.is_leader:
-            return delta  # anything but None: followers only train alongside the leader
-        metrics["client_seconds"] = time.perf_counter() - t0
-        up = wire.pack_uplink(delta, uplink_state, trainer.num_examples, metrics)
-        if uplink_state.residual or uplink_state.slots:
-            save_uplink_state(uplink_state, state_dir, plan.round)
-        return up
-
-    if topo.is_leader:
-        transport.serve(wire.down_nbytes, wire.up_nbytes, handle)
+        transport.serve(HEAD_BYTES, worker.body_nbytes, worker.handle)
+        log = logging.getLogger("fed_ddp")
+        log.info("played %d client rounds, encoded %d clients' data, read %d client states",
+                 worker.played, worker.encoded, worker.store.reads)
     else:
-        transport.follow(wire.down_nbytes, handle)
+        transport.follow(HEAD_BYTES, worker.body_nbytes, worker.handle)
     return None
-
-
-def save_uplink_state(state, folder, rnd: int) -> None:
-    """The client's codec state after round ``rnd`` (error-feedback residuals, low-rank warm starts), so a
-    resumed run continues with it; the file of round ``rnd - 1`` is kept until this one is complete."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".comm_state_round_{rnd:04d}.pt"
-    torch.save({"round": rnd, "state": state.state_dict()}, tmp)
-    tmp.replace(folder / f"comm_state_round_{rnd:04d}.pt")
-    for old in folder.glob("comm_state_round_*.pt"):
-        if int(old.stem.rsplit("_", 1)[1]) < rnd - 1:
-            old.unlink()
-
-
-def load_uplink_state(state, folder, rnd: int, log) -> None:
-    path = folder / f"comm_state_round_{rnd:04d}.pt"
-    if path.is_file():
-        state.load_state_dict(torch.load(path, weights_only=False)["state"])
-        log.info("resumed codec state of round %d (residual norm %.3g)", rnd, state.residual_norm())
-    else:
-        log.warning("no codec state for round %d in %s: error feedback restarts from zero", rnd, folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("config", argv[0] if argv else None, "usage: fed_ddp.train CONFIG.yaml [key=value ...]")
         files, overrides = split_args(argv)
         cfg = load_config(files, overrides)
-        topo = Topology.from_env(cfg.fed.num_clients, cfg.fed.ranks_per_client)
+        topo = Topology.from_env(cfg.fed.num_workers, cfg.fed.ranks_per_client)
     except ConfigError as e:
         if rank == 0:
             print(f"fed-ddp: config error: {e}", file=sys.stderr)

@@ -55,7 +55,7 @@ def test_missing_config_file():
 def test_world_size_that_does_not_fit_the_config():
     """Inside a launcher with 2 ranks for a 2-client config (needs 3): every rank exits at once."""
     env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    line = _one_line_error(run_cli("run", TINY, env=env, timeout=120), "fed.num_clients", "3 ranks", "has 2")
+    line = _one_line_error(run_cli("run", TINY, env=env, timeout=120), "fed.workers", "3 ranks", "has 2")
     assert "config error" in line
 
 

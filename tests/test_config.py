@@ -228,33 +228,33 @@ def test_scalar_for_section_names_the_section():
 
 def test_topology_wrong_world_size_names_expected_size():
     with pytest.raises(ConfigError) as ei:
-        Topology.from_env(num_clients=2, env={"RANK": "0", "WORLD_SIZE": "2"})
+        Topology.from_env(num_workers=2, env={"RANK": "0", "WORLD_SIZE": "2"})
     msg = _one_line(ei.value)
-    assert ei.value.key == "fed.num_clients"
-    assert "3" in msg.replace("fed.num_clients=2", "")  # the expected world size, not the client count
+    assert ei.value.key == "fed.workers"
+    assert "3" in msg.replace("fed.workers=2", "")  # the expected world size, not the worker count
     assert "= 3 ranks" in msg and "has 2" in msg
 
 
-@pytest.mark.parametrize("rank,is_server,client_id,role", [
+@pytest.mark.parametrize("rank,is_server,worker_id,role", [
     (0, True, None, "server"),
-    (1, False, 0, "client0"),
-    (2, False, 1, "client1"),
+    (1, False, 0, "worker0"),
+    (2, False, 1, "worker1"),
 ])
-def test_topology_roles(rank, is_server, client_id, role):
-    t = Topology.from_env(num_clients=2, env={"RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank)})
-    assert (t.rank, t.world_size, t.local_rank, t.num_clients) == (rank, 3, rank, 2)
+def test_topology_roles(rank, is_server, worker_id, role):
+    t = Topology.from_env(num_workers=2, env={"RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank)})
+    assert (t.rank, t.world_size, t.local_rank, t.num_workers) == (rank, 3, rank, 2)
     assert t.is_server is is_server
-    assert t.client_id == client_id
+    assert t.worker_id == worker_id
     assert t.role == role
 
 
 def test_topology_reads_slurm_variables():
-    t = Topology.from_env(num_clients=3, env={"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"})
+    t = Topology.from_env(num_workers=3, env={"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"})
     assert (t.rank, t.world_size, t.local_rank) == (2, 4, 1)
-    assert t.role == "client1"
+    assert t.role == "worker1"
 
 
 def test_topology_defaults_to_single_process_world():
     with pytest.raises(ConfigError) as ei:
-        Topology.from_env(num_clients=1, env={})
+        Topology.from_env(num_workers=1, env={})
     assert "= 2 ranks" in _one_line(ei.value)

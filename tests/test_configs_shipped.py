@@ -128,9 +128,7 @@ def test_sd15_with_local_model_and_imagefolder(tmp_path):
 def test_zero3_offload_preset_runs_one_round(tiny_base, tmp_path):
     """ZeRO-3 + optimizer & parameter offload (DeepSpeed CPU Adam, JIT-built on first use) on 1 client x 2 ranks,
     in bf16 as on GPUs: DeepSpeed casts the UNets (the server's too) while the pipelines feed fp32."""
-    from test_distributed import launch
-
-    from fed_ddp.protocol import DOWN_HEADER_BYTES
+    from test_distributed import dense_global, launch
 
     spy = tmp_path / "spy"
     spy.mkdir()
@@ -147,8 +145,8 @@ def test_zero3_offload_preset_runs_one_round(tiny_base, tmp_path):
             saved.deepspeed.offload_params, saved.train.mixed_precision) == ("deepspeed", 3, True, True, "bf16")
     summary = json.loads((run / "summary.json").read_text())
     assert math.isfinite(summary["final"]["val_loss"])
-    start = torch.load(spy / "rank1_msg1.pt")["down"][DOWN_HEADER_BYTES:].clone().view(torch.float32)  # dense fp32
+    start = dense_global(torch.load(spy / "rank1_msg1.pt"), workers=1)
     final = torch.load(run / "checkpoints" / "final" / "server_state.pt", weights_only=False)["global"]
     assert final.shape == start.shape and (final - start).abs().max() > 1e-4  # the global adapter moved
-    d1, d2 = torch.load(spy / "fit_rank1_round1.pt"), torch.load(spy / "fit_rank2_round1.pt")
+    d1, d2 = torch.load(spy / "fit_rank1_round1_client0.pt"), torch.load(spy / "fit_rank2_round1_client0.pt")
     assert torch.equal(d1, d2) and d1.abs().max() > 0  # both ranks of the client end with the same adapter

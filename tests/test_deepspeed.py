@@ -13,9 +13,9 @@ import os
 
 import pytest
 import torch
-from test_distributed import ROOT, launch
+from test_distributed import ROOT, dense_global, launch
 
-from fed_ddp.protocol import DOWN_HEADER_BYTES, UP_TAIL_BYTES
+from fed_ddp.protocol import UP_TAIL_BYTES
 
 pytestmark = pytest.mark.slow
 RUNS = {
@@ -48,8 +48,7 @@ def runs(tiny_base, tmp_path_factory):
 
 def _init(run):
     spy = run[1]
-    first = torch.load(spy / "rank1_msg1.pt")
-    return first["down"][DOWN_HEADER_BYTES:].clone().view(torch.float32)  # dense fp32 wire
+    return dense_global(torch.load(spy / "rank1_msg1.pt"), workers=2)  # dense fp32 wire
 
 
 def test_engines_and_rank_layouts_agree(runs):
@@ -64,7 +63,7 @@ def test_engines_and_rank_layouts_agree(runs):
 def test_ranks_of_one_client_agree_and_clients_differ(runs):
     for name in ("torch_r2", "zero2", "zero3"):
         spy = runs[name][1]
-        d = {r: torch.load(spy / f"fit_rank{r}_round1.pt") for r in (1, 2, 3, 4)}
+        d = {r: torch.load(spy / f"fit_rank{r}_round1_client{(r - 1) // 2}.pt") for r in (1, 2, 3, 4)}
         assert torch.equal(d[1], d[2]) and torch.equal(d[3], d[4]), name
         assert (d[1] - d[3]).abs().max() > 1e-4, name  # different private data -> different adapters
 

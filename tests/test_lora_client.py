@@ -106,5 +106,7 @@ def test_in_memory_server_loop_matches_weighted_mean(tiny_base, tmp_path):
     state = torch.load(cfg.run.dir / "checkpoints" / "round_0001" / "server_state.pt", weights_only=False)
     torch.testing.assert_close(state["global"].double(), expected, rtol=0, atol=1e-6)
     row = json.loads((cfg.run.dir / "metrics.jsonl").read_text().splitlines()[1])
-    assert row["bytes_up"] == 2 * (init.numel() + 4) * 4
+    message = init.numel() * 4 + 4 + 4 * 4  # fp32 delta + int32 client id + 4 fp32 fields
+    assert row["bytes_up"] == row["comm"]["air"]["up"]["total"] == 2 * message  # one worker, 2 clients
+    assert row["comm"]["air"]["up"]["messages"] == 2 and row["clients"]["arrived"] == [0, 1]
     assert summary["lora_parameters"] == init.numel()

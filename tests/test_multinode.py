@@ -1,6 +1,6 @@
 """Two torchrun agents ("nodes") on loopback, launched by launch/multi_node.sh, give the same run as one node.
 
-World of 3 ranks (1 server + 2 clients): node rank 0 runs 2 of them and node rank 1 runs 1 (torchrun
+World of 3 ranks (1 server + 2 workers): node rank 0 runs 2 of them and node rank 1 runs 1 (torchrun
 agents may run different numbers of workers). The same config through launch/single_node.sh runs at
 the same time; the final adapters must be bit-identical and the metrics equal except for timings.
 """
@@ -61,7 +61,7 @@ def two_launches(tiny_base, tmp_path_factory):
 
 
 def _ranks(log: str) -> set[str]:
-    return set(re.findall(r"\[(server|client\d+) r(\d+)\]", log))
+    return set(re.findall(r"\[(server|worker\d+) r(\d+)\]", log))
 
 
 def test_both_launches_succeed_and_ranks_are_spread(two_launches):
@@ -70,7 +70,7 @@ def test_both_launches_succeed_and_ranks_are_spread(two_launches):
     assert "ranks per node 2 1" in logs["node0"]
     on0, on1 = _ranks(logs["node0"]), _ranks(logs["node1"])
     assert len(on0) == 2 and len(on1) == 1, (on0, on1)
-    assert on0 | on1 == {("server", "0"), ("client0", "1"), ("client1", "2")} == _ranks(logs["single"])
+    assert on0 | on1 == {("server", "0"), ("worker0", "1"), ("worker1", "2")} == _ranks(logs["single"])
 
 
 def test_same_adapter_and_metrics_as_one_node(two_launches):
@@ -104,8 +104,8 @@ def test_launch_errors_are_one_line(tmp_path):
     p = run(["launch/multi_node.sh", TINY], NNODES="4", NODE_RANK="0", RDZV_ENDPOINT="127.0.0.1:1")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [
-        ("fed-ddp: config error: --nnodes=4: a world of 3 ranks (1 server + 2 clients) cannot fill 4 nodes; "
-         "use at most 3 nodes or raise fed.num_clients")]
+        ("fed-ddp: config error: --nnodes=4: a world of 3 ranks (1 server + 2 workers) for 2 clients cannot fill "
+         "4 nodes; use at most 3 nodes or raise fed.workers")]
     p = run(["launch/single_node.sh", TINY, "fed.num_clients=0"])
     assert p.returncode == 2 and p.stderr.strip() == "fed-ddp: config error: fed.num_clients=0: must be > 0"
 
@@ -137,5 +137,5 @@ def test_fed_ddp_run_refuses_more_ranks_than_gpus(monkeypatch, capsys):
         monkeypatch.delenv(k, raising=False)
     assert cli.main(["run", TINY]) == 2
     assert capsys.readouterr().err.strip() == (
-        "fed-ddp: config error: fed.num_clients=2: 3 ranks on a node with 2 GPU(s): NCCL needs one GPU per rank; "
-        "use more nodes, more GPUs per node, fewer clients, or train.device=cpu")
+        "fed-ddp: config error: fed.workers=2: 3 ranks on a node with 2 GPU(s): NCCL needs one GPU per rank; "
+        "use more nodes, more GPUs per node, fewer workers, or train.device=cpu")

@@ -61,7 +61,7 @@ def test_plan_cli_for_sd15_prints_counts_and_exact_bytes():
 
     unet = meta_unet(json.loads((UNET_CONFIGS / "sd15_unet.json").read_text()))
     attach_lora(unet, LoraSection(rank=4, targets=["to_q", "to_k", "to_v", "to_out.0"]))
-    up = _expected_topk_int8(layout_of(unet)) + 16  # + the protocol's 4 fp32 uplink fields
+    up = _expected_topk_int8(layout_of(unet)) + 20  # + the protocol's int32 client id and 4 fp32 fields
     down = 2 * 797_184 + 20  # fp16 + the 5 fp32 header fields
     rows = {m.group(1): [int(v.replace(",", "")) for v in m.group(2, 3, 4)]
             for m in re.finditer(r"^  (uplink|downlink|both)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)", out, re.MULTILINE)}
@@ -89,7 +89,7 @@ def test_plan_bytes_equal_a_real_encode_of_the_real_tiny_model():
     delta = torch.randn(plan.lora_parameters) * 1e-3
     buf = uplink_chain(comm, layout).encode(delta, ChainState(1)).to_bytes()
     assert buf.numel() == plan.up.message.total
-    assert plan.up.total.total == buf.numel() + 16
+    assert plan.up.total.total == buf.numel() + 20
     assert 0 < sum(not plan.up.chain.compresses(i) for i in range(len(layout))) < len(layout)  # min_numel=200 bites
 
 
@@ -139,3 +139,26 @@ def test_plan_reads_a_pretrained_directory(tiny_base):
 
     real = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
     assert plan.unet_parameters == sum(p.numel() for p in real.parameters())
+
+
+def test_plan_population_memory_flat_in_n_disk_and_cluster_bytes():
+    from fed_ddp.compression import ChainState
+    from fed_ddp.plan import format_plan
+    from fed_ddp.protocol import HEAD_BYTES
+
+    texts = {}
+    for n in (100, 100_000):
+        cfg, comm = load_run_and_comm(QUICKSTART, [f"fed.num_clients={n}", "fed.clients_per_round=10", "fed.workers=4",
+                                                   "comm.uplink=[topk,int8]", "fed.rounds=20"])
+        plan = make_plan(cfg, comm)
+        texts[n] = format_plan(plan, comm)
+        # a client's state: what a real encode leaves in a fresh ChainState (residuals of the top-k tensors)
+        st = ChainState()
+        plan.up.chain.encode(torch.zeros(plan.lora_parameters), st)
+        assert plan.state_bytes == sum(4 * t.numel() for t in st.residual.values()) > 0
+        assert plan.cluster_up == 4 * 3 * plan.up.total.total  # native gather: 4 workers padded to 3 messages
+        assert plan.cluster_down == 4 * (HEAD_BYTES + 4 * 4 * 3 + plan.down.message.total)
+    mem = [next(line for line in texts[n].splitlines() if line.startswith("memory")) for n in (100, 100_000)]
+    assert mem[0] == mem[1]  # nothing held in memory grows with N
+    disk = [re.search(r"about ([\d,]+) clients", texts[n]).group(1) for n in (100, 100_000)]
+    assert disk == ["88", "200"]  # 100 (1 - 0.9^20) and 100000 (1 - 0.9999^20)

@@ -43,7 +43,7 @@ def expected(run_dir) -> dict:
     e = {"rounds": n, "round_s": sum(r["seconds"]["round"] for r in rounds) / n,
          "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / n,
          "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / n,
-         "up_vs_dense_lora": sum(r["comm"]["up"]["vs_dense_lora"] for r in rounds) / n,
+         "up_vs_dense_lora": sum(r["comm"]["air"]["up"]["vs_dense_lora"] for r in rounds) / n,
          "val_loss_final": rounds[-1]["val_loss"],
          "gen_acc_clients_base": base["gen_acc_clients"], "gen_acc_clients_final": final["gen_acc_clients"],
          "lora_parameters": json.loads((run_dir / "summary.json").read_text())["lora_parameters"]}

@@ -136,7 +136,7 @@ def test_sbatch_runs_the_tiny_config(jobs):
     assert summary["run"] == f"fedtest-{job}" and summary["rounds"] == 2 and summary["num_clients"] == 2
     assert f"python {sys.executable}" in log  # the job used the project's interpreter
     assert "ranks per node 3" in log
-    assert set(re.findall(r"\[(server r0|client0 r1|client1 r2)\]", log)) == {"server r0", "client0 r1", "client1 r2"}
+    assert set(re.findall(r"\[(server r0|worker0 r1|worker1 r2)\]", log)) == {"server r0", "worker0 r1", "worker1 r2"}
 
 
 def test_sbatch_bad_config_fails_with_one_line(jobs):

@@ -27,6 +27,7 @@ from fed_ddp.compression.base import ENCODER, TRANSFORM, Codec, PieceState, mix_
 from fed_ddp.compression.payload import ByteCount, Payload, from_bytes, to_bytes
 from fed_ddp.compression.registry import build_codecs
 from fed_ddp.compression.state import ChainState
+from fed_ddp.lora_names import is_lora_name
 
 RAW = "raw"
 Layout = list[tuple[str, tuple[int, ...]]]
@@ -36,7 +37,7 @@ def layout_of(module: torch.nn.Module) -> Layout:
     """(name, shape) of the trainable LoRA parameters, in flat-vector order (as ``lora.lora_parameters``)."""
     # ZeRO-3 leaves an empty shard in p.shape; the full shape is ds_shape
     return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in module.named_parameters()
-            if p.requires_grad and "lora_" in n]
+            if p.requires_grad and is_lora_name(n)]
 
 
 @dataclass

@@ -37,6 +37,25 @@ class ChainState:
                 "residual": {k: v.detach().cpu().clone() for k, v in self.residual.items()},
                 "slots": {k: {s: v.detach().cpu().clone() for s, v in d.items()} for k, d in self.slots.items()}}
 
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Flat named tensors + string metadata (for safetensors: nothing to unpickle)."""
+        tensors = {f"residual|{k}": v.detach().cpu() for k, v in self.residual.items()}
+        tensors.update({f"slot|{k}|{s}": v.detach().cpu() for k, d in self.slots.items() for s, v in d.items()})
+        return tensors, {"seed": str(self.seed), "step": str(self.step)}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        self.seed, self.step = int(meta["seed"]), int(meta["step"])
+        self.residual, self.slots = {}, {}
+        for key, v in tensors.items():
+            kind, _, rest = key.partition("|")
+            if kind == "residual":
+                self.residual[rest] = v.clone()
+            elif kind == "slot":
+                name, _, slot = rest.rpartition("|")
+                self.slots.setdefault(name, {})[slot] = v.clone()
+            else:
+                raise ValueError(f"codec state: unknown tensor {key!r}")
+
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.step = int(state["seed"]), int(state["step"])
         self.residual = {k: v.clone() for k, v in state["residual"].items()}

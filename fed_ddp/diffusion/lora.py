@@ -16,6 +16,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from fed_ddp.config import LoraSection
+from fed_ddp.lora_names import is_lora_name
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -34,7 +35,7 @@ def attach_lora(unet, cfg: LoraSection, seed: int = 0) -> None:
 
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
     """Trainable LoRA parameters in a fixed (named) order: the layout of every flat vector."""
-    return [p for n, p in unet.named_parameters() if p.requires_grad and "lora_" in n]
+    return [p for n, p in unet.named_parameters() if p.requires_grad and is_lora_name(n)]
 
 
 def num_lora_parameters(unet) -> int:

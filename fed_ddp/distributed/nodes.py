@@ -4,7 +4,7 @@
     python -m fed_ddp.distributed.nodes --nnodes 2 --node-rank 1 CONFIG [key=value ...]  -> "1"    (this node)
 
 Used by ``launch/*.sh`` and ``slurm/*.sbatch`` before they start ``torchrun``: the config decides the
-world size (1 + fed.num_clients x fed.ranks_per_client), so the scripts never ask for nproc-per-node. torchrun's
+world size (1 + fed.workers x fed.ranks_per_client), so the scripts never ask for nproc-per-node. torchrun's
 agents may each run a different number of workers; global ranks are handed out agent by agent. Errors
 (a bad config, more nodes than ranks, more ranks than GPUs on a node) are one ``fed-ddp:`` line and
 exit code 2, before anything is launched. An info line on stderr says what will be launched.
@@ -26,14 +26,16 @@ def procs_per_node(world_size: int, nnodes: int) -> list[int]:
         raise ConfigError("--nnodes", nnodes, "must be >= 1")
     if nnodes > world_size:
         raise ConfigError("--nnodes", nnodes, f"a world of {world_size} ranks cannot fill {nnodes} nodes; "
-                                              f"use at most {world_size} nodes or raise fed.num_clients")
+                                              f"use at most {world_size} nodes or raise fed.workers")
     base, extra = divmod(world_size, nnodes)
     return [base + (1 if i < extra else 0) for i in range(nnodes)]
 
 
 def describe(cfg) -> str:
     per = getattr(cfg.fed, "ranks_per_client", 1)
-    return f"{cfg.world_size} ranks (1 server + {cfg.fed.num_clients} clients{f' x {per} ranks' if per > 1 else ''})"
+    f = cfg.fed
+    return (f"{cfg.world_size} ranks (1 server + {f.num_workers} workers{f' x {per} ranks' if per > 1 else ''}) "
+            f"for {f.num_clients} clients")
 
 
 def local_gpus() -> int:
@@ -63,9 +65,9 @@ def plan_cfg(cfg, nnodes: int, gpus: int | None = None) -> tuple[list[int], str]
     if cfg.train.device == "auto":
         gpus = local_gpus() if gpus is None else gpus
         if gpus and max(counts) > gpus:  # NCCL refuses two ranks of one communicator on one GPU
-            raise ConfigError("fed.num_clients", cfg.fed.num_clients,
+            raise ConfigError("fed.workers", cfg.fed.num_workers,
                               f"{max(counts)} ranks on a node with {gpus} GPU(s): NCCL needs one GPU per rank; "
-                              f"use more nodes, more GPUs per node, fewer clients, or train.device=cpu")
+                              f"use more nodes, more GPUs per node, fewer workers, or train.device=cpu")
     where = f"{gpus} GPU(s) per node" if cfg.train.device == "auto" and gpus else "CPU (gloo)"
     text = (f"{describe(cfg)} on {nnodes} node(s), "
             f"ranks per node {' '.join(map(str, counts))}, {where}, run directory {cfg.run.dir}")

@@ -1,11 +1,12 @@
 """Who is who in the world: computed once from the launcher's environment; the only place with rank maths.
 
-Rank 0 is the server. Client c owns the R consecutive ranks 1 + c*R ... c*R + R (R =
-``fed.ranks_per_client``); the first of them is its leader. Groups:
+Rank 0 is the server. Worker w owns the R consecutive ranks 1 + w*R ... w*R + R (R =
+``fed.ranks_per_client``); the first of them is its leader. A worker plays the clients the server
+assigns it, one after another (clients are data, not ranks). Groups:
 
-- ``client_group``: one client's R ranks: data parallelism inside the client (gradients, ZeRO shards);
+- ``client_group``: one worker's R ranks: data parallelism inside the client it plays (gradients, ZeRO shards);
 - ``leaders_group``: the server + every leader: the federated traffic;
-- DeepSpeed gets an ``mpu`` whose data-parallel group is ``client_group``, so clients never mix.
+- DeepSpeed gets an ``mpu`` whose data-parallel group is ``client_group``, so workers never mix.
 """
 
 from __future__ import annotations
@@ -31,23 +32,23 @@ class Topology:
     rank: int
     world_size: int
     local_rank: int
-    num_clients: int
+    num_workers: int
     ranks_per_client: int = 1
     groups: Groups | None = field(default=None, compare=False)
 
     @classmethod
-    def from_env(cls, num_clients: int, ranks_per_client: int = 1, env=os.environ) -> Topology:
+    def from_env(cls, num_workers: int, ranks_per_client: int = 1, env=os.environ) -> Topology:
         """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun, ``fed-ddp run`` or SLURM's srun)."""
         rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
         world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
         local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
-        need = 1 + num_clients * ranks_per_client
+        need = 1 + num_workers * ranks_per_client
         if world != need:
-            what = f"{num_clients} clients" if ranks_per_client == 1 else \
-                f"{num_clients} clients x {ranks_per_client} ranks"
-            raise ConfigError("fed.num_clients", num_clients,
+            what = f"{num_workers} workers" if ranks_per_client == 1 else \
+                f"{num_workers} workers x {ranks_per_client} ranks"
+            raise ConfigError("fed.workers", num_workers,
                               f"needs a world of 1 server + {what} = {need} ranks, but this launch has {world}")
-        return cls(rank, world, local, num_clients, ranks_per_client)
+        return cls(rank, world, local, num_workers, ranks_per_client)
 
     # -- who am I -----------------------------------------------------------------------------
     @property
@@ -55,7 +56,7 @@ class Topology:
         return self.rank == 0
 
     @property
-    def client_id(self) -> int | None:
+    def worker_id(self) -> int | None:
         return None if self.is_server else (self.rank - 1) // self.ranks_per_client
 
     @property
@@ -70,7 +71,7 @@ class Topology:
     def role(self) -> str:
         if self.is_server:
             return "server"
-        return f"client{self.client_id}" + (f".{self.rank_in_client}" if self.ranks_per_client > 1 else "")
+        return f"worker{self.worker_id}" + (f".{self.rank_in_client}" if self.ranks_per_client > 1 else "")
 
     def client_ranks(self, c: int) -> list[int]:
         start = 1 + c * self.ranks_per_client
@@ -83,17 +84,17 @@ class Topology:
     def with_groups(self, deepspeed: bool = False) -> Topology:
         client = leaders = single = None
         if self.ranks_per_client > 1:
-            for c in range(self.num_clients):
+            for c in range(self.num_workers):
                 g = dist.new_group(self.client_ranks(c))
-                if c == self.client_id:
+                if c == self.worker_id:
                     client = g
-            leaders = dist.new_group([0] + [self.leader_of(c) for c in range(self.num_clients)])
+            leaders = dist.new_group([0] + [self.leader_of(c) for c in range(self.num_workers)])
         if deepspeed:
             for r in range(self.world_size):
                 g = dist.new_group([r])
                 if r == self.rank:
                     single = g
-        return Topology(self.rank, self.world_size, self.local_rank, self.num_clients, self.ranks_per_client,
+        return Topology(self.rank, self.world_size, self.local_rank, self.num_workers, self.ranks_per_client,
                         Groups(client, leaders, single, client or single))
 
     def deepspeed_mpu(self) -> ClientMPU:

@@ -1,0 +1,99 @@
+"""Which clients take part in a round (pure functions, deterministic from the run seed and the round).
+
+    reachable = available(rnd, seed, N, fed.availability)      # probability, or a per-client trace
+    picked    = sample(fed.sampling, rnd, seed, reachable, m=..., q=..., sizes=...)
+    lost      = dropouts(rnd, seed, picked, fed.dropout_rate)  # sampled, but never reported
+
+Modes: ``all`` (every reachable client), ``uniform`` (m without replacement), ``poisson`` (each
+reachable client joins independently with probability q: the round size varies, which is the form
+privacy accounting needs), ``weighted`` (m without replacement, probability proportional to data size).
+Each decision has its own random stream (``fed_ddp.seeds``), so changing the dropout rate does not
+change who is sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fed_ddp import seeds
+
+MODES = ("all", "uniform", "poisson", "weighted")
+
+
+def read_trace(path: str | Path, num_clients: int) -> np.ndarray:
+    """An availability trace: one line per client (line i = client i), one character per round, ``1``
+    reachable / ``0`` not; round t reads column (t - 1) mod the line's length. Returns a bool matrix
+    padded by repetition to the longest line. Raises ValueError naming the line that is wrong."""
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if len(lines) != num_clients:
+        raise ValueError(f"{path}: {len(lines)} client lines, fed.num_clients={num_clients} needs one per client")
+    for i, ln in enumerate(lines):
+        if set(ln) - {"0", "1"}:
+            raise ValueError(f"{path}: line of client {i} must be only 0 and 1 (one per round), got {ln[:20]!r}")
+    width = max(len(ln) for ln in lines)
+    return np.array([[ln[t % len(ln)] == "1" for t in range(width)] for ln in lines], dtype=bool)
+
+
+def available(rnd: int, seed: int, num_clients: int, availability: float | np.ndarray = 1.0) -> np.ndarray:
+    """Ids of the clients reachable in round ``rnd`` (ascending)."""
+    if isinstance(availability, np.ndarray):
+        return np.flatnonzero(availability[:, (rnd - 1) % availability.shape[1]])
+    if availability >= 1:
+        return np.arange(num_clients)
+    draw = seeds.round_rng(seed, rnd, seeds.AVAILABILITY).random(num_clients)
+    return np.flatnonzero(draw < availability)
+
+
+def sample(mode: str, rnd: int, seed: int, candidates: np.ndarray, m: int | None = None, q: float | None = None,
+           sizes: np.ndarray | None = None) -> np.ndarray:
+    """The clients sampled from ``candidates`` (ascending ids). ``sizes``: examples per client id
+    (``weighted``). With fewer candidates than m, uniform and weighted take them all."""
+    candidates = np.asarray(candidates, dtype=np.int64)
+    rng = seeds.round_rng(seed, rnd, seeds.SAMPLING)
+    if mode == "all":
+        return candidates
+    if mode == "poisson":
+        return candidates[rng.random(len(candidates)) < q]
+    if mode in ("uniform", "weighted"):
+        if m is None or m >= len(candidates):
+            return candidates
+        p = None
+        if mode == "weighted":
+            w = np.asarray(sizes, dtype=np.float64)[candidates]
+            p = w / w.sum()
+        return np.sort(rng.choice(candidates, size=m, replace=False, p=p))
+    raise ValueError(f"fed.sampling={mode!r}: must be one of {list(MODES)}")
+
+
+def dropouts(rnd: int, seed: int, sampled: np.ndarray, rate: float) -> np.ndarray:
+    """The sampled clients that fail to report this round (ascending)."""
+    sampled = np.asarray(sampled, dtype=np.int64)
+    if rate <= 0 or len(sampled) == 0:
+        return sampled[:0]
+    # one draw per client id (not per position), so a client's fate does not depend on who else was sampled
+    draw = seeds.round_rng(seed, rnd, seeds.DROPOUT).random(int(sampled.max()) + 1)
+    return sampled[draw[sampled] < rate]
+
+
+@dataclass(frozen=True)
+class RoundClients:
+    sampled: list[int]  # chosen by the sampler among the reachable clients
+    dropped: list[int]  # sampled, but fail to report (simulated: fed.dropout_rate)
+    reachable: int  # how many clients were reachable
+
+    @property
+    def playing(self) -> list[int]:
+        lost = set(self.dropped)
+        return [c for c in self.sampled if c not in lost]
+
+
+def select_round(fed, rnd: int, seed: int, sizes: np.ndarray, trace: np.ndarray | None = None) -> RoundClients:
+    """The whole decision of round ``rnd`` from the ``fed`` config section."""
+    n = fed.num_clients
+    reach = available(rnd, seed, n, trace if trace is not None else float(fed.availability))
+    picked = sample(fed.sampling, rnd, seed, reach, m=fed.clients_per_round, q=fed.sample_rate, sizes=sizes)
+    lost = dropouts(rnd, seed, picked, fed.dropout_rate)
+    return RoundClients([int(c) for c in picked], [int(c) for c in lost], len(reach))

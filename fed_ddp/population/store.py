@@ -1,0 +1,94 @@
+"""Per-client state that outlives the rounds a client sits out: on disk, safetensors, written atomically.
+
+    store = ClientStateStore(run_dir / "clients", cache_size=32)
+    store.save(client, rnd, {"residual|up.0.lora_A": t, ...}, {"step": "3"})
+    rnd, tensors, meta = store.load(client, max_round=rnd - 1)   # None if the client has no state yet
+
+Layout: ``clients/client_NNNNNN/round_RRRR.safetensors`` (tensors + string metadata; safetensors never
+unpickles). A client keeps its newest file and the one before it: a run stopped in the middle of round
+t resumes from checkpoint t - 1 and must find each client's state as of before round t, which
+``load(max_round=t - 1)`` does. Any worker may play any client, so the files are the truth; each worker
+keeps an LRU cache of at most ``cache_size`` states, used only while it is still the newest on disk.
+Disk grows with the clients that ever took part; memory is bounded by the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_FILE = re.compile(r"round_(\d{4,})\.safetensors")
+
+
+class ClientStateStore:
+    def __init__(self, root: str | os.PathLike, cache_size: int = 32):
+        self.root = Path(root)
+        self.cache_size = max(0, int(cache_size))
+        self._cache: OrderedDict[int, tuple[int, dict[str, torch.Tensor], dict[str, str]]] = OrderedDict()
+        self.reads = 0  # files read (cache misses), for tests and benchmarks
+
+    def folder(self, client: int) -> Path:
+        return self.root / f"client_{client:06d}"
+
+    def rounds(self, client: int) -> list[int]:
+        """Rounds for which ``client`` has a complete state file, ascending."""
+        folder = self.folder(client)
+        if not folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _FILE.fullmatch(p.name)))
+
+    def load(self, client: int, max_round: int) -> tuple[int, dict[str, torch.Tensor], dict[str, str]] | None:
+        """The newest state of ``client`` saved at a round <= ``max_round`` (copies: callers may mutate)."""
+        usable = [r for r in self.rounds(client) if r <= max_round]
+        if not usable:
+            return None
+        rnd = usable[-1]
+        hit = self._cache.get(client)
+        if hit is None or hit[0] != rnd:
+            path = self.folder(client) / f"round_{rnd:04d}.safetensors"
+            with safe_open(str(path), framework="pt") as f:
+                hit = (rnd, {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}))  # noqa: SIM118
+            self.reads += 1
+            self._remember(client, hit)
+        else:
+            self._cache.move_to_end(client)
+        return hit[0], {k: v.clone() for k, v in hit[1].items()}, dict(hit[2])
+
+    def save(self, client: int, rnd: int, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> Path:
+        """Write atomically (temporary file, then rename), then drop all but this and the previous file."""
+        folder = self.folder(client)
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"round_{rnd:04d}.safetensors"
+        tmp = folder / f".round_{rnd:04d}.safetensors.tmp"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (meta or {}).items()})
+        os.replace(tmp, final)
+        older = [r for r in self.rounds(client) if r < rnd]
+        for r in older[:-1]:
+            (folder / f"round_{r:04d}.safetensors").unlink(missing_ok=True)
+        self._remember(client, (rnd, {k: v.clone() for k, v in tensors.items()}, {k: str(v) for k, v in
+                                                                                   (meta or {}).items()}))
+        return final
+
+    def _remember(self, client: int, entry) -> None:
+        if not self.cache_size:
+            return
+        self._cache[client] = entry
+        self._cache.move_to_end(client)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def clients(self) -> list[int]:
+        """Every client with state on disk."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name.split("_")[1]) for p in self.root.glob("client_*") if p.is_dir())
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*.safetensors")) if self.root.is_dir() else 0

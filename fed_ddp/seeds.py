@@ -1,0 +1,35 @@
+"""Every random stream of a run, derived from ``run.seed`` in one place.
+
+Each stream is a function of the run seed and of who and when (round, client), never of which rank or
+worker plays a client, so a client's training is the same whatever worker plays it and a resumed run
+draws exactly what the uninterrupted one drew.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_PRIME = 1_000_003
+
+
+def client_round(run_seed: int, rnd: int, client_id: int) -> int:
+    """Local training of ``client_id`` in round ``rnd``: batches, noise, timesteps."""
+    return run_seed * _PRIME + rnd * 1_009 + client_id
+
+
+def client_codec(run_seed: int, client_id: int) -> int:
+    """Base of a client's uplink codec streams (stochastic rounding, random-k); the round advances them."""
+    return run_seed * _PRIME + client_id
+
+
+def server_codec(run_seed: int) -> int:
+    """Base of the server's downlink codec streams."""
+    return run_seed * _PRIME + 999_983
+
+
+# numpy streams of the server's round decisions (SeedSequence keys: seed, round, purpose)
+AVAILABILITY, SAMPLING, DROPOUT = 1, 2, 3
+
+
+def round_rng(run_seed: int, rnd: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng([run_seed, rnd, purpose])

@@ -1,0 +1,102 @@
+"""A worker: one training rank (or rank group) that plays the round's clients assigned to it.
+
+For each client in its row of the round's assignment table, one after another, a worker
+
+1. takes the client's encoded data from a bounded LRU cache (encoding it the first time it plays it:
+   at SD scale, encoding every client up front is the wrong default);
+2. trains it from the same global adapter with its own seed and a fresh optimizer (``LocalTrainer``;
+   the torch or DeepSpeed engine is built once per worker and reused for every client);
+3. encodes the delta with the client's own codec state (error-feedback residual, warm starts), loaded
+   from and saved to the ``ClientStateStore``, and appends the message to its uplink.
+
+``Worker.handle`` is the transport's handler, so the same class serves torchrun ranks (through
+``CollectiveTransport``) and in-process runs (``InMemoryTransport``: compare, tests, benchmarks).
+With several ranks per worker every rank trains every client on its slice of each batch; only the
+leader encodes, keeps state and sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+
+import torch
+
+from fed_ddp.client import EncodedSet, LocalTrainer, encode_set
+from fed_ddp.compression import ChainState
+from fed_ddp.data.federated import FederatedData
+from fed_ddp.population import ClientStateStore
+from fed_ddp.protocol import Wire, client_codec_state
+from fed_ddp.strategies import RoundPlan
+
+log = logging.getLogger("fed_ddp.worker")
+
+
+class Worker:
+    def __init__(self, index: int, cfg, pipe, scheduler, data: FederatedData, wire: Wire, engine=None,
+                 store: ClientStateStore | None = None, leader: bool = True, rank_in_client: int = 0,
+                 ranks_per_client: int = 1):
+        self.index, self.cfg, self.pipe, self.scheduler, self.data = index, cfg, pipe, scheduler, data
+        self.wire, self.engine, self.leader = wire, engine, leader
+        self.store = store if store is not None else ClientStateStore(cfg.run.dir / "clients", cfg.fed.client_cache)
+        self.rank_in_client, self.ranks_per_client = rank_in_client, ranks_per_client
+        self.replay: EncodedSet | None = None
+        if data.replay is not None and cfg.data.replay_fraction > 0:
+            self.replay = encode_set(pipe, data.replay)  # shared by every client this worker plays
+        self._trainers: OrderedDict[int, LocalTrainer] = OrderedDict()
+        self.cache_size = max(1, cfg.fed.client_cache)
+        self.encoded = 0  # clients encoded so far (cache misses)
+        self.played = 0
+
+    # -- clients --------------------------------------------------------------------------------
+    def trainer(self, client: int) -> LocalTrainer:
+        t = self._trainers.get(client)
+        if t is None:
+            t = LocalTrainer(self.pipe, self.scheduler, self.data.clients[client], self.cfg.train, self.cfg.run.seed,
+                             self.replay, self.cfg.data.replay_fraction, client_id=client, engine=self.engine,
+                             rank_in_client=self.rank_in_client, ranks_per_client=self.ranks_per_client)
+            self.encoded += 1
+            self._trainers[client] = t
+            while len(self._trainers) > self.cache_size:
+                self._trainers.popitem(last=False)
+        self._trainers.move_to_end(client)
+        return t
+
+    def codec_state(self, client: int, rnd: int) -> ChainState:
+        """The client's uplink codec state as of before round ``rnd`` (fresh if it has none)."""
+        state = client_codec_state(self.cfg.run.seed, client)
+        saved = self.store.load(client, max_round=rnd - 1)
+        if saved is not None:
+            state.load_tensors(saved[1], saved[2])
+        state.step = rnd - 1  # random streams advance with the round, whether or not the client took part
+        return state
+
+    def play(self, client: int, plan: RoundPlan, global_flat: torch.Tensor) -> torch.Tensor:
+        """Train ``client`` for one round; its uplink message (empty on a non-leader rank)."""
+        t0 = time.perf_counter()
+        trainer = self.trainer(client)
+        delta, metrics = trainer.fit(global_flat, plan)
+        self.played += 1
+        if not self.leader:
+            return torch.empty(0, dtype=torch.uint8)
+        state = self.codec_state(client, plan.round)
+        metrics["client_seconds"] = time.perf_counter() - t0
+        msg = self.wire.pack_uplink(client, delta, state, trainer.num_examples, metrics)
+        if state.residual or state.slots:
+            tensors, meta = state.to_tensors()
+            self.store.save(client, plan.round, tensors, meta)
+        return msg
+
+    # -- transport handlers -----------------------------------------------------------------------
+    def body_nbytes(self, head: torch.Tensor) -> int | None:
+        h = self.wire.unpack_head(head)
+        return None if h.stop else self.wire.body_nbytes(h.slots)
+
+    def handle(self, head: torch.Tensor, body: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """One round: play this worker's clients; (its uplink buffer, every worker's uplink size)."""
+        h = self.wire.unpack_head(head)
+        table, global_flat = self.wire.unpack_body(body, h.slots)
+        msgs = [self.play(c, h.plan, global_flat) for c in table[self.index]]
+        up = torch.cat(msgs) if msgs else torch.empty(0, dtype=torch.uint8)
+        return up, self.wire.up_sizes(table)
