@@ -5,7 +5,7 @@
 #   host1$ NNODES=2 NODE_RANK=1 RDZV_ENDPOINT=host0:29400 launch/multi_node.sh CONFIG [key=value ...]
 #
 # NNODES         number of machines (each runs one torchrun agent)
-# NODE_RANK      0..NNODES-1, distinct per machine: decides how many of the 1 + fed.num_clients ranks
+# NODE_RANK      0..NNODES-1, distinct per machine: decides how many of the 1 + fed.workers x fed.ranks_per_client ranks
 #                this machine runs (spread evenly, lower node ranks take the extra one). Which machine
 #                gets rank 0 (the server) is decided by the c10d rendezvous, not by NODE_RANK.
 # RDZV_ENDPOINT  host:port of the rendezvous, on one of the machines (usually the first); the agent

@@ -70,3 +70,16 @@ def test_world_size_mismatch_under_the_launcher_does_not_hang():
         elastic_launch(cfg, sys.executable)("-m", "fed_ddp.train", TINY)
     # the first rank to notice exits 2; the launcher then stops the others instead of letting them hang
     assert info.value.get_first_failure()[1].exitcode == 2
+
+
+@pytest.mark.parametrize("overrides,needles", [
+    (["fed.num_clients=5000", "fed.clients_per_round=10"], ["data", "5000 clients", "samples"]),
+    (["fed.num_clients=10", "fed.clients_per_round=20"], ["fed.clients_per_round", "20"]),
+    (["fed.sampling=poisson", "fed.sample_rate=2"], ["fed.sample_rate", "(0, 1]"]),
+    (["fed.workers=3"], ["fed.workers", "fed.num_clients=2"]),
+])
+def test_bad_population_is_one_line_before_any_rank(overrides, needles):
+    """Too many clients for the examples, m > N, q outside (0, 1], W > N: one line, nothing launched."""
+    proc = run_cli("run", TINY, *overrides, "run.output_dir=/nonexistent/never_made")
+    _one_line_error(proc, *needles)
+    assert "launching" not in proc.stderr

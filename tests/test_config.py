@@ -39,7 +39,7 @@ def test_config_dir_has_yaml_files():
 def test_shipped_config_loads_validates_and_applies_its_values(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
-    assert cfg.world_size == 1 + cfg.fed.num_clients
+    assert cfg.world_size == 1 + cfg.fed.num_workers * cfg.fed.ranks_per_client
     # every value written in the file is what the typed config holds
     flat = to_dict(cfg)
     raw = yaml.safe_load(path.read_text()) or {}
