@@ -22,13 +22,13 @@ INFO = "fed_ddp.json"
 
 
 def save_checkpoint(out_dir: Path, unet, global_flat: torch.Tensor, rnd: int, strategy_state: dict,
-                    info: dict) -> Path:
+                    info: dict, extra: dict | None = None) -> Path:
     """Write into a temporary folder, then rename: a crash never leaves a half-written checkpoint."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     export_adapter(unet, tmp)
-    torch.save({"round": rnd, "global": global_flat.cpu(), "strategy": strategy_state}, tmp / STATE)
+    torch.save({"round": rnd, "global": global_flat.cpu(), "strategy": strategy_state, **(extra or {})}, tmp / STATE)
     (tmp / INFO).write_text(json.dumps({**info, "round": rnd}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

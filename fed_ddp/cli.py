@@ -1,6 +1,6 @@
 """The ``fed-ddp`` command.
 
-    fed-ddp run configs/quickstart.yaml [key=value ...]     launch 1 server + N client ranks and train
+    fed-ddp run configs/quickstart.yaml [key=value ...]     launch 1 server + W worker ranks and train N clients
     fed-ddp pretrain configs/quickstart.yaml                 build (and cache) the tiny base model
     fed-ddp generate RUN/checkpoints/final --prompt "..." --out x.png
     fed-ddp compare configs/quickstart.yaml [key=value ...]  federated vs centralized vs local-only
@@ -64,6 +64,7 @@ def cmd_run(args) -> int:
         print_table(s, list(cfg.data.digits), [d for d in cfg.model.tiny.digits if d not in cfg.data.digits])
         t = s["seconds_total"]
         print(f"\nTime over {s['rounds']} rounds: {t['round']:.1f} s = local training {t['local_training']:.1f}"
+              f" + client overhead {t['client_overhead']:.1f}"
               f" + communication {t['communication']:.1f} + aggregation {t['aggregation']:.2f}"
               f" + evaluation {t['evaluation']:.1f} + other {t['other']:.1f}")
         print_bytes(s)
@@ -109,6 +110,13 @@ def check_data(cfg) -> None:
     """Build the federated split in the launcher, so data errors are one line before any rank starts."""
     from fed_ddp.data.federated import build_federated_data
 
+    if isinstance(cfg.fed.availability, str):
+        from fed_ddp.population import read_trace
+
+        try:
+            read_trace(cfg.fed.availability, cfg.fed.num_clients)
+        except (ValueError, OSError) as e:
+            raise ConfigError("fed.availability", cfg.fed.availability, " ".join(str(e).split())) from None
     try:
         build_federated_data(cfg)
     except (ValueError, OSError) as e:

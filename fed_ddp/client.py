@@ -102,14 +102,18 @@ class LocalTrainer:
         gen = torch.Generator().manual_seed(seed)
         self.unet.train()
         losses = []
-        for _ in range(plan.local_steps * self.cfg.gradient_accumulation_steps):
-            lat, emb, noise, t = self._batch(rng, gen)
-            with autocast_for(self.device, self.cfg.mixed_precision, self.cfg.engine):
-                loss = diffusion_loss(eng.model, self.scheduler, lat, emb, noise=noise, timesteps=t)
-            if anchor is not None:
-                loss = loss + 0.5 * plan.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            eng.backward_step(loss)
-            losses.append(loss.item())
+        # LoRA dropout draws from torch's global generator: seed it per (client, round), so a client's update
+        # does not depend on which clients its worker played before
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for _ in range(plan.local_steps * self.cfg.gradient_accumulation_steps):
+                lat, emb, noise, t = self._batch(rng, gen)
+                with autocast_for(self.device, self.cfg.mixed_precision, self.cfg.engine):
+                    loss = diffusion_loss(eng.model, self.scheduler, lat, emb, noise=noise, timesteps=t)
+                if anchor is not None:
+                    loss = loss + 0.5 * plan.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                eng.backward_step(loss)
+                losses.append(loss.item())
         self.unet.eval()
         delta = eng.read_adapter().cpu() - global_flat.cpu()
         return delta, {"train_loss": float(np.mean(losses)), "train_seconds": time.perf_counter() - t0}

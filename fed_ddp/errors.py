@@ -30,5 +30,5 @@ def positive(key: str, value: float, zero_ok: bool = False) -> None:
     """> 0 (or >= 0), and finite: inf and nan are refused too."""
     import math
 
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
-    check(ok, key, value, ("must be >= 0" if zero_ok else "must be > 0") + " and finite")
+    check(isinstance(value, (int, float)) and math.isfinite(value), key, value, "must be a finite number")
+    check(value >= 0 if zero_ok else value > 0, key, value, "must be >= 0" if zero_ok else "must be > 0")

@@ -23,7 +23,6 @@ import torch
 
 from fed_ddp.compression import ByteCount, ChainState, CodecChain, CommConfig, layout_of
 from fed_ddp.config import ConfigError, RunConfig, load_config
-from fed_ddp.distributed.collectives import SIZE_BYTES
 from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_TAIL_BYTES, Wire
 
 UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"
@@ -193,8 +192,8 @@ def format_plan(p: Plan, comm: CommConfig) -> str:
         "",
         (f"metadata includes the protocol's fields ({UP_TAIL_BYTES} B up, {PLAN_BYTES} B down). "
          "'vs' columns: how many times fewer bytes than dense fp32."),
-        (f"A variable-size gather that exchanges sizes first (gather_bytes, p2p) adds {SIZE_BYTES} B per client "
-         "per round on the uplink."),
+("Sizes are known to both ends from the round's table, so no size travels; with comm.gather=gather the "
+         "uplink pads every worker to the fullest one, with p2p it moves exactly the messages."),
     ]
     return "\n".join(lines)
 
@@ -211,9 +210,10 @@ def _population_lines(p: Plan) -> list[str]:
     lines = [
         "",
         (f"population {n:,} clients, {p.sampling} sampling, {m:g} per round (expected) on {p.workers} worker(s); "
-         f"per round in the cluster: down {p.cluster_down:,} B (broadcast to every worker), "
-         f"up {p.cluster_up:,} B (gather)"),
-        (f"memory, flat in N: server holds the round's decoded updates, {m:g} x {_mb(adapter)} = {_mb(m * adapter)}; "
+         f"per round in the cluster{'' if p.sampling in ('all', 'uniform') else ' (expected)'}: "
+         f"down {p.cluster_down:,} B (broadcast to every worker), up {p.cluster_up:,} B (gather)"),
+        (f"memory, flat in N: server holds the round's decoded updates, {m:g} x {_mb(adapter)} = {_mb(m * adapter)} "
+         f"(plus the gathered messages; one int32 per client records when it last played); "
          f"each worker caches at most {min(p.client_cache, n)} clients' encoded data and state"
          + (f" ({_mb(min(p.client_cache, n) * p.state_bytes)} of state)" if p.state_bytes else "")),
     ]

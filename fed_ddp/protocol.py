@@ -3,14 +3,18 @@
 Downlink (server -> every worker, two broadcasts)::
 
     head = [stop, round, local_steps, lr, proximal_mu, slots] (fp32)
-    body = assignment table int32 [workers x slots] (client ids, -1 = empty slot)  + downlink-chain message
+    body = assignment table int32 [workers x slots x 2]: (client id, round of the client's saved state;
+           -1 = empty slot / no state yet)  + downlink-chain message
 
 Uplink (worker w -> server, one gather): worker w's clients' messages, one after another, in table order::
 
     message = uplink-chain message (the client's adapter delta)
               + [client_id] (int32) + [num_examples, train_loss, train_seconds, client_seconds] (fp32)
 
-Every size is a function of the config, the adapter layout and the head only, never of the data: the
+The state round tells the worker exactly which state file the client must continue from (the server
+knows when each client last played), so a missing file is an error, never a silent fresh start, and a
+file left by an interrupted round is never picked up. Every size is a function of the config, the
+adapter layout and the head only, never of the data: the
 body's size follows from ``slots``, and worker w's uplink is exactly (clients in its row) x
 ``up_nbytes``, so both ends know every buffer's length before anything moves and no size travels.
 Counts travel as fp32, exact up to 2**24 (16.7 M examples per client).
@@ -74,6 +78,9 @@ class Wire:
         self.down_bytes = self.down.wire_bytes + ByteCount(0, PLAN_BYTES)  # what one client receives
         self.up_nbytes = self.up_bytes.total
         self.down_msg_nbytes = self.down.wire_bytes.total
+        probe = ChainState()
+        self.up.encode(torch.zeros(self.num_params), probe)
+        self.keeps_state = bool(probe.residual or probe.slots)  # clients save codec state every round they play
 
     # -- server -> workers ------------------------------------------------------------------------
     def pack_head(self, plan: RoundPlan, slots: int, stop: bool = False) -> torch.Tensor:
@@ -85,26 +92,35 @@ class Wire:
         return Head(bool(stop), RoundPlan(int(rnd), int(steps), float(lr), float(mu)), int(slots))
 
     def body_nbytes(self, slots: int) -> int:
-        return 4 * self.workers * slots + self.down_msg_nbytes
+        return 8 * self.workers * slots + self.down_msg_nbytes
 
-    def pack_body(self, table: list[list[int]], global_flat: torch.Tensor, state: ChainState | None = None
-                  ) -> torch.Tensor:
+    def pack_body(self, table: list[list[int]], global_flat: torch.Tensor, state: ChainState | None = None,
+                  state_rounds: dict[int, int] | None = None) -> torch.Tensor:
+        """``state_rounds``: client -> round of its saved state (absent: none yet)."""
         slots = max((len(row) for row in table), default=0)
         if len(table) != self.workers:
             raise ValueError(f"assignment table has {len(table)} rows, the wire has {self.workers} workers")
-        ids = torch.full((self.workers, slots), -1, dtype=torch.int32)
+        ids = torch.full((self.workers, slots, 2), -1, dtype=torch.int32)
         for w, row in enumerate(table):
-            ids[w, :len(row)] = torch.tensor(row, dtype=torch.int32)
+            for s, c in enumerate(row):
+                ids[w, s, 0], ids[w, s, 1] = c, (state_rounds or {}).get(c, -1)
         msg = self.down.encode(global_flat.detach().float().cpu(), state).to_bytes()
         return torch.cat([ids.reshape(-1).view(torch.uint8), msg])
 
     def unpack_body(self, buf: torch.Tensor, slots: int) -> tuple[list[list[int]], torch.Tensor]:
         """(each worker's client ids, the global adapter as clients see it: decoded, fp32)."""
+        table, _, flat = self.unpack_body_rounds(buf, slots)
+        return table, flat
+
+    def unpack_body_rounds(self, buf: torch.Tensor, slots: int
+                           ) -> tuple[list[list[int]], dict[int, int], torch.Tensor]:
+        """(each worker's client ids, each listed client's state round (-1: none), the decoded global)."""
         self._check(buf, self.body_nbytes(slots), "downlink body")
-        cut = 4 * self.workers * slots
-        ids = buf[:cut].clone().view(torch.int32).reshape(self.workers, slots)
-        table = [[int(c) for c in row if c >= 0] for row in ids.tolist()]
-        return table, self.down.decode(self.down.from_bytes(buf[cut:]))
+        cut = 8 * self.workers * slots
+        ids = buf[:cut].clone().view(torch.int32).reshape(self.workers, slots, 2).tolist()
+        table = [[c for c, _ in row if c >= 0] for row in ids]
+        rounds = {c: r for row in ids for c, r in row if c >= 0}
+        return table, rounds, self.down.decode(self.down.from_bytes(buf[cut:]))
 
     def up_sizes(self, table: list[list[int]]) -> list[int]:
         """Bytes each worker sends this round, by worker index."""
@@ -114,7 +130,13 @@ class Wire:
     def pack_uplink(self, client_id: int, delta: torch.Tensor, state: ChainState | None, num_examples: int,
                     metrics: dict[str, float]) -> torch.Tensor:
         """Encode ``delta`` (updating the client's error-feedback ``state``) and append its id and fields."""
-        msg = self.up.encode(delta.detach().float().cpu(), state).to_bytes()
+        return self.with_fields(self.encode_delta(delta, state), client_id, num_examples, metrics)
+
+    def encode_delta(self, delta: torch.Tensor, state: ChainState | None) -> torch.Tensor:
+        return self.up.encode(delta.detach().float().cpu(), state).to_bytes()
+
+    def with_fields(self, msg: torch.Tensor, client_id: int, num_examples: int, metrics: dict[str, float]
+                    ) -> torch.Tensor:
         cid = torch.tensor([client_id], dtype=torch.int32).view(torch.uint8)
         return torch.cat([msg, cid, _f32_bytes([num_examples] + [metrics[k] for k in UP_FIELDS[1:]])])
 

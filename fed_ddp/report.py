@@ -8,7 +8,7 @@ to ``--out``:
     table.md, table.csv   one row per run: the parameters that differ between the runs (number of
                           clients, LoRA rank and uplink codec always, anything else when it varies), LoRA
                           parameters, rounds, mean seconds per round and its split, bytes per round up
-                          and down (all clients), how many times fewer bytes the uplink moves than
+                          and down over the air (all clients), how many times fewer bytes the uplink moves than
                           dense fp32 LoRA (comm.air.up.vs_dense_lora), final val_loss, gen_acc_clients of
                           the base and final
     time_split.png        mean seconds per round split into local training / communication /
@@ -30,17 +30,17 @@ from pathlib import Path
 
 import yaml
 
-SPLIT = ("local_training", "communication", "aggregation", "evaluation", "other")
+SPLIT = ("local_training", "client_overhead", "communication", "aggregation", "evaluation", "other")
 ALWAYS = ("fed.num_clients", "lora.rank", "comm.uplink")
 NOT_PARAMETERS = ("run.name", "run.output_dir", "run.resume", "run.log_level", "tracking.")
 SHORT = {"fed.num_clients": "clients", "lora.rank": "rank", "comm.uplink": "uplink", "comm.downlink": "downlink"}
 CHAINS = ("comm.uplink", "comm.downlink")  # codec chains: [] is dense fp32
 
 
-def _air_up(row: dict) -> dict:
-    """Over-the-air uplink bytes of a round (``comm.air.up``; runs before populations: ``comm.up``)."""
+def _air(row: dict, direction: str) -> dict:
+    """Over-the-air bytes of a round, one direction (``comm.air.up``; runs before populations: ``comm.up``)."""
     comm = row.get("comm") or {}
-    return (comm.get("air") or {}).get("up") or comm.get("up") or {}
+    return (comm.get("air") or {}).get(direction) or comm.get(direction) or {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -148,9 +148,9 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
              "rounds": len(rows),
              "round_s": _mean([row.get("seconds", {}).get("round") for row in rows]),
              **{f"{s}_s": _mean([row.get("seconds", {}).get(s) for row in rows]) for s in SPLIT},
-             "bytes_up_per_round": _mean([row.get("bytes_up") for row in rows]),
-             "bytes_down_per_round": _mean([row.get("bytes_down") for row in rows]),
-             "up_vs_dense_lora": _mean([_air_up(row).get("vs_dense_lora")
+             "bytes_up_per_round": _mean([_air(row, "up").get("total", row.get("bytes_up")) for row in rows]),
+             "bytes_down_per_round": _mean([_air(row, "down").get("total", row.get("bytes_down")) for row in rows]),
+             "up_vs_dense_lora": _mean([_air(row, "up").get("vs_dense_lora")
                                         for row in rows]),
              "val_loss_final": val[-1] if val else None,
              "gen_acc_clients_base": run.base.get("gen_acc_clients"),
@@ -221,7 +221,7 @@ def plot(runs: list[Run], columns: list[str], rows: list[dict], out: Path) -> li
     w = 0.4
     for j, (col, name) in enumerate((("bytes_up_per_round", "up"), ("bytes_down_per_round", "down"))):
         vals = [(rows[i][col] or 0.0) / 1024 for i in order]
-        bars = ax.bar([x + (j - 0.5) * w for x in range(len(order))], vals, w, label=f"{name} (all clients)")
+        bars = ax.bar([x + (j - 0.5) * w for x in range(len(order))], vals, w, label=f"{name} (over the air, all clients)")
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(order)), xt, fontsize=8)
     ax.set_ylabel("KiB per round")

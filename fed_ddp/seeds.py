@@ -13,8 +13,14 @@ _PRIME = 1_000_003
 
 
 def client_round(run_seed: int, rnd: int, client_id: int) -> int:
-    """Local training of ``client_id`` in round ``rnd``: batches, noise, timesteps."""
-    return run_seed * _PRIME + rnd * 1_009 + client_id
+    """Local training of ``client_id`` in round ``rnd``: batches, noise, timesteps, LoRA dropout.
+
+    Clients 0..1008 keep the formula the project started with (so earlier measurements reproduce);
+    beyond it ``rnd * 1009 + id`` would collide ((r + 1, c) with (r, c + 1009)), so larger ids draw
+    from numpy's SeedSequence of (seed, round, id), a 63-bit value far above the small formula's range."""
+    if client_id < 1_009:
+        return run_seed * _PRIME + rnd * 1_009 + client_id
+    return int(np.random.SeedSequence([run_seed, rnd, client_id]).generate_state(1, np.uint64)[0] >> 1) | (1 << 62)
 
 
 def client_codec(run_seed: int, client_id: int) -> int:

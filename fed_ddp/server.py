@@ -61,11 +61,7 @@ class Server:
         a = cfg.fed.availability
         self.trace = read_trace(a, cfg.fed.num_clients) if isinstance(a, str) else None
         self.evaluate = Evaluator(cfg, pipe, scheduler, data, tracker)
-
-    def _save(self, name: str, global_flat: torch.Tensor, rnd: int) -> None:
-        with self.engine.gathered():  # ZeRO-3: export full LoRA tensors, never empty shards
-            save_checkpoint(self.run_dir / "checkpoints" / name, self.pipe.unet, global_flat, rnd,
-                            self.strategy.state_dict(), self.info)
+        self.last_played = np.full(cfg.fed.num_clients, -1, dtype=np.int32)  # round each client last played
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -80,6 +76,8 @@ class Server:
             self.strategy.load_state_dict(state["strategy"])
             self.engine.write_adapter(global_flat)
             self.down_state.step = start - 1
+            if "last_played" in state:
+                self.last_played = state["last_played"].numpy().astype(np.int32).copy()
             log.info("resuming from %s (round %d done)", ckpt, state["round"])
         elif (self.run_dir / "clients").exists():  # a fresh start: no client may inherit an older run's state
             shutil.rmtree(self.run_dir / "clients")
@@ -121,8 +119,10 @@ class Server:
         chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace)
         table = assign(chosen.playing, self.workers)
         head = w.pack_head(plan, max(len(r) for r in table))
-        body = w.pack_body(table, global_flat, self.down_state)
+        rounds = {c: int(self.last_played[c]) for c in chosen.playing if w.keeps_state and self.last_played[c] > 0}
+        body = w.pack_body(table, global_flat, self.down_state, rounds)
         ups, stats = self.transport.exchange(head, body, w.up_sizes(table))
+        self.last_played[chosen.playing] = rnd
         updates: list[ClientUpdate] = []
         per_worker: list[list[ClientUpdate]] = []
         for row, buf in zip(table, ups):
@@ -152,11 +152,18 @@ class Server:
         t_ckpt = time.perf_counter()
         self._save(f"round_{rnd:04d}", global_flat, rnd)
         t_end = time.perf_counter()
-        # critical path: workers run in parallel, each plays its clients one after another
-        crit = max if stats.parallel else sum
-        train_s = crit([sum(u.metrics["train_seconds"] for u in m) for m in per_worker] or [0.0])
-        client_s = crit([sum(u.metrics["client_seconds"] for u in m) for m in per_worker] or [0.0])
-        seconds = {"local_training": train_s, "communication": max(0.0, stats.seconds - client_s),
+        # the exchange's critical path: workers run in parallel (in memory: one after another), each plays its
+        # clients back to back; split the busiest worker's time into training and the rest of playing a client
+        # (encoding its data on a cache miss, loading and saving its state, encoding its message)
+        busy = [sum(u.metrics["client_seconds"] for u in m) for m in per_worker] or [0.0]
+        train = [sum(u.metrics["train_seconds"] for u in m) for m in per_worker] or [0.0]
+        if stats.parallel:
+            k = int(np.argmax(busy))
+            busy_s, train_s = busy[k], train[k]
+        else:
+            busy_s, train_s = sum(busy), sum(train)
+        seconds = {"local_training": train_s, "client_overhead": max(0.0, busy_s - train_s),
+                   "communication": max(0.0, stats.seconds - busy_s),
                    "aggregation": t_eval - t_agg, "evaluation": t_ckpt - t_eval}
         seconds["other"] = max(0.0, (t_end - t_round) - sum(seconds.values()))
         seconds["round"] = t_end - t_round
@@ -175,12 +182,17 @@ class Server:
                "seconds": seconds, **agg_metrics}
         self.tracker.log(row, step=rnd)
         log.info("round %d: %s", rnd, _brief(row))
+        if stats.parallel and stats.seconds > 0.5 * cfg.fed.timeout_s:
+            log.warning("round %d: the exchange took %.0f s, over half of fed.timeout_s=%g (one gather waits for the "
+                        "busiest worker's %d clients): raise fed.timeout_s or fed.workers", rnd, stats.seconds,
+                        cfg.fed.timeout_s, max(len(r) for r in table))
         return {**row, "_global": global_flat}
 
     def _save(self, name: str, global_flat: torch.Tensor, rnd: int) -> None:
         with self.engine.gathered():  # ZeRO-3: export full LoRA tensors, never empty shards
             save_checkpoint(self.run_dir / "checkpoints" / name, self.pipe.unet, global_flat, rnd,
-                            self.strategy.state_dict(), self.info)
+                            self.strategy.state_dict(), self.info,
+                            {"last_played": torch.from_numpy(self.last_played.copy())})
 
     def _comm(self, stats, receivers: int, senders: int) -> dict:
         """Bytes of this round, two ways never mixed.
@@ -244,7 +256,8 @@ class Server:
             "bytes_down_total": sum(h["bytes_down"] for h in rounds),
             "comm": self._comm_summary(rounds),
             "seconds_total": {k: sum(h["seconds"][k] for h in rounds) for k in
-                              ("local_training", "communication", "aggregation", "evaluation", "other", "round")},
+                              ("local_training", "client_overhead", "communication", "aggregation", "evaluation",
+                               "other", "round")},
             "final_eval_seconds": time.perf_counter() - t0,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -8,7 +8,8 @@ transport neither knows nor cares what is in the buffers.
 - ``CollectiveTransport``: ``torch.distributed`` broadcasts + ``gather_bytes`` on an explicit group
   (gloo or NCCL): one native gather, or one batched isend/irecv round (``comm.gather``).
 - ``InMemoryTransport``: the same protocol in one process, workers called one after another (tests,
-  baselines). Its byte counts are what the collective transport would move for the same buffers.
+  baselines). Its byte counts are what the collective transport would move for the same buffers with
+  ``comm.gather=p2p`` (exactly the messages: no padding to the fullest worker, no size exchange).
 
 Byte accounting, in the cluster: ``bytes_down`` = downlink bytes delivered to the workers ((head +
 body) x workers); ``bytes_up`` = bytes the uplink collectives moved to the server

@@ -63,16 +63,20 @@ class Worker:
         self._trainers.move_to_end(client)
         return t
 
-    def codec_state(self, client: int, rnd: int) -> ChainState:
-        """The client's uplink codec state as of before round ``rnd`` (fresh if it has none)."""
+    def codec_state(self, client: int, rnd: int, state_round: int) -> ChainState:
+        """The client's uplink codec state as of its round ``state_round`` (-1: it has none yet)."""
         state = client_codec_state(self.cfg.run.seed, client)
-        saved = self.store.load(client, max_round=rnd - 1)
-        if saved is not None:
-            state.load_tensors(saved[1], saved[2])
+        if state_round >= 0:
+            saved = self.store.load_round(client, state_round)
+            if saved is None:
+                raise RuntimeError(
+                    f"client {client}: its state of round {state_round} is missing under {self.store.root}; "
+                    "every worker must see the run directory (run.output_dir on storage shared by all nodes)")
+            state.load_tensors(*saved)
         state.step = rnd - 1  # random streams advance with the round, whether or not the client took part
         return state
 
-    def play(self, client: int, plan: RoundPlan, global_flat: torch.Tensor) -> torch.Tensor:
+    def play(self, client: int, plan: RoundPlan, global_flat: torch.Tensor, state_round: int = -1) -> torch.Tensor:
         """Train ``client`` for one round; its uplink message (empty on a non-leader rank)."""
         t0 = time.perf_counter()
         trainer = self.trainer(client)
@@ -80,13 +84,12 @@ class Worker:
         self.played += 1
         if not self.leader:
             return torch.empty(0, dtype=torch.uint8)
-        state = self.codec_state(client, plan.round)
-        metrics["client_seconds"] = time.perf_counter() - t0
-        msg = self.wire.pack_uplink(client, delta, state, trainer.num_examples, metrics)
+        state = self.codec_state(client, plan.round, state_round)
+        msg = self.wire.encode_delta(delta, state)
         if state.residual or state.slots:
-            tensors, meta = state.to_tensors()
-            self.store.save(client, plan.round, tensors, meta)
-        return msg
+            self.store.save(client, plan.round, *state.to_tensors())
+        metrics["client_seconds"] = time.perf_counter() - t0  # data, state, training, encoding, saving
+        return self.wire.with_fields(msg, client, trainer.num_examples, metrics)
 
     # -- transport handlers -----------------------------------------------------------------------
     def body_nbytes(self, head: torch.Tensor) -> int | None:
@@ -96,7 +99,7 @@ class Worker:
     def handle(self, head: torch.Tensor, body: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """One round: play this worker's clients; (its uplink buffer, every worker's uplink size)."""
         h = self.wire.unpack_head(head)
-        table, global_flat = self.wire.unpack_body(body, h.slots)
-        msgs = [self.play(c, h.plan, global_flat) for c in table[self.index]]
+        table, rounds, global_flat = self.wire.unpack_body_rounds(body, h.slots)
+        msgs = [self.play(c, h.plan, global_flat, rounds[c]) for c in table[self.index]]
         up = torch.cat(msgs) if msgs else torch.empty(0, dtype=torch.uint8)
         return up, self.wire.up_sizes(table)

@@ -52,7 +52,7 @@ def test_main_config_loads_alone(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.train.engine in ("torch", "deepspeed")
-    assert cfg.world_size == 1 + cfg.fed.num_clients * cfg.fed.ranks_per_client
+    assert cfg.world_size == 1 + cfg.fed.num_workers * cfg.fed.ranks_per_client
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))

@@ -69,7 +69,7 @@ def fedavg_run(chain_runs):
 def dense_global(msg: dict, workers: int) -> torch.Tensor:
     """The global adapter in a recorded downlink whose chain is dense fp32: the body after the table."""
     slots = int(msg["head"].clone().view(torch.float32)[5].item())
-    return msg["body"][4 * workers * slots:].clone().view(torch.float32)
+    return msg["body"][8 * workers * slots:].clone().view(torch.float32)
 
 
 def _messages(spy: Path, rank: int) -> list[dict]:
@@ -141,7 +141,7 @@ def test_bytes_counted_match_buffer_sizes(chain_runs):
             assert up["vs_dense_lora"] == pytest.approx(2 * 4 * init.numel() / sent_up), name
             assert up["vs_full_unet"] > up["vs_dense_lora"], name
             down = air["down"]  # what the 2 clients need: plan fields + the global adapter (no assignment table)
-            assert down["messages"] == 2 and down["total"] == 2 * (20 + msgs[0]["body"].numel() - 4 * 2), name
+            assert down["messages"] == 2 and down["total"] == 2 * (20 + msgs[0]["body"].numel() - 8 * 2), name
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["comm"]["cluster"]["up"]["moved"] == summary["bytes_up_total"] == sum(r["bytes_up"] for r in rounds)
     dense, topk = (json.loads((chain_runs[n][0] / "summary.json").read_text()) for n in ("dense", "topk_int8"))

@@ -38,9 +38,9 @@ def test_run_directory(finished_run):
         assert set(row["train_loss"]) == {"0", "1"} and row["val_loss"] > 0
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
         parts = row["seconds"]
-        assert {"local_training", "communication", "aggregation", "evaluation", "other"} <= set(parts)
-        assert abs(sum(parts[k] for k in ("local_training", "communication", "aggregation", "evaluation", "other"))
-                   - parts["round"]) < 1e-6
+        split = ("local_training", "client_overhead", "communication", "aggregation", "evaluation", "other")
+        assert set(split) <= set(parts)
+        assert abs(sum(parts[k] for k in split) - parts["round"]) < 1e-6
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bytes_up_total"] == sum(by_round[r]["bytes_up"] for r in (1, 2))
     assert set(summary["final"]["gen_acc"]) == {str(d) for d in range(10)}

@@ -157,7 +157,7 @@ def test_plan_population_memory_flat_in_n_disk_and_cluster_bytes():
         plan.up.chain.encode(torch.zeros(plan.lora_parameters), st)
         assert plan.state_bytes == sum(4 * t.numel() for t in st.residual.values()) > 0
         assert plan.cluster_up == 4 * 3 * plan.up.total.total  # native gather: 4 workers padded to 3 messages
-        assert plan.cluster_down == 4 * (HEAD_BYTES + 4 * 4 * 3 + plan.down.message.total)
+        assert plan.cluster_down == 4 * (HEAD_BYTES + 8 * 4 * 3 + plan.down.message.total)
     mem = [next(line for line in texts[n].splitlines() if line.startswith("memory")) for n in (100, 100_000)]
     assert mem[0] == mem[1]  # nothing held in memory grows with N
     disk = [re.search(r"about ([\d,]+) clients", texts[n]).group(1) for n in (100, 100_000)]

@@ -270,3 +270,57 @@ def test_dropouts_renormalise_and_an_empty_round_keeps_the_global(tiny_base, tmp
         if prev is not None:
             assert torch.equal(prev, _global(run_dir, rnd))
         assert next(r for r in rows if r["round"] == rnd)["train_loss_mean"] is None
+
+
+# ----------------------------------------------------------------------------- seeds and workers
+
+
+def test_client_training_seeds_never_collide():
+    from fed_ddp.seeds import client_round
+
+    seen = {client_round(0, r, c) for r in range(1, 41) for c in range(0, 20_000, 7)}
+    assert len(seen) == 40 * len(range(0, 20_000, 7))  # (r + 1, c) and (r, c + 1009) used to share streams
+    assert client_round(0, 3, 5) == 3 * 1_009 + 5  # the first 1,009 clients keep the original formula
+    assert all(0 <= s < 2 ** 63 for s in seen)
+
+
+@pytest.fixture()
+def worker(tiny_base, tmp_path):
+    from fed_ddp.compression import layout_of
+    from fed_ddp.data.federated import build_federated_data
+    from fed_ddp.diffusion.lora import attach_lora
+    from fed_ddp.diffusion.models import load_pipeline, training_scheduler
+    from fed_ddp.protocol import Wire
+    from fed_ddp.worker import Worker
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "fed.num_clients=6", "lora.rank=2", "lora.dropout=0.2",
+                             "comm.uplink=[topk]", "comm.min_numel=0", "train.batch_size=4"])
+    pipe = load_pipeline(str(tiny_base), torch.device("cpu"))
+    attach_lora(pipe.unet, cfg.lora, seed=0)
+    data = build_federated_data(cfg)
+    return Worker(0, cfg, pipe, training_scheduler(pipe), data, Wire(cfg.comm, layout_of(pipe.unet)))
+
+
+def test_worker_continues_from_exactly_the_state_the_server_names(worker):
+    from fed_ddp.diffusion.lora import get_flat
+    from fed_ddp.strategies import RoundPlan
+
+    g = get_flat(worker.pipe.unet)
+    worker.play(3, RoundPlan(1, 1, 1e-3), g)  # first round: no state yet
+    assert worker.store.rounds(3) == [1]
+    assert worker.codec_state(3, 4, 1).residual_norm() > 0
+    with pytest.raises(RuntimeError, match="state of round 2 is missing .* shared"):
+        worker.codec_state(3, 4, 2)  # the server says round 2: a missing file is an error, not a fresh start
+
+
+def test_lora_dropout_does_not_depend_on_what_the_worker_played_before(worker):
+    from fed_ddp.diffusion.lora import get_flat
+    from fed_ddp.strategies import RoundPlan
+
+    g = get_flat(worker.pipe.unet)
+    t = worker.trainer(2)
+    a, _ = t.fit(g, RoundPlan(1, 2, 1e-2))
+    torch.rand(1000)  # another client's training would have advanced torch's global generator
+    worker.trainer(4).fit(g, RoundPlan(1, 2, 1e-2))
+    b, _ = t.fit(g, RoundPlan(1, 2, 1e-2))
+    assert torch.equal(a, b) and a.abs().max() > 0

@@ -20,7 +20,7 @@ from PIL import Image
 from fed_ddp.report import Run, label, parameters
 
 pytestmark = pytest.mark.slow
-SPLIT = ("local_training", "communication", "aggregation", "evaluation", "other")
+SPLIT = ("local_training", "client_overhead", "communication", "aggregation", "evaluation", "other")
 RUNS = STUDY  # name: (clients, uplink codec); the runs are shared with test_tracking
 
 
@@ -41,8 +41,8 @@ def expected(run_dir) -> dict:
     base = next(r for r in rows if r["round"] == 0)
     n = len(rounds)
     e = {"rounds": n, "round_s": sum(r["seconds"]["round"] for r in rounds) / n,
-         "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / n,
-         "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / n,
+         "bytes_up_per_round": sum(r["comm"]["air"]["up"]["total"] for r in rounds) / n,
+         "bytes_down_per_round": sum(r["comm"]["air"]["down"]["total"] for r in rounds) / n,
          "up_vs_dense_lora": sum(r["comm"]["air"]["up"]["vs_dense_lora"] for r in rounds) / n,
          "val_loss_final": rounds[-1]["val_loss"],
          "gen_acc_clients_base": base["gen_acc_clients"], "gen_acc_clients_final": final["gen_acc_clients"],

@@ -11,7 +11,7 @@ import torch
 
 from fed_ddp.compression import ChainState
 from fed_ddp.config import CommSection, load_config
-from fed_ddp.protocol import DOWN_HEADER_BYTES, UP_FIELDS, UP_TAIL_BYTES, Wire
+from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_FIELDS, UP_TAIL_BYTES, Wire
 from fed_ddp.strategies import (
     REGISTRY,
     ClientUpdate,
@@ -262,54 +262,67 @@ def test_registering_an_existing_name_is_refused():
 
 # ----------------------------------------------------------------------------- protocol
 
-DENSE = Wire(CommSection(), [("w", (P,))])  # empty chains: dense fp32
+DENSE = Wire(CommSection(), [("w", (P,))], workers=3)  # empty chains: dense fp32; 3 workers
 
 
 @pytest.mark.parametrize("stop", [False, True])
-def test_downlink_round_trip(stop):
+def test_head_round_trip(stop):
     plan = RoundPlan(round=17, local_steps=250, lr=0.002, proximal_mu=0.01)
+    head = DENSE.pack_head(plan, slots=4, stop=stop)
+    assert head.dtype == torch.uint8 and head.ndim == 1 and head.numel() == HEAD_BYTES
+    h = DENSE.unpack_head(head)
+    assert h.stop is stop and h.slots == 4
+    assert h.plan.round == 17 and h.plan.local_steps == 250
+    assert isinstance(h.plan.round, int) and isinstance(h.plan.local_steps, int)
+    # the head travels as fp32: compare to the fp32-rounded value
+    assert h.plan.lr == pytest.approx(0.002, rel=1e-7)
+    assert h.plan.proximal_mu == pytest.approx(0.01, rel=1e-7)
+
+
+def test_body_carries_the_table_and_the_global():
     g = _global(3)
-    buf = DENSE.pack_downlink(plan, g, stop=stop)
-    assert buf.dtype == torch.uint8
-    assert buf.ndim == 1 and buf.numel() == DENSE.down_nbytes == 4 * P + DOWN_HEADER_BYTES
+    table = [[4, 9], [], [1000000]]
+    body = DENSE.pack_body(table, g)
+    assert body.numel() == DENSE.body_nbytes(2) == 8 * 3 * 2 + 4 * P  # int32 table [3 x 2 x (id, state round)] + fp32
+    got_table, got_g = DENSE.unpack_body(body, 2)
+    assert got_table == table and torch.equal(got_g, g)
+    assert DENSE.up_sizes(table) == [2 * DENSE.up_nbytes, 0, DENSE.up_nbytes]
+    empty = DENSE.pack_body([[], [], []], g)  # nobody this round: no table, the global still travels
+    t0, g0 = DENSE.unpack_body(empty, 0)
+    assert t0 == [[], [], []] and torch.equal(g0, g) and empty.numel() == 4 * P
+    with pytest.raises(ValueError, match="rows"):
+        DENSE.pack_body([[1]], g)
 
-    got_stop, got_plan, got_g = DENSE.unpack_downlink(buf)
-    assert got_stop is stop
-    assert got_plan.round == 17 and got_plan.local_steps == 250
-    assert isinstance(got_plan.round, int) and isinstance(got_plan.local_steps, int)
-    # the header travels as fp32: compare to the fp32-rounded value
-    assert got_plan.lr == pytest.approx(0.002, rel=1e-7)
-    assert got_plan.proximal_mu == pytest.approx(0.01, rel=1e-7)
-    assert torch.equal(got_g, g)
 
-
-def test_downlink_casts_float64_global_to_float32():
+def test_body_casts_float64_global_to_float32():
     g64 = torch.from_numpy(np.random.default_rng(4).normal(size=P))
-    buf = DENSE.pack_downlink(RoundPlan(0, 1, 1e-3), g64)
-    _, plan, got = DENSE.unpack_downlink(buf)
+    _, got = DENSE.unpack_body(DENSE.pack_body([[0], [1], [2]], g64), 1)
     np.testing.assert_array_equal(got.numpy(), g64.numpy().astype(np.float32))
-    assert plan.proximal_mu == 0.0
 
 
 def test_uplink_round_trip():
     delta = torch.from_numpy(np.random.default_rng(6).normal(size=P).astype(np.float32))
     metrics = {"train_loss": 0.125, "train_seconds": 3.5, "client_seconds": 4.75}
-    buf = DENSE.pack_uplink(delta, None, 123457, metrics)
+    buf = DENSE.pack_uplink(3, delta, None, 123457, metrics)
     assert buf.dtype == torch.uint8
-    assert buf.ndim == 1 and buf.numel() == DENSE.up_nbytes == 4 * P + 4 * len(UP_FIELDS)
+    assert buf.ndim == 1 and buf.numel() == DENSE.up_nbytes == 4 * P + 4 + 4 * len(UP_FIELDS)
 
-    up = DENSE.unpack_uplink(buf, client_id=3)
+    up = DENSE.unpack_uplink(buf)
     assert isinstance(up, ClientUpdate)
     assert up.client_id == 3
     assert up.num_examples == 123457 and isinstance(up.num_examples, int)
     assert torch.equal(up.delta, delta)
     assert up.metrics == metrics  # values chosen exactly representable in fp32
     assert "num_examples" not in up.metrics
+    two = torch.cat([buf, DENSE.pack_uplink(70_000_000, delta, None, 1, metrics)])
+    assert [DENSE.unpack_uplink(m).client_id for m in DENSE.split_uplink(two, 2)] == [3, 70_000_000]  # int32 ids
+    with pytest.raises(ValueError, match="expected"):
+        DENSE.split_uplink(two, 3)
 
 
 def test_uplink_metrics_round_to_fp32():
     metrics = {"train_loss": 0.1, "train_seconds": 1.0 / 3.0, "client_seconds": 12345.678}
-    up = DENSE.unpack_uplink(DENSE.pack_uplink(torch.zeros(P), None, 2 ** 24, metrics), client_id=0)
+    up = DENSE.unpack_uplink(DENSE.pack_uplink(0, torch.zeros(P), None, 2 ** 24, metrics))
     assert up.num_examples == 2 ** 24  # exact up to 2**24, as documented
     for k, v in metrics.items():
         assert up.metrics[k] == float(np.float32(v))
@@ -318,21 +331,22 @@ def test_uplink_metrics_round_to_fp32():
 def test_wire_sizes_are_the_codec_messages_plus_protocol_fields():
     layout = [("a.lora_A", (8, 64)), ("a.lora_B", (64, 8)), ("tiny", (5,))]
     wire = Wire(CommSection(uplink=["topk", "int8"], downlink=["fp16"], min_numel=100, topk_fraction=0.25), layout)
-    assert wire.down_bytes.payload == 2 * (512 + 512) + 4 * 5 and wire.down_bytes.metadata == DOWN_HEADER_BYTES
+    assert wire.down_bytes.payload == 2 * (512 + 512) + 4 * 5 and wire.down_bytes.metadata == PLAN_BYTES
     k = 128  # 25 % of 512 per matrix
     assert wire.up_bytes.payload == 2 * k + 4 * 5  # int8 codes of top-k values; the small tensor as fp32
     assert wire.up_bytes.metadata > UP_TAIL_BYTES  # indices and scales, plus the protocol fields
-    buf = wire.pack_uplink(torch.randn(1029), ChainState(), 10, {"train_loss": 0.0, "train_seconds": 0.0, "client_seconds": 0.0})
+    buf = wire.pack_uplink(0, torch.randn(1029), ChainState(), 10,
+                           {"train_loss": 0.0, "train_seconds": 0.0, "client_seconds": 0.0})
     assert buf.numel() == wire.up_nbytes == wire.up_bytes.total
     with pytest.raises(ValueError, match="expected"):
-        wire.unpack_uplink(buf[:-1], 0)
+        wire.unpack_uplink(buf[:-1])
 
 
 def test_uplink_round_trip_feeds_aggregation():
     """Deltas that went through the wire aggregate to the float64 reference of the originals."""
     originals = _updates(60, [8, 100, 31])
     zeros = {"train_loss": 0.0, "train_seconds": 0.0, "client_seconds": 0.0}
-    wire = [DENSE.unpack_uplink(DENSE.pack_uplink(u.delta, None, u.num_examples, zeros), u.client_id)
+    wire = [DENSE.unpack_uplink(DENSE.pack_uplink(u.client_id, u.delta, None, u.num_examples, zeros))
             for u in originals]
     g = _global(2)
     new, _ = FedAvg(local_steps=1, lr=1e-3).aggregate(0, g, wire)

@@ -27,7 +27,8 @@ def read_trace(path: str | Path, num_clients: int) -> np.ndarray:
     """An availability trace: one line per client (line i = client i), one character per round, ``1``
     reachable / ``0`` not; round t reads column (t - 1) mod the line's length. Returns a bool matrix
     padded by repetition to the longest line. Raises ValueError naming the line that is wrong."""
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [ln.strip() for ln in Path(path).expanduser().read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
     if len(lines) != num_clients:
         raise ValueError(f"{path}: {len(lines)} client lines, fed.num_clients={num_clients} needs one per client")
     for i, ln in enumerate(lines):

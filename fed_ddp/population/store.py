@@ -2,13 +2,15 @@
 
     store = ClientStateStore(run_dir / "clients", cache_size=32)
     store.save(client, rnd, {"residual|up.0.lora_A": t, ...}, {"step": "3"})
-    rnd, tensors, meta = store.load(client, max_round=rnd - 1)   # None if the client has no state yet
+    tensors, meta = store.load_round(client, 3)        # exactly round 3's state, None if absent
+    rnd, tensors, meta = store.load(client, max_round=5)   # the newest at or before round 5
 
 Layout: ``clients/client_NNNNNN/round_RRRR.safetensors`` (tensors + string metadata; safetensors never
 unpickles). A client keeps its newest file and the one before it: a run stopped in the middle of round
-t resumes from checkpoint t - 1 and must find each client's state as of before round t, which
-``load(max_round=t - 1)`` does. Any worker may play any client, so the files are the truth; each worker
-keeps an LRU cache of at most ``cache_size`` states, used only while it is still the newest on disk.
+t resumes from checkpoint t - 1 and must find each client's state as of before round t. The server tells workers which round
+each client's state is from (it knows when each client last played), so workers open that exact file
+(``load_round``). Any worker may play any client, so the files are the truth; each worker keeps an LRU
+cache of at most ``cache_size`` states, used only for the exact round asked.
 Disk grows with the clients that ever took part; memory is bounded by the cache.
 """
 
@@ -48,17 +50,23 @@ class ClientStateStore:
         usable = [r for r in self.rounds(client) if r <= max_round]
         if not usable:
             return None
-        rnd = usable[-1]
+        got = self.load_round(client, usable[-1])
+        return None if got is None else (usable[-1], *got)
+
+    def load_round(self, client: int, rnd: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """Exactly the state ``client`` saved at round ``rnd`` (no directory listing), or None if absent."""
         hit = self._cache.get(client)
         if hit is None or hit[0] != rnd:
             path = self.folder(client) / f"round_{rnd:04d}.safetensors"
+            if not path.is_file():
+                return None
             with safe_open(str(path), framework="pt") as f:
                 hit = (rnd, {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}))  # noqa: SIM118
             self.reads += 1
             self._remember(client, hit)
         else:
             self._cache.move_to_end(client)
-        return hit[0], {k: v.clone() for k, v in hit[1].items()}, dict(hit[2])
+        return {k: v.clone() for k, v in hit[1].items()}, dict(hit[2])
 
     def save(self, client: int, rnd: int, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> Path:
         """Write atomically (temporary file, then rename), then drop all but this and the previous file."""
