@@ -153,6 +153,11 @@ class FedSection:
     beta2: float = 0.99  # fedadam second moment decay
     tau: float = 1e-3  # fedadam adaptivity (epsilon)
     proximal_mu: float = 0.01  # fedprox: weight of (mu/2)*‖w - w_global‖² in the client loss
+    aggregator: str = "mean"  # mean (sample-weighted) / median / trimmed_mean (coordinate-wise) / clipped_mean (to the median norm)
+    trim_fraction: float = 0.2  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate
+    max_update_norm: float = 0.0  # reject an update whose L2 norm exceeds this (0 = off)
+    norm_factor: float = 10.0  # reject an update whose norm exceeds this x the round's median norm (0 = off)
+    max_bad_rounds: int = 3  # stop the run after this many rounds in a row whose new global adapter is not finite
     timeout_s: float = 1800.0  # collective timeout
 
     def __post_init__(self):
@@ -191,6 +196,13 @@ class FedSection:
             _check(0 <= getattr(self, k) < 1, f"fed.{k}", getattr(self, k), "must be in [0, 1)")
         _positive("fed.tau", self.tau)
         _positive("fed.proximal_mu", self.proximal_mu, zero_ok=True)
+        from fed_ddp.strategies.robust import AGGREGATORS
+
+        _one_of("fed.aggregator", self.aggregator, set(AGGREGATORS))
+        _check(0 <= self.trim_fraction < 0.5, "fed.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
+        _positive("fed.max_update_norm", self.max_update_norm, zero_ok=True)
+        _positive("fed.norm_factor", self.norm_factor, zero_ok=True)
+        _positive("fed.max_bad_rounds", self.max_bad_rounds)
         _positive("fed.timeout_s", self.timeout_s)
 
     @property

@@ -161,9 +161,11 @@ def _scope_zero3_trace_checks(group) -> None:
     """
     from deepspeed.runtime.zero import partition_parameters, partitioned_param_coordinator, stage3
 
+    from fed_ddp.distributed.collectives import all_gather_ints
+
     def same_as_other_ranks_of_this_client(ints) -> None:
-        seen = [None] * dist.get_world_size(group)
-        dist.all_gather_object(seen, list(ints), group=group)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+        seen = all_gather_ints([int(i) for i in ints], group=group, device=device)
         if any(s != seen[0] for s in seen):
             raise RuntimeError("ZeRO-3: ranks of one client traced different module orders")
 

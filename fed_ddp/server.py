@@ -32,7 +32,7 @@ from fed_ddp.lora_names import is_lora_name
 from fed_ddp.population import assign, read_trace, select_round
 from fed_ddp.protocol import Wire
 from fed_ddp.seeds import server_codec
-from fed_ddp.strategies import ClientUpdate, Strategy
+from fed_ddp.strategies import ClientUpdate, Strategy, screen
 
 log = logging.getLogger("fed_ddp.server")
 
@@ -62,6 +62,7 @@ class Server:
         self.trace = read_trace(a, cfg.fed.num_clients) if isinstance(a, str) else None
         self.evaluate = Evaluator(cfg, pipe, scheduler, data, tracker)
         self.last_played = np.full(cfg.fed.num_clients, -1, dtype=np.int32)  # round each client last played
+        self.bad_rounds = 0  # rounds in a row whose new global adapter was not finite
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -125,24 +126,50 @@ class Server:
         self.last_played[chosen.playing] = rnd
         updates: list[ClientUpdate] = []
         per_worker: list[list[ClientUpdate]] = []
+        rejected: dict[int, str] = {}
         for row, buf in zip(table, ups):
             mine = []
             for cid, msg in zip(row, w.split_uplink(buf, len(row))):
-                u = w.unpack_uplink(msg)
+                try:  # a message is untrusted: a decoder error excludes its client, never ends the run
+                    u = w.unpack_uplink(msg)
+                except (ValueError, RuntimeError, IndexError) as e:
+                    rejected[cid] = f"undecodable message: {' '.join(str(e).split())[:200]}"
+                    continue
                 if u.client_id != cid:
-                    raise RuntimeError(f"round {rnd}: a message in client {cid}'s slot says client {u.client_id}")
+                    rejected[cid] = f"message in client {cid}'s slot says client {u.client_id}"
+                    continue
                 mine.append(u)
             per_worker.append(mine)
             updates.extend(mine)
         updates.sort(key=lambda u: u.client_id)  # aggregation order: by client id, whoever played it
+        f = cfg.fed
+        kept, why = screen(updates, w.num_params, self.sizes, f.max_update_norm, f.norm_factor)
+        rejected.update(why)
+        for cid, reason in sorted(rejected.items()):
+            log.warning("round %d: client %d rejected: %s", rnd, cid, reason)
         t_agg = time.perf_counter()
-        if updates:
-            global_flat, agg_metrics = self.strategy.aggregate(rnd, global_flat, updates)
-            self.engine.write_adapter(global_flat)
+        agg_metrics: dict = {}
+        if kept:
+            before = _copy_state(self.strategy.state_dict())
+            new_global, agg_metrics = self.strategy.aggregate(rnd, global_flat, kept)
+            if bool(torch.isfinite(new_global).all()):
+                global_flat, self.bad_rounds = new_global, 0
+                self.engine.write_adapter(global_flat)
+            else:  # keep the previous adapter (and the strategy's state): a bad round never reaches a checkpoint
+                self.strategy.load_state_dict(before)
+                self.bad_rounds += 1
+                agg_metrics = {"round_rejected": True}
+                log.warning("round %d: the new global adapter is not finite: round rejected, previous adapter kept "
+                            "(%d in a row, fed.max_bad_rounds=%d)", rnd, self.bad_rounds, f.max_bad_rounds)
+                if self.bad_rounds >= f.max_bad_rounds:
+                    raise RuntimeError(f"{self.bad_rounds} rounds in a row gave a non-finite global adapter "
+                                       f"(fed.max_bad_rounds={f.max_bad_rounds}); the last good one is in "
+                                       f"{latest_checkpoint(self.run_dir)}: lower train.lr or use a robust "
+                                       f"fed.aggregator")
         else:
             agg_metrics = {"empty_round": True}
-            log.warning("round %d: no client reported (%d sampled, %d dropped): the global adapter is kept",
-                        rnd, len(chosen.sampled), len(chosen.dropped))
+            log.warning("round %d: no usable update (%d sampled, %d dropped, %d rejected): the global adapter is kept",
+                        rnd, len(chosen.sampled), len(chosen.dropped), len(rejected))
         t_eval = time.perf_counter()
         last = rnd == cfg.fed.rounds
         e = cfg.eval
@@ -155,8 +182,9 @@ class Server:
         # the exchange's critical path: workers run in parallel (in memory: one after another), each plays its
         # clients back to back; split the busiest worker's time into training and the rest of playing a client
         # (encoding its data on a cache miss, loading and saving its state, encoding its message)
-        busy = [sum(u.metrics["client_seconds"] for u in m) for m in per_worker] or [0.0]
-        train = [sum(u.metrics["train_seconds"] for u in m) for m in per_worker] or [0.0]
+        ok = {u.client_id for u in kept}  # a rejected client's clocks are as untrusted as its delta
+        busy = [sum(u.metrics["client_seconds"] for u in m if u.client_id in ok) for m in per_worker] or [0.0]
+        train = [sum(u.metrics["train_seconds"] for u in m if u.client_id in ok) for m in per_worker] or [0.0]
         if stats.parallel:
             k = int(np.argmax(busy))
             busy_s, train_s = busy[k], train[k]
@@ -167,16 +195,16 @@ class Server:
                    "aggregation": t_eval - t_agg, "evaluation": t_ckpt - t_eval}
         seconds["other"] = max(0.0, (t_end - t_round) - sum(seconds.values()))
         seconds["round"] = t_end - t_round
-        losses = [u.metrics["train_loss"] for u in updates]
+        losses = [u.metrics["train_loss"] for u in kept]
         row = {"round": rnd,
                "clients": {"reachable": chosen.reachable, "sampled": chosen.sampled, "dropped": chosen.dropped,
-                           "arrived": [u.client_id for u in updates],
+                           "arrived": [u.client_id for u in updates], "rejected": {str(c): r for c, r in rejected.items()},
                            "per_worker": [len(r) for r in table]},
-               "train_loss": {str(u.client_id): u.metrics["train_loss"] for u in updates},
-               "train_loss_mean": float(np.average(losses, weights=[u.num_examples for u in updates]))
-               if updates else None,
-               "num_examples": {str(u.client_id): u.num_examples for u in updates},
-               "train_seconds": {str(u.client_id): u.metrics["train_seconds"] for u in updates},
+               "train_loss": {str(u.client_id): u.metrics["train_loss"] for u in kept},
+               "train_loss_mean": float(np.average(losses, weights=[u.num_examples for u in kept]))
+               if kept else None,
+               "num_examples": {str(u.client_id): u.num_examples for u in kept},
+               "train_seconds": {str(u.client_id): u.metrics["train_seconds"] for u in kept},
                **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
                "comm": self._comm(stats, len(chosen.sampled), len(updates)),
                "seconds": seconds, **agg_metrics}
@@ -246,7 +274,9 @@ class Server:
                          "clients_sampled": sum(len(h["clients"]["sampled"]) for h in rounds),
                          "clients_arrived": sum(len(h["clients"]["arrived"]) for h in rounds),
                          "distinct_clients": len({c for h in rounds for c in h["clients"]["arrived"]}),
-                         "empty_rounds": sum(1 for h in rounds if h.get("empty_round"))},
+                         "empty_rounds": sum(1 for h in rounds if h.get("empty_round")),
+                         "rejected_updates": sum(len(h["clients"].get("rejected", {})) for h in rounds),
+                         "rejected_rounds": sum(1 for h in rounds if h.get("round_rejected"))},
             "lora_parameters": int(global_flat.numel()),
             "images_per_prompt": self.cfg.eval.images_per_prompt,
             "classifier_test_accuracy": reference_classifier().test_accuracy,
@@ -264,6 +294,10 @@ class Server:
         self.tracker.log({"round": f.rounds, "final": final}, step=f.rounds)
         self.tracker.finish(summary)
         return summary
+
+
+def _copy_state(state: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def _brief(row: dict) -> str:

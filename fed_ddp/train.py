@@ -38,9 +38,12 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     from fed_ddp.transport import CollectiveTransport
 
     quiet_libraries()
-    box = [base_path(cfg.model, show_progress=True) if topo.is_server else None]
-    dist.broadcast_object_list(box, src=0)  # the server pretrains/locates the base; the others wait here
-    pipe = load_pipeline(box[0], device, cfg.model.revision)
+    from fed_ddp.distributed.collectives import broadcast_text
+
+    # the server pretrains/locates the base; the others wait here (a string as tensors: nothing unpickled)
+    base = broadcast_text(base_path(cfg.model, show_progress=True) if topo.is_server else None, src=0,
+                          device=device if dist.get_backend() == "nccl" else None)
+    pipe = load_pipeline(base, device, cfg.model.revision)
     attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
@@ -68,7 +71,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
         tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
                               maybe_wandb(cfg, run_dir, to_dict(cfg)))
         server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker,
-                        box[0], engine=engine, wire=wire)
+                        base, engine=engine, wire=wire)
         return server.run()
 
     from fed_ddp.worker import Worker

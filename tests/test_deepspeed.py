@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_distributed import ROOT, dense_global, launch
 
+from fed_ddp.checkpoint import load_state
 from fed_ddp.protocol import UP_TAIL_BYTES
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def runs(tiny_base, tmp_path_factory):
                        f"run.output_dir={out}", f"run.name={name}", "fed.rounds=1", "fed.local_steps=3",
                        "train.lr=0.01", "eval.images_per_prompt=1", "eval.inference_steps=2", "eval.sample_seeds=[0]",
                        *extra], {**env, "FED_DDP_SPY_DIR": str(spy)})
-        state = torch.load(out / name / "checkpoints" / "round_0001" / "server_state.pt", weights_only=False)
+        state = load_state(out / name / "checkpoints" / "round_0001")
         done[name] = (state["global"], spy, out / name)
     return done
 

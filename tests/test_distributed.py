@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from fed_ddp.checkpoint import load_state
+
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -117,7 +119,7 @@ def test_server_aggregate_is_weighted_mean_of_decoded_uplinks(chain_runs, name):
         deltas = [u.delta.double().numpy() for u in ups]
         assert not np.allclose(deltas[0], deltas[1])  # different data, different updates
         expected = prev.numpy() + (counts[0] * deltas[0] + counts[1] * deltas[1]) / counts.sum()
-        state = torch.load(run_dir / "checkpoints" / f"round_{rnd:04d}" / "server_state.pt", weights_only=False)
+        state = load_state(run_dir / "checkpoints" / f"round_{rnd:04d}")
         np.testing.assert_allclose(state["global"].double().numpy(), expected, rtol=0, atol=1e-6)
         prev = state["global"].double()
 
@@ -221,7 +223,7 @@ def test_population_round_is_weighted_mean_of_exactly_the_sampled_clients(popula
         counts = np.array([u.num_examples for u in updates], dtype=np.float64)
         assert len(set(counts)) > 1  # the weights really differ
         expected = prev.numpy() + sum(c * u.delta.double().numpy() for c, u in zip(counts, updates)) / counts.sum()
-        state = torch.load(run_dir / "checkpoints" / f"round_{rnd:04d}" / "server_state.pt", weights_only=False)
+        state = load_state(run_dir / "checkpoints" / f"round_{rnd:04d}")
         np.testing.assert_allclose(state["global"].double().numpy(), expected, rtol=0, atol=1e-6)
         prev = state["global"].double()
         air, cluster = rows[rnd]["comm"]["air"], rows[rnd]["comm"]["cluster"]

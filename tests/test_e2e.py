@@ -9,6 +9,8 @@ import pytest
 from conftest import ROOT, run_cli
 from PIL import Image
 
+from fed_ddp.checkpoint import load_state
+
 pytestmark = pytest.mark.slow
 PROMPT = "a handwritten digit seven"
 
@@ -28,7 +30,7 @@ def test_run_directory(finished_run):
     run_dir, proc = finished_run
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "partition.json", "samples/round_0000.png",
                  "samples/round_0002.png", "checkpoints/round_0001/pytorch_lora_weights.safetensors",
-                 "checkpoints/round_0002/server_state.pt", "checkpoints/final/pytorch_lora_weights.safetensors"):
+                 "checkpoints/round_0002/server_state.safetensors", "checkpoints/final/pytorch_lora_weights.safetensors"):
         assert (run_dir / name).exists(), name
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_round = {r["round"]: r for r in rows if "seconds" in r}
@@ -97,8 +99,7 @@ def test_resume_continues_from_the_latest_checkpoint(finished_run, tiny_base, tm
     rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
               if "seconds" in json.loads(x)]
     assert rounds == [0, 1, 2, 3]  # the old rows kept, only round 3 trained
-    s2 = torch.load(run_dir / "checkpoints" / "round_0002" / "server_state.pt", weights_only=False)
-    s3 = torch.load(run_dir / "checkpoints" / "round_0003" / "server_state.pt", weights_only=False)
+    s2 = load_state(run_dir / "checkpoints" / "round_0002")
+    s3 = load_state(run_dir / "checkpoints" / "round_0003")
     assert s3["round"] == 3 and not torch.equal(s2["global"], s3["global"])
-    assert torch.equal(s2["global"], torch.load(finished_run[0] / "checkpoints" / "round_0002" / "server_state.pt",
-                                                weights_only=False)["global"])
+    assert torch.equal(s2["global"], load_state(finished_run[0] / "checkpoints" / "round_0002")["global"])

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from fed_ddp.checkpoint import load_state
 from fed_ddp.config import load_config
 from fed_ddp.data.digits import load_digits_dataset
 from fed_ddp.diffusion.lora import attach_lora, get_flat, lora_parameters, num_lora_parameters, set_flat
@@ -103,7 +104,7 @@ def test_in_memory_server_loop_matches_weighted_mean(tiny_base, tmp_path):
         deltas.append(delta.double())
         counts.append(len(d))
     expected = init.double() + sum(n * dl for n, dl in zip(counts, deltas)) / sum(counts)
-    state = torch.load(cfg.run.dir / "checkpoints" / "round_0001" / "server_state.pt", weights_only=False)
+    state = load_state(cfg.run.dir / "checkpoints" / "round_0001")
     torch.testing.assert_close(state["global"].double(), expected, rtol=0, atol=1e-6)
     row = json.loads((cfg.run.dir / "metrics.jsonl").read_text().splitlines()[1])
     message = init.numel() * 4 + 4 + 4 * 4  # fp32 delta + int32 client id + 4 fp32 fields

@@ -18,6 +18,8 @@ import uuid
 import pytest
 from conftest import ROOT
 
+from fed_ddp.checkpoint import load_state
+
 pytestmark = pytest.mark.slow
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
 
@@ -79,7 +81,7 @@ def test_same_adapter_and_metrics_as_one_node(two_launches):
     out, codes, _ = two_launches
     assert set(codes.values()) == {0}
     for ckpt in ("round_0001", "round_0002", "final"):
-        a, b = (torch.load(out / run / "checkpoints" / ckpt / "server_state.pt", weights_only=False)["global"]
+        a, b = (load_state(out / run / "checkpoints" / ckpt)["global"]
                 for run in ("single", "multi"))
         assert a.numel() > 0 and torch.equal(a, b), f"{ckpt}: max difference {(a - b).abs().max()}"
 

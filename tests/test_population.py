@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fed_ddp.checkpoint import load_state
 from fed_ddp.config import ConfigError, load_config
 from fed_ddp.population import ClientStateStore, assign, available, dropouts, read_trace, sample, select_round
 
@@ -208,7 +209,7 @@ def _run(tiny_base, out: Path, name: str, *extra: str, parts: list | None = None
 
 
 def _global(run_dir: Path, rnd: int) -> torch.Tensor:
-    return torch.load(run_dir / "checkpoints" / f"round_{rnd:04d}" / "server_state.pt", weights_only=False)["global"]
+    return load_state(run_dir / "checkpoints" / f"round_{rnd:04d}")["global"]
 
 
 @pytest.mark.slow

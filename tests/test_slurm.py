@@ -129,7 +129,7 @@ def test_sbatch_runs_the_tiny_config(jobs):
     log = (out / f"fedtest-{job}.out").read_text()
     assert code == 0, log[-4000:]
     run_dir = out / f"fedtest-{job}"  # run.name = <job name>-<job id>
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/final/server_state.pt",
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/final/server_state.safetensors",
                  "checkpoints/final/pytorch_lora_weights.safetensors"):
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -75,9 +75,15 @@ def decode_indices(t: torch.Tensor | None, n: int, k: int, device) -> torch.Tens
         return torch.arange(n, device=device)
     if fmt == "bitmap":
         bits = (t[:, None] >> _BITS.to(t.device)) & 1
-        return bits.reshape(-1)[:n].nonzero().reshape(-1)
-    idx = t.long()
-    return idx + 2**15 if fmt == "int16" else idx
+        idx = bits.reshape(-1)[:n].nonzero().reshape(-1)
+    else:
+        idx = t.long()
+        idx = idx + 2**15 if fmt == "int16" else idx
+    # a message from a peer is untrusted: k positions, each inside the tensor (negative ones would wrap)
+    if idx.numel() != k or (k and (int(idx.min()) < 0 or int(idx.max()) >= n)):
+        raise ValueError(f"sparse message: {idx.numel()} positions in [{int(idx.min()) if idx.numel() else 0}, "
+                         f"{int(idx.max()) if idx.numel() else 0}], expected {k} in [0, {n})")
+    return idx
 
 
 class _Sparsifier(Codec):
@@ -239,6 +245,8 @@ class SegmentTopK(_Sparsifier):
             pos = torch.arange(self.segment, device=values.device).expand(ns, -1)
         else:  # greedy inverse: the largest c with C(c, i) <= rank, for i = k .. 1
             rank = p.fields["positions"].to(torch.int64).cpu().clone()
+            if len(rank) and (int(rank.min()) < 0 or int(rank.max()) >= math.comb(self.segment, self.k)):
+                raise ValueError(f"segtopk message: position rank outside [0, C({self.segment}, {self.k}))")
             cols = []
             for i in range(self.k, 0, -1):
                 c = torch.searchsorted(self.table[:, i].contiguous(), rank, right=True) - 1

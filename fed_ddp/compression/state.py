@@ -4,7 +4,7 @@ One ``ChainState`` per sending endpoint and direction (each client owns its upli
 owns its downlink state). It is plain tensors and integers, so it checkpoints with ``state_dict()``::
 
     state = ChainState(seed=run_seed * 1_000_003 + client_id)   # distinct random streams per client
-    torch.save(state.state_dict(), path);  state.load_state_dict(torch.load(path))
+    tensors, meta = state.to_tensors()   # safetensors-ready (see population.ClientStateStore)
 
 Error feedback (Seide et al. 2014; Karimireddy et al. 2019): the chain compresses x + e and keeps
 e' = (x + e) - decode(encode(x + e)). Summed over rounds, what was sent equals the sum of the true

@@ -112,3 +112,30 @@ def gather_bytes(payload: torch.Tensor, dst: int, group=None, *, method: str = "
     out = [payload if r == me else slots[r][:sizes[r]] if longest else payload.new_empty(0) for r in range(world)]
     moved = sum(s for r, s in enumerate(sizes) if r != me)
     return out, GatherStats(moved, longest * (world - 1) - moved, size_bytes, collectives)
+
+
+def broadcast_text(text: str | None, src: int, group=None, device: torch.device | None = None) -> str:
+    """A UTF-8 string from global rank ``src`` to every rank of ``group``: two tensor broadcasts (length,
+    bytes), so nothing from a peer is ever unpickled (``broadcast_object_list`` would)."""
+    device = device or torch.device("cpu")
+    data = torch.tensor(list(text.encode()) if text is not None else [], dtype=torch.uint8, device=device)
+    n = torch.tensor([data.numel()], dtype=SIZE_DTYPE, device=device)
+    dist.broadcast(n, src=src, group=group)
+    buf = data if data.numel() == int(n.item()) else torch.empty(int(n.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src=src, group=group)
+    return bytes(buf.cpu().tolist()).decode()
+
+
+def all_gather_ints(values: list[int], group=None, device: torch.device | None = None) -> list[list[int]]:
+    """Every rank's list of ints (lengths may differ): int64 tensors, nothing unpickled."""
+    device = device or torch.device("cpu")
+    world = dist.get_world_size(group)
+    n = torch.tensor([len(values)], dtype=SIZE_DTYPE, device=device)
+    lens = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(lens, n, group=group)
+    longest = max(int(x.item()) for x in lens)
+    mine = torch.zeros(longest, dtype=torch.int64, device=device)
+    mine[:len(values)] = torch.tensor(list(values), dtype=torch.int64, device=device)
+    got = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(got, mine, group=group)
+    return [g[:int(k.item())].tolist() for g, k in zip(got, lens)]

@@ -42,8 +42,16 @@ def weighted_mean(updates: list[ClientUpdate]) -> torch.Tensor:
 class Strategy(ABC):
     """A server strategy: plans rounds, aggregates client deltas, owns the server state."""
 
-    def __init__(self, local_steps: int, lr: float, proximal_mu: float = 0.0, server_lr: float = 1.0):
+    def __init__(self, local_steps: int, lr: float, proximal_mu: float = 0.0, server_lr: float = 1.0,
+                 aggregator: str = "mean", trim_fraction: float = 0.2):
         self.local_steps, self.lr, self.proximal_mu, self.server_lr = local_steps, lr, proximal_mu, server_lr
+        self.aggregator, self.trim_fraction = aggregator, trim_fraction
+
+    def combine(self, updates: list[ClientUpdate]) -> torch.Tensor:
+        """The round's mean delta: sample-weighted (FedAvg), or robust (``fed.aggregator``)."""
+        from fed_ddp.strategies.robust import combine
+
+        return combine(updates, self.aggregator, self.trim_fraction)
 
     def configure_round(self, rnd: int) -> RoundPlan:
         return RoundPlan(round=rnd, local_steps=self.local_steps, lr=self.lr, proximal_mu=self.proximal_mu)

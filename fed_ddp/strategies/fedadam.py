@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fed_ddp.strategies.base import ClientUpdate, weighted_mean
+from fed_ddp.strategies.base import ClientUpdate
 from fed_ddp.strategies.fedavg import FedAvg
 
 
@@ -21,7 +21,7 @@ class FedAdam(FedAvg):
         self.v: torch.Tensor | None = None
 
     def aggregate(self, rnd: int, global_state: torch.Tensor, updates: list[ClientUpdate]):
-        d = weighted_mean(updates)
+        d = self.combine(updates)
         if self.m is None:
             self.m, self.v = torch.zeros_like(d), torch.zeros_like(d)
         self.m = self.beta1 * self.m + (1 - self.beta1) * d

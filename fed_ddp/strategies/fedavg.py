@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from fed_ddp.strategies.base import ClientUpdate, Strategy, weighted_mean
+from fed_ddp.strategies.base import ClientUpdate, Strategy
 
 
 class FedAvg(Strategy):
     def aggregate(self, rnd: int, global_state: torch.Tensor, updates: list[ClientUpdate]):
-        mean = weighted_mean(updates)
+        mean = self.combine(updates)
         return global_state + self.server_lr * mean, {"update_norm": float(mean.norm())}
 
 
