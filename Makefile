@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/fed-ddp run configs/quickstart.yaml
+	$(BIN)/fed-ddp run configs/quickstart.yaml run.overwrite=true
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -51,7 +51,7 @@ def run(name: str, overrides: list[str], out: Path, extra: list[str], force: boo
     if force or not summary.is_file():
         cmd = [str(ROOT / ".venv" / "bin" / "fed-ddp") if (ROOT / ".venv" / "bin" / "fed-ddp").exists() else "fed-ddp",
                "run", str(ROOT / "configs" / "quickstart.yaml"), f"run.output_dir={out}", f"run.name={slug(name)}",
-               "comm.min_numel=0", "tracking.progress=false", *overrides, *extra]
+               "comm.min_numel=0", "tracking.progress=false", "run.overwrite=true", *overrides, *extra]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(summary.read_text())
@@ -63,10 +63,11 @@ def table(results: dict[str, dict]) -> str:
               "| vs fp32 (points) | gen. accuracy, base digits | val loss |"),
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in results.items():
-        per = s["comm"]["up"]["moved"] / (s["rounds"] * s["num_clients"])
+        up = s["comm"]["air"]["up"] if "air" in s["comm"] else s["comm"]["up"]  # runs from before populations: up
+        per = up.get("total", up.get("moved")) / up.get("messages", s["rounds"] * s["num_clients"])
         acc, base, loss = s["final"]["gen_acc_clients"], s["final"].get("gen_acc_base"), s["final"]["val_loss"]
         diff = f"{round(100 * (acc - ref['final']['gen_acc_clients']), 1) + 0.0:+.1f}" if ref else "n/a"
-        lines.append(f"| {name} | {per:,.0f} | {s['comm']['up']['vs_dense_lora']:.2f}x | {acc:.1%} | {diff} "
+        lines.append(f"| {name} | {per:,.0f} | {up['vs_dense_lora']:.2f}x | {acc:.1%} | {diff} "
                      f"| {base:.1%} | {loss:.4f} |")
     return "\n".join(lines)
 

@@ -113,7 +113,7 @@ def run_variant(name: str, base: Path, work: Path, rounds: int, steps: int, extr
     files = [str(ROOT / "configs" / "tiny_test.yaml")] + ([str(ROOT / "configs" / "deepspeed" / preset)] if preset else [])
     args = files + [f"model.pretrained={base}", f"run.output_dir={work}", f"run.name={name}",
                     f"fed.ranks_per_client={ranks}", f"fed.rounds={rounds}", f"fed.local_steps={steps}",
-                    *BASE_ARGS, *own, *extra]
+                    "run.overwrite=true", *BASE_ARGS, *own, *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(1 + ranks),
            str(RANK_SCRIPT), *args]
     env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ, "FED_DDP_MEM_DIR": str(mem), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",

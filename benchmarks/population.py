@@ -35,7 +35,7 @@ SETTINGS = ["fed.clients_per_round=8", "fed.workers=2", "fed.rounds=4", "fed.loc
             "data.source=imagefolder", "data.partition=iid", "data.label_field=label", "data.replay_fraction=0",
             "data.resolution=8", "comm.uplink=[topk,int8]", "comm.topk_fraction=0.1", "eval.every=1000",
             "eval.images_per_prompt=2", "eval.inference_steps=2", "eval.sample_seeds=[0]", "tracking.progress=false",
-            "train.batch_size=32", "train.lr=0.004"]
+            "train.batch_size=32", "train.lr=0.004", "run.overwrite=true"]
 
 
 def write_digits(folder: Path, n: int = IMAGES) -> Path:

@@ -41,6 +41,13 @@ def cmd_run(args) -> int:
 
     plan_cfg(cfg, nnodes=1)  # more ranks than GPUs here (train.device=auto): one config-error line, nothing started
     check_data(cfg)  # partition the data here: too few examples, bad files, one line before any rank starts
+    from fed_ddp.rundir import RunBusy, RunLock, check
+
+    check(cfg)  # an earlier run in the directory, or a resume with other settings: one line, nothing started
+    try:
+        RunLock(cfg.run.dir).acquire().release()  # another run holds it now: say so before launching
+    except RunBusy as e:
+        return _fail(str(e))
     if warning := cfg.fed.idle_workers_warning():
         print(f"fed-ddp: warning: {warning}", file=sys.stderr)
     from fed_ddp.diffusion.models import base_path, quiet_libraries

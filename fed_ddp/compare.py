@@ -39,9 +39,11 @@ from fed_ddp.worker import Worker
 def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Tensor, base: str) -> dict:
     """One arm: the production server loop and worker over the in-memory transport (one worker plays every
     sampled client in turn; a client's update does not depend on which worker plays it)."""
+    from fed_ddp.rundir import open_run
+
     set_flat(pipe.unet, init)
     run_dir = cfg.run.dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open_run(cfg)
     save_config(cfg, run_dir / "config.yaml")
     tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
                           maybe_wandb(cfg, run_dir, to_dict(cfg)))
@@ -49,7 +51,10 @@ def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Te
     worker = Worker(0, cfg, pipe, scheduler, data, wire)
     server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), InMemoryTransport([worker.handle]),
                     tracker, base, wire=wire)
-    return server.run()
+    try:
+        return server.run()
+    finally:
+        lock.release()
 
 
 def compare(cfg: RunConfig, client: int = 0) -> dict:
@@ -73,7 +78,7 @@ def compare(cfg: RunConfig, client: int = 0) -> dict:
     }
     results = {}
     for name, (arm_cfg, arm_data) in arms.items():
-        arm_cfg = dataclasses.replace(arm_cfg, run=dataclasses.replace(cfg.run, name=name,
+        arm_cfg = dataclasses.replace(arm_cfg, run=dataclasses.replace(cfg.run, name=name, overwrite=not cfg.run.resume,
                                                                        output_dir=str(cfg.run.dir.parent / root)))
         print(f"\n== {name}: {arm_cfg.fed.num_clients} trainer(s) x {arm_cfg.fed.local_steps} steps x "
               f"{arm_cfg.fed.rounds} rounds on {sum(len(d) for d in arm_data.clients)} private examples", flush=True)

@@ -30,12 +30,15 @@ class RunSection:
     name: str = "quickstart"  # run directory is <output_dir>/<name>
     output_dir: str = "runs"  # parent folder of run directories
     seed: int = 0  # seeds data partitioning, model init, local training and sampling
-    resume: bool = False  # continue from the run directory's latest checkpoint
+    resume: bool = False  # continue from the run directory's latest checkpoint (the stored config must match)
+    overwrite: bool = False  # replace an earlier run in the same directory (otherwise a fresh run refuses it)
+    max_restarts: int = 0  # fed-ddp run: restart every rank from the last complete round when one dies, up to N times
     log_level: str = "INFO"  # python logging level for all ranks
 
     def __post_init__(self):
-        _check(bool(self.name) and "/" not in self.name, "run.name", self.name,
-               "must be a non-empty name without '/'")
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", str(self.name))), "run.name", self.name,
+               "must be a plain folder name: letters, digits and . _ = + -, not starting with '.' or '-'")
+        _positive("run.max_restarts", self.max_restarts, zero_ok=True)
         _one_of("run.log_level", self.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"})
 
     @property

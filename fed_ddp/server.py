@@ -92,8 +92,7 @@ class Server:
                  w.up.describe(), w.up_nbytes, w.down.describe(), w.down_bytes.total, 4 * num_params)
         if warning := f.idle_workers_warning():
             log.warning(warning)
-        history = []
-        base_eval = None
+        history, base_eval = self._history_before(start)  # a resume's summary covers the whole run
         if start == 1:
             t0 = time.perf_counter()
             base_eval = self.evaluate(0, accuracy=True)
@@ -111,6 +110,22 @@ class Server:
         bar.close()
         self.transport.stop(w.pack_head(self.strategy.configure_round(f.rounds + 1), 0, stop=True))
         return self.finish(global_flat, base_eval, history)
+
+    def _history_before(self, start: int) -> tuple[list[dict], dict | None]:
+        """Rows of rounds 0 .. start - 1 already in metrics.jsonl (a resumed run; the last line of a round wins)."""
+        path = self.run_dir / "metrics.jsonl"
+        if start == 1 or not path.is_file():
+            return [], None
+        rows: dict[int, dict] = {}
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if isinstance(row, dict) and "seconds" in row and isinstance(row.get("round"), int) and row["round"] < start:
+                rows[row["round"]] = row
+        base = rows.get(0)
+        return [rows[r] for r in sorted(rows)], ({k: v for k, v in base.items() if k != "round"} if base else None)
 
     def round(self, rnd: int, global_flat: torch.Tensor) -> dict:
         """One round, start to checkpoint; returns its metrics row (and the new global under ``_global``)."""

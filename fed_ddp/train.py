@@ -64,15 +64,20 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
         from fed_ddp.strategies import build_strategy
         from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb
 
+        from fed_ddp.rundir import open_run
+
         run_dir = cfg.run.dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open_run(cfg)  # held until this process ends: one run per directory
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "partition.json").write_text(__import__("json").dumps(data.summary(), indent=2))
         tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
                               maybe_wandb(cfg, run_dir, to_dict(cfg)))
         server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker,
                         base, engine=engine, wire=wire)
-        return server.run()
+        try:
+            return server.run()
+        finally:
+            lock.release()
 
     from fed_ddp.worker import Worker
 

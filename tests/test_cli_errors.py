@@ -83,3 +83,53 @@ def test_bad_population_is_one_line_before_any_rank(overrides, needles):
     proc = run_cli("run", TINY, *overrides, "run.output_dir=/nonexistent/never_made")
     _one_line_error(proc, *needles)
     assert "launching" not in proc.stderr
+
+
+def _folder(tmp_path, lines: list[str], images: int = 12, corrupt: bool = False):
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(images):
+        Image.new("L", (8, 8), color=i * 10).save(d / f"{i}.png")
+    if corrupt:
+        (d / "0.png").write_bytes(b"not a png at all")
+    body = [f'{{"file_name": "{i}.png", "text": "a handwritten digit five"}}' for i in range(images)]
+    (d / "metadata.jsonl").write_text("\n".join(body + lines) + "\n")
+    return d
+
+
+@pytest.mark.parametrize("extra, corrupt, needles", [
+    (['{"file_name": "missing.png", "text": "x"}'], False, ["metadata.jsonl:13", "missing.png", "does not exist"]),
+    (["{not json"], False, ["metadata.jsonl:13", "not a JSON object"]),
+    (['{"file_name": "1.png", "text": null}'], False, ["metadata.jsonl:13", "caption", "None"]),
+    ([], True, ["metadata.jsonl:1", "0.png", "does not decode"]),
+])
+def test_bad_image_folder_is_one_line_before_any_rank(tmp_path, extra, corrupt, needles):
+    d = _folder(tmp_path, extra, corrupt=corrupt)
+    proc = run_cli("run", TINY, "data.source=imagefolder", f"data.path={d}", f"run.output_dir={tmp_path}/runs")
+    _one_line_error(proc, *needles)
+    assert "launching" not in proc.stderr
+
+
+def test_empty_validation_split_is_one_line(tmp_path):
+    d = _folder(tmp_path, [], images=4)
+    proc = run_cli("run", TINY, "data.source=imagefolder", f"data.path={d}", "data.val_fraction=0.1",
+                   "data.partition=iid", f"run.output_dir={tmp_path}/runs")
+    _one_line_error(proc, "empty validation split")
+
+
+def test_run_directory_is_owned(tmp_path):
+    """A fresh run refuses a directory that holds a run; a locked directory names its owner; run.name is plain."""
+    from fed_ddp.rundir import RunLock
+
+    run = tmp_path / "runs" / "taken"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    proc = run_cli("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=taken")
+    _one_line_error(proc, "already holds a run", "run.resume=true", "run.overwrite=true")
+    with RunLock(tmp_path / "runs" / "busy"):
+        proc = run_cli("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=busy")
+        _one_line_error(proc, "in use by host", "pid")
+    for bad in ("..", ".hidden", "a/b"):
+        _one_line_error(run_cli("run", TINY, f"run.name={bad}"), "run.name", "plain folder name")

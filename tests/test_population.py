@@ -222,8 +222,15 @@ def test_resume_is_bit_identical_with_residuals_across_the_stop(tiny_base, tmp_p
     assert carried  # some clients' residuals cross the stop
     # what a crash in the middle of round 3 leaves: a client's state of round 3, but no checkpoint 3
     ClientStateStore(part / "clients").save(carried[0], 3, {"residual|junk": torch.ones(1)}, {"seed": 0, "step": 9})
-    _run(tiny_base, tmp_path, "part", "run.resume=true")
+    with pytest.raises(ConfigError, match=r"run.seed \(0 -> 5\)"):  # a resume with other settings is refused
+        _run(tiny_base, tmp_path, "part", "run.resume=true", "run.seed=5")
+    _, summary = _run(tiny_base, tmp_path, "part", "run.resume=true")
     assert torch.equal(_global(full, 3), _global(part, 3))
+    full_summary = json.loads((full / "summary.json").read_text())
+    assert summary["base"] == full_summary["base"] and summary["base"]  # the base evaluation survives the resume
+    for k in ("clients_sampled", "distinct_clients"):
+        assert summary["sampling"][k] == full_summary["sampling"][k]  # all 3 rounds, not only the resumed one
+    assert summary["comm"]["air"] == full_summary["comm"]["air"]
     assert not torch.equal(_global(full, 2), _global(full, 3))
     rows = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     full_rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]

@@ -34,6 +34,9 @@ class FederatedData:
 
 def _split(data: CaptionedImages, cfg: RunConfig, seed_offset: int) -> tuple[CaptionedImages, CaptionedImages]:
     val_idx, train_idx = split_indices(len(data), (cfg.data.val_fraction,), cfg.run.seed + seed_offset)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise ValueError(f"{len(data)} examples leave an empty {'validation' if len(val_idx) == 0 else 'training'} "
+                         f"split at data.val_fraction={cfg.data.val_fraction}")
     return data.subset(np.sort(train_idx)), data.subset(np.sort(val_idx))
 
 

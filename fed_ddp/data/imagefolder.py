@@ -24,12 +24,18 @@ def read_metadata(folder: str | Path) -> list[dict]:
     for n, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if "file_name" not in row or "text" not in row:
-            raise ValueError(f"{meta}:{n}: each line needs 'file_name' and 'text', got keys {sorted(row)}")
-        if not (folder / row["file_name"]).exists():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta}:{n}: not a JSON object ({e.msg})") from None
+        if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
+            raise ValueError(f"{meta}:{n}: each line needs 'file_name' and 'text', got "
+                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise ValueError(f"{meta}:{n}: 'text' must be a non-empty caption string, got {row['text']!r}")
+        if not isinstance(row["file_name"], str) or not (folder / row["file_name"]).is_file():
             raise FileNotFoundError(f"{meta}:{n}: image {row['file_name']!r} does not exist")
-        rows.append(row)
+        rows.append({**row, "_line": n})
     if not rows:
         raise ValueError(f"{meta}: no images listed")
     return rows
@@ -43,7 +49,11 @@ def load_imagefolder(folder: str | Path, resolution: int, channels: int = 3, lab
     mode = "L" if channels == 1 else "RGB"
     pics = []
     for row in rows:
-        im = Image.open(folder / row["file_name"]).convert(mode)
+        try:
+            im = Image.open(folder / row["file_name"]).convert(mode)
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"{folder / 'metadata.jsonl'}:{row['_line']}: image {row['file_name']!r} does not "
+                             f"decode ({type(e).__name__})") from None
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
