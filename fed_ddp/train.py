@@ -60,11 +60,10 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
                                     method=cfg.comm.gather)
 
     if topo.is_server:
+        from fed_ddp.rundir import open_run
         from fed_ddp.server import Server
         from fed_ddp.strategies import build_strategy
         from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb
-
-        from fed_ddp.rundir import open_run
 
         run_dir = cfg.run.dir
         lock = open_run(cfg)  # held until this process ends: one run per directory
