@@ -54,17 +54,26 @@ def cmd_run(args) -> int:
 
     quiet_libraries()
     base_path(cfg.model)  # pretrain the tiny base here, once, before any rank starts
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex[:8],
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5)
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=cfg.run.max_restarts,
+                          monitor_interval=0.5)
     print(f"fed-ddp: launching {describe(cfg)} -> {cfg.run.dir}", file=sys.stderr)
+    os.environ["FED_DDP_LAUNCHER_PID"] = str(os.getpid())  # ranks die with this process (fed_ddp.train)
     try:
         elastic_launch(launch, sys.executable)("-u", "-m", "fed_ddp.train", args.config, *args.overrides)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         return _fail(f"rank {rank} failed (exit code {failure.exitcode}); see its log lines above", 1)
+    except (KeyboardInterrupt, SignalException) as e:
+        import signal
+
+        sig = getattr(e, "sigval", signal.SIGINT)
+        return _fail(f"stopped by {signal.Signals(sig).name}; every complete round is checkpointed in "
+                     f"{cfg.run.dir / 'checkpoints'} (continue with run.resume=true)", 128 + int(sig))
     summary_path = cfg.run.dir / "summary.json"
     if summary_path.exists():
         s = json.loads(summary_path.read_text())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from datetime import timedelta
 
@@ -92,9 +93,40 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     return None
 
 
+def die_with_parent() -> None:
+    """Linux: the kernel kills this rank when its launcher (torchrun's agent, ``fed-ddp run``) dies, however it
+    dies, so no rank trains on unsupervised. SIGKILL, not SIGTERM: a rank blocked in a collective never runs a
+    Python handler, and checkpoints are atomic, so nothing is lost that a resume would need."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the launcher's own teardown is all there is
+        return
+    launcher = int(os.environ.get("FED_DDP_LAUNCHER_PID", "0"))  # set by `fed-ddp run`
+    if (launcher and os.getppid() != launcher) or os.getppid() == 1:  # it died before the prctl above
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def init_process_group(backend: str, timeout: timedelta, restart: int, **kw) -> None:
+    """``init_process_group`` from the launcher's environment. Under torch's elastic agent the ranks share the
+    agent's store across restarts, and gloo would read the dead attempt's addresses from it (attempt 1 hangs
+    connecting to attempt 0's ports, measured on torch 2.13): each attempt gets keys of its own."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"fed_ddp/attempt_{restart}", store), rank=rank,
+                                world_size=world, timeout=timeout, **kw)
+    else:
+        dist.init_process_group(backend, timeout=timeout, **kw)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_PROCID" in os.environ:
+        die_with_parent()
     try:
         if not argv or argv[0].startswith("-"):
             raise ConfigError("config", argv[0] if argv else None, "usage: fed_ddp.train CONFIG.yaml [key=value ...]")
@@ -106,16 +138,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fed-ddp: config error: {e}", file=sys.stderr)
         return 2
     log = setup_logging(topo.role, topo.rank, cfg.run.log_level)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0 and not cfg.run.resume:  # the launcher restarted every rank after one died: continue the run
+        cfg.run.resume = True
+        if topo.is_server:
+            log.warning("restart %d: resuming from the last complete round", restart)
     torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg, topo.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.fed.timeout_s),
-                            **({"device_id": device} if device.type == "cuda" else {}))
+    init_process_group(backend, timedelta(seconds=cfg.fed.timeout_s), restart,
+                       **({"device_id": device} if device.type == "cuda" else {}))
     try:
         topo = topo.with_groups(deepspeed=cfg.train.engine == "deepspeed")
         run_rank(cfg, topo, device)
+    except KeyboardInterrupt:
+        log.error("interrupted: the last complete round's checkpoint is in %s", cfg.run.dir / "checkpoints")
+        return 130
     except Exception:
         log.exception("failed")
         raise

@@ -1,0 +1,53 @@
+"""A real fed_ddp rank that SIGKILLs itself at chosen points, one per launcher attempt.
+
+``FED_DDP_CHAOS="2:2,0:3,1:4"``: in attempt 0 (``TORCHELASTIC_RESTART_COUNT``), rank 2 dies in round 2; after
+the launcher restarts every rank, rank 0 dies in round 3; after the next restart, rank 1 dies in round 4. A
+server dies at the start of the round; a worker dies right after its first client of the round has trained
+and saved its state (the nastiest point: a state file of a round that never completes).
+"""
+
+import os
+import signal
+import sys
+
+import faulthandler
+
+from fed_ddp import train
+
+faulthandler.register(signal.SIGUSR1)  # a hung rank: kill -USR1 PID prints its stack
+from fed_ddp.server import Server
+from fed_ddp.worker import Worker
+
+KILLS = [tuple(map(int, x.split(":"))) for x in os.environ.get("FED_DDP_CHAOS", "").split(",") if x]
+ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+RANK = int(os.environ.get("RANK", "0"))
+WHO, WHEN = KILLS[ATTEMPT] if ATTEMPT < len(KILLS) else (-1, -1)
+
+
+def _die(rnd: int) -> None:
+    if RANK == WHO and rnd == WHEN:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_round = Server.round
+
+
+def chaos_round(self, rnd, global_flat):
+    _die(rnd)
+    return _round(self, rnd, global_flat)
+
+
+_play = Worker.play
+
+
+def chaos_play(self, client, plan, global_flat, state_round=-1):
+    msg = _play(self, client, plan, global_flat, state_round)
+    _die(plan.round)
+    return msg
+
+
+Server.round = chaos_round
+Worker.play = chaos_play
+
+if __name__ == "__main__":
+    sys.exit(train.main(sys.argv[1:]))

@@ -1,0 +1,113 @@
+"""Supervision and automatic recovery over real gloo ranks: a rank killed three times, at seeded random
+ranks and rounds, is restarted by the launcher from the last complete round, and the run ends bit for bit
+where the uninterrupted run ends; ranks die with their launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from test_distributed import HERE, ROOT
+
+from fed_ddp.checkpoint import load_state
+
+pytestmark = pytest.mark.slow
+ARGS = ["fed.num_clients=6", "fed.clients_per_round=3", "fed.workers=2", "fed.rounds=4", "fed.local_steps=2",
+        "data.partition=iid", "comm.uplink=[topk,int8]", "comm.topk_fraction=0.25", "comm.min_numel=0",
+        "lora.rank=2", "eval.images_per_prompt=1", "eval.inference_steps=1", "eval.sample_seeds=[0]"]
+
+
+def _launch(tiny_base, out, name, chaos: str, max_restarts: int):
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ["FED_DDP_CHAOS"] = chaos
+    os.environ["PYTHONPATH"] = f"{HERE}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=3, run_id=uuid.uuid4().hex[:8], rdzv_backend="c10d",
+                       rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts, monitor_interval=0.2)
+    try:
+        elastic_launch(cfg, sys.executable)(str(HERE / "chaos_rank.py"), str(ROOT / "configs" / "tiny_test.yaml"),
+                                            f"model.pretrained={tiny_base}", f"run.output_dir={out}",
+                                            f"run.name={name}", *ARGS)
+    finally:
+        os.environ.pop("FED_DDP_CHAOS")
+    return out / name
+
+
+def test_three_kills_recover_bit_for_bit(tiny_base, tmp_path):
+    rng = np.random.default_rng(7)
+    ranks = rng.integers(0, 3, size=3).tolist()
+    rounds = sorted(rng.choice(np.arange(2, 5), size=3, replace=False).tolist())
+    chaos = ",".join(f"{r}:{t}" for r, t in zip(ranks, rounds))
+    calm = _launch(tiny_base, tmp_path, "calm", "", 0)
+    hit = _launch(tiny_base, tmp_path, "chaos", chaos, 3)
+    for ckpt in ("round_0001", "round_0002", "round_0003", "round_0004", "final"):
+        a, b = (load_state(d / "checkpoints" / ckpt)["global"] for d in (calm, hit))
+        assert torch.equal(a, b), f"{ckpt} after kills {chaos}: max difference {(a - b).abs().max()}"
+    restarts = [json.loads(x) for x in (hit / "metrics.jsonl").read_text().splitlines()]
+    sampled = {r["round"]: r["clients"]["sampled"] for r in restarts if r.get("clients")}
+    calm_rows = [json.loads(x) for x in (calm / "metrics.jsonl").read_text().splitlines()]
+    assert sampled == {r["round"]: r["clients"]["sampled"] for r in calm_rows if r.get("clients")}
+    summary = json.loads((hit / "summary.json").read_text())
+    assert summary["base"] and summary["sampling"]["clients_sampled"] == 4 * 3  # whole run, across restarts
+
+
+def test_ranks_die_with_their_launcher(tiny_base, tmp_path):
+    """SIGKILL the `fed-ddp run` launcher mid-run: no rank trains on unsupervised."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    marker = uuid.uuid4().hex[:10]
+    proc = subprocess.Popen([sys.executable, "-m", "fed_ddp.cli", "run", str(ROOT / "configs" / "tiny_test.yaml"),
+                             f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", f"run.name=orphan{marker}",
+                             "fed.rounds=50", "fed.local_steps=20"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ranks() -> list[int]:
+        out = subprocess.run(["pgrep", "-f", f"run.name=orphan{marker}"], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split() if int(p) != proc.pid]
+
+    deadline = time.time() + 120
+    while len(ranks()) < 3 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(ranks()) >= 3, "the ranks never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while ranks() and time.time() < deadline:
+        time.sleep(0.5)
+    left = ranks()
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"ranks {left} outlived their launcher"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_base, tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C sends): no traceback from the launcher, one line naming
+    the checkpoints, exit code 130, no rank left behind."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    marker = uuid.uuid4().hex[:10]
+    proc = subprocess.Popen([sys.executable, "-m", "fed_ddp.cli", "run", str(ROOT / "configs" / "tiny_test.yaml"),
+                             f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", f"run.name=int{marker}",
+                             "fed.rounds=50", "fed.local_steps=50"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / f"int{marker}" / "checkpoints" / "round_0001").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    mine = [ln for ln in err.splitlines() if ln.startswith("fed-ddp:")]
+    assert len(mine) == 2 and "stopped by SIGINT" in mine[-1] and "checkpoints" in mine[-1], mine  # launching, stopped
+    assert "Traceback" not in err, err[-3000:]
+    left = subprocess.run(["pgrep", "-f", f"run.name=int{marker}"], capture_output=True, text=True).stdout.split()
+    assert not left
