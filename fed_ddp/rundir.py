@@ -22,9 +22,11 @@ from fed_ddp.errors import ConfigError
 LOCK = ".lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "partition.json")
 RUN_DIRS = ("checkpoints", "clients", "samples", "wandb")
-# what a resume may change; everything else must equal the stored config
-RESUMABLE = ("run.resume", "run.overwrite", "run.log_level", "run.max_restarts", "fed.rounds", "fed.timeout_s",
-             "fed.max_bad_rounds", "eval.", "tracking.")
+# what a resume may change (where the run lives, how long it runs, what it reports, machine resources);
+# everything else must equal the stored config
+RESUMABLE = ("run.resume", "run.overwrite", "run.log_level", "run.max_restarts", "run.output_dir", "run.name",
+             "model.cache_dir", "fed.rounds", "fed.timeout_s", "fed.round_timeout_s", "fed.max_bad_rounds",
+             "fed.client_cache", "train.num_threads", "eval.", "tracking.")
 
 
 def holds_a_run(run_dir: Path) -> bool:

@@ -6,11 +6,10 @@ server dies at the start of the round; a worker dies right after its first clien
 and saved its state (the nastiest point: a state file of a round that never completes).
 """
 
+import faulthandler
 import os
 import signal
 import sys
-
-import faulthandler
 
 from fed_ddp import train
 
