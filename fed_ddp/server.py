@@ -27,6 +27,7 @@ from fed_ddp.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from fed_ddp.compression import ChainState, layout_of
 from fed_ddp.config import RunConfig
 from fed_ddp.data.federated import FederatedData
+from fed_ddp.distributed.collectives import GatherTimeout
 from fed_ddp.evaluation import Evaluator, reference_classifier
 from fed_ddp.lora_names import is_lora_name
 from fed_ddp.population import assign, read_trace, select_round
@@ -63,6 +64,8 @@ class Server:
         self.evaluate = Evaluator(cfg, pipe, scheduler, data, tracker)
         self.last_played = np.full(cfg.fed.num_clients, -1, dtype=np.int32)  # round each client last played
         self.bad_rounds = 0  # rounds in a row whose new global adapter was not finite
+        rt = cfg.fed.round_timeout_s
+        self.deadline: float | None = rt if rt else None  # seconds workers have to answer a round (None: no deadline)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -137,7 +140,16 @@ class Server:
         head = w.pack_head(plan, max(len(r) for r in table))
         rounds = {c: int(self.last_played[c]) for c in chosen.playing if w.keeps_state and self.last_played[c] > 0}
         body = w.pack_body(table, global_flat, self.down_state, rounds)
-        ups, stats = self.transport.exchange(head, body, w.up_sizes(table))
+        try:
+            ups, stats = self.transport.exchange(head, body, w.up_sizes(table), self.deadline)
+        except GatherTimeout as e:
+            which = "" if cfg.comm.gather == "p2p" else " (one of them; comm.gather=p2p names exactly which)"
+            raise RuntimeError(f"round {rnd}: worker rank(s) {e.missing}{which} have not answered within "
+                               f"{e.seconds:.0f} s (fed.round_timeout_s): hung or stopped; every complete round is "
+                               "checkpointed") from None
+        if cfg.fed.round_timeout_s is None and self.deadline is None:  # derived from the first round's exchange
+            self.deadline = max(60.0, 10 * stats.seconds)
+            log.info("round deadline: %.0f s (10x round %d's exchange; fed.round_timeout_s sets it)", self.deadline, rnd)
         self.last_played[chosen.playing] = rnd
         updates: list[ClientUpdate] = []
         per_worker: list[list[ClientUpdate]] = []

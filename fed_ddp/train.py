@@ -155,13 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         run_rank(cfg, topo, device)
     except KeyboardInterrupt:
         log.error("interrupted: the last complete round's checkpoint is in %s", cfg.run.dir / "checkpoints")
-        return 130
+        _exit_now(130)
     except Exception:
         log.exception("failed")
-        raise
-    finally:
-        dist.destroy_process_group()
+        _exit_now(1)
+    dist.destroy_process_group()
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Leave without tearing the process group down: with a peer hung or dead, ``destroy_process_group`` waits
+    on its pending collectives (for fed.timeout_s); the launcher stops the other ranks anyway."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ class CollectiveTransport:
         return [0, *up_sizes]
 
     # -- server side --------------------------------------------------------------------------
-    def exchange(self, head: torch.Tensor, body: torch.Tensor, up_sizes: list[int]
+    def exchange(self, head: torch.Tensor, body: torch.Tensor, up_sizes: list[int], deadline: float | None = None
                  ) -> tuple[list[torch.Tensor], ExchangeStats]:
+        """``deadline``: seconds for every worker to answer (raises ``GatherTimeout`` naming the silent ranks)."""
         _check_bytes(head, "downlink head")
         _check_bytes(body, "downlink body")
         t0 = time.perf_counter()
@@ -83,7 +84,7 @@ class CollectiveTransport:
         dist.broadcast(b, src=self.server_rank, group=self.group)
         mine = torch.empty(0, dtype=torch.uint8, device=self.device)
         got, g = gather_bytes(mine, self.server_rank, self.group, method=self.method,
-                              sizes=self._with_server(up_sizes))
+                              sizes=self._with_server(up_sizes), deadline=deadline)
         ups = [x.cpu() for x in got[1:]]
         stats = ExchangeStats(bytes_down=(nbytes(h) + nbytes(b)) * self.num_workers, bytes_up=g.total_bytes,
                               seconds=time.perf_counter() - t0, parallel=True, up_padding=g.padding_bytes,
@@ -145,7 +146,7 @@ class InMemoryTransport:
     def num_workers(self) -> int:
         return len(self.handlers)
 
-    def exchange(self, head: torch.Tensor, body: torch.Tensor, up_sizes: list[int]
+    def exchange(self, head: torch.Tensor, body: torch.Tensor, up_sizes: list[int], deadline: float | None = None
                  ) -> tuple[list[torch.Tensor], ExchangeStats]:
         _check_bytes(head, "downlink head")
         _check_bytes(body, "downlink body")

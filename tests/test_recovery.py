@@ -25,7 +25,7 @@ ARGS = ["fed.num_clients=6", "fed.clients_per_round=3", "fed.workers=2", "fed.ro
         "lora.rank=2", "eval.images_per_prompt=1", "eval.inference_steps=1", "eval.sample_seeds=[0]"]
 
 
-def _launch(tiny_base, out, name, chaos: str, max_restarts: int):
+def _launch(tiny_base, out, name, chaos: str, max_restarts: int, *extra: str):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ["FED_DDP_CHAOS"] = chaos
@@ -35,7 +35,7 @@ def _launch(tiny_base, out, name, chaos: str, max_restarts: int):
     try:
         elastic_launch(cfg, sys.executable)(str(HERE / "chaos_rank.py"), str(ROOT / "configs" / "tiny_test.yaml"),
                                             f"model.pretrained={tiny_base}", f"run.output_dir={out}",
-                                            f"run.name={name}", *ARGS)
+                                            f"run.name={name}", *ARGS, *extra)
     finally:
         os.environ.pop("FED_DDP_CHAOS")
     return out / name
@@ -111,3 +111,22 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_base, tmp_path):
     assert "Traceback" not in err, err[-3000:]
     left = subprocess.run(["pgrep", "-f", f"run.name=int{marker}"], capture_output=True, text=True, check=False).stdout.split()
     assert not left
+
+
+def test_a_hung_worker_is_named_within_the_round_deadline(tiny_base, tmp_path, capfd):
+    """A worker that stops (SIGSTOP) in round 2 does not stall the run for fed.timeout_s: past
+    fed.round_timeout_s the server stops the run naming that rank."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    os.environ["FED_DDP_CHAOS_SIGNAL"] = "STOP"
+    t0 = time.time()
+    try:
+        with pytest.raises(ChildFailedError):
+            _launch(tiny_base, tmp_path, "hung", "2:2", 0, "fed.round_timeout_s=5", "fed.timeout_s=600",
+                    "comm.gather=p2p")
+    finally:
+        os.environ.pop("FED_DDP_CHAOS_SIGNAL")
+    assert time.time() - t0 < 120  # not fed.timeout_s = 600
+    err = capfd.readouterr().err
+    assert "worker rank(s) [2] have not answered within 5 s" in err, err[-3000:]
+    assert (tmp_path / "hung" / "checkpoints" / "round_0001").is_dir()

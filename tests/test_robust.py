@@ -232,3 +232,33 @@ def test_median_holds_against_one_huge_attacker_of_five_when_screening_is_off(ti
     assert float((got - prev - mean_h).norm()) <= spread
     row = next(r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r.get("clients"))
     assert row["clients"]["rejected"] == {}  # nothing screened out: the median alone held
+
+
+def test_a_planted_pickle_is_never_loaded(tmp_path):
+    """Checkpoints are read as safetensors only: a pickle planted as the old server_state.pt is ignored, and its
+    payload never runs."""
+    import pickle
+
+    from fed_ddp.checkpoint import latest_checkpoint, load_state
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ckpt = tmp_path / "run" / "checkpoints" / "round_0003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "server_state.pt").write_bytes(pickle.dumps(Payload()))
+    assert latest_checkpoint(tmp_path / "run") == ckpt
+    with pytest.raises(FileNotFoundError, match="server_state.safetensors"):
+        load_state(ckpt)
+    assert not marker.exists()
+
+
+def test_non_finite_hyperparameters_are_refused():
+    from fed_ddp.config import ConfigError, load_config
+
+    for key in ("train.lr=inf", "train.lr=nan", "fed.server_lr=inf"):
+        with pytest.raises(ConfigError, match="finite"):
+            load_config(None, [key])

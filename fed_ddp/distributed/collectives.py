@@ -20,7 +20,9 @@ Bytes moved = bytes of tensors that leave one rank for another, as the collectiv
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,13 +48,42 @@ def _global(group, group_rank: int) -> int:
     return group_rank if group is None or group is dist.GroupMember.WORLD else dist.get_global_rank(group, group_rank)
 
 
+class GatherTimeout(RuntimeError):
+    """The gather did not complete by its deadline; ``missing`` = global ranks whose bytes did not arrive
+    (``p2p``; with a native ``gather`` every sender is listed: the collective cannot tell them apart)."""
+
+    def __init__(self, missing: list[int], seconds: float):
+        self.missing, self.seconds = missing, seconds
+        super().__init__(f"ranks {missing} have not answered within {seconds:g} s")
+
+
+def _wait_all(works, deadline: float | None, senders: list[int]) -> None:
+    """Wait for ``works``; past ``deadline`` seconds, raise GatherTimeout naming the senders still pending.
+    (``wait(timeout)``, not polling: gloo's p2p receives never report ``is_completed`` before a wait.)"""
+    if deadline is None:
+        for w in works:
+            w.wait()
+        return
+    end = time.monotonic() + deadline
+    missing = []
+    for i, w in enumerate(works):
+        try:
+            w.wait(timeout=timedelta(seconds=max(0.001, end - time.monotonic())))
+        except RuntimeError:
+            missing.append(senders[i] if len(works) == len(senders) else -1)
+    if missing:
+        raise GatherTimeout(senders if -1 in missing else missing, deadline)
+
+
 def gather_bytes(payload: torch.Tensor, dst: int, group=None, *, method: str = "p2p",
-                 sizes: list[int] | None = None) -> tuple[list[torch.Tensor] | None, GatherStats | None]:
+                 sizes: list[int] | None = None, deadline: float | None = None
+                 ) -> tuple[list[torch.Tensor] | None, GatherStats | None]:
     """Gather each rank's 1-D uint8 ``payload`` (any size, 0 included) to global rank ``dst``.
 
     ``sizes``: every rank's payload size by group rank, when all ranks know them in advance (then no
     size exchange happens; a rank whose payload does not match its entry raises before sending, and
     the others wait for the process group's timeout, as with any collective a rank skips).
+    ``deadline`` (seconds, dst only): raise ``GatherTimeout`` naming the ranks that have not sent by then.
     Returns (payloads by group rank, stats) on dst and (None, None) elsewhere.
     """
     if method not in METHODS:
@@ -91,8 +122,9 @@ def gather_bytes(payload: torch.Tensor, dst: int, group=None, *, method: str = "
             out = None
             ops = [dist.P2POp(dist.isend, payload, dst, group)] if payload.numel() > 0 else []
         if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+            works = dist.batch_isend_irecv(ops)
+            senders = [_global(group, r) for r in range(world) if r != me and sizes[r] > 0]
+            _wait_all(works, deadline if me == dst_g else None, senders)
         if me != dst_g:
             return None, None
         moved = sum(s for r, s in enumerate(sizes) if r != me)
@@ -105,7 +137,9 @@ def gather_bytes(payload: torch.Tensor, dst: int, group=None, *, method: str = "
             padded = torch.zeros(longest, dtype=torch.uint8, device=device)
             padded[:payload.numel()] = payload
         slots = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)] if me == dst_g else None
-        dist.gather(padded, gather_list=slots, dst=dst, group=group)
+        work = dist.gather(padded, gather_list=slots, dst=dst, group=group, async_op=True)
+        _wait_all([work], deadline if me == dst_g else None,
+                  [_global(group, r) for r in range(world) if r != dst_g])
         collectives += 1
     if me != dst_g:
         return None, None
