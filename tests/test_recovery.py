@@ -59,16 +59,21 @@ def test_three_kills_recover_bit_for_bit(tiny_base, tmp_path):
     assert summary["base"] and summary["sampling"]["clients_sampled"] == 4 * 3  # whole run, across restarts
 
 
-def test_ranks_die_with_their_launcher(tiny_base, tmp_path):
-    """SIGKILL the `fed-ddp run` launcher mid-run: no rank trains on unsupervised."""
+def _fed_ddp_run(tiny_base, out, name: str, steps: int, **popen) -> subprocess.Popen:
+    """A long `fed-ddp run` of the tiny config, started the way a user starts it (its own launcher)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    return subprocess.Popen([sys.executable, "-m", "fed_ddp.cli", "run", str(ROOT / "configs" / "tiny_test.yaml"),
+                             f"model.pretrained={tiny_base}", f"run.output_dir={out}", f"run.name={name}",
+                             "fed.rounds=50", f"fed.local_steps={steps}"], cwd=ROOT, env=env, **popen)
+
+
+def test_ranks_die_with_their_launcher(tiny_base, tmp_path):
+    """SIGKILL the `fed-ddp run` launcher mid-run: no rank trains on unsupervised."""
     marker = uuid.uuid4().hex[:10]
-    proc = subprocess.Popen([sys.executable, "-m", "fed_ddp.cli", "run", str(ROOT / "configs" / "tiny_test.yaml"),
-                             f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", f"run.name=orphan{marker}",
-                             "fed.rounds=50", "fed.local_steps=20"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _fed_ddp_run(tiny_base, tmp_path, f"orphan{marker}", 20, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
 
     def ranks() -> list[int]:
         out = subprocess.run(["pgrep", "-f", f"run.name=orphan{marker}"], capture_output=True, text=True, check=False).stdout
@@ -92,14 +97,9 @@ def test_ranks_die_with_their_launcher(tiny_base, tmp_path):
 def test_ctrl_c_is_one_line_and_exit_130(tiny_base, tmp_path):
     """SIGINT to the whole process group (what Ctrl-C sends): no traceback from the launcher, one line naming
     the checkpoints, exit code 130, no rank left behind."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     marker = uuid.uuid4().hex[:10]
-    proc = subprocess.Popen([sys.executable, "-m", "fed_ddp.cli", "run", str(ROOT / "configs" / "tiny_test.yaml"),
-                             f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", f"run.name=int{marker}",
-                             "fed.rounds=50", "fed.local_steps=50"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _fed_ddp_run(tiny_base, tmp_path, f"int{marker}", 50, start_new_session=True, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / f"int{marker}" / "checkpoints" / "round_0001").exists() and time.time() < deadline:
         time.sleep(0.5)

@@ -123,7 +123,7 @@ def gather_bytes(payload: torch.Tensor, dst: int, group=None, *, method: str = "
             ops = [dist.P2POp(dist.isend, payload, dst, group)] if payload.numel() > 0 else []
         if ops:
             works = dist.batch_isend_irecv(ops)
-            senders = [_global(group, r) for r in range(world) if r != me and sizes[r] > 0]
+            senders = [_global(group, r) for r in range(world) if r != me and sizes[r] > 0] if me == dst_g else []
             _wait_all(works, deadline if me == dst_g else None, senders)
         if me != dst_g:
             return None, None
