@@ -161,7 +161,7 @@ class FedSection:
     max_update_norm: float = 0.0  # reject an update whose L2 norm exceeds this (0 = off)
     norm_factor: float = 10.0  # reject an update whose norm exceeds this x the round's median norm (0 = off)
     max_bad_rounds: int = 3  # stop the run after this many rounds in a row whose new global adapter is not finite
-    round_timeout_s: float | None = None  # seconds every worker has to answer a round (names the silent ranks); null = 10x round 1's exchange, at least 60; 0 = off
+    round_timeout_s: float | None = None  # seconds every worker has to answer a round (names the silent ranks); null = 10x the first exchange per client slot, at least 60; 0 = off
     timeout_s: float = 1800.0  # collective timeout
 
     def __post_init__(self):

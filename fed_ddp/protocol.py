@@ -27,6 +27,7 @@ table is cluster traffic only (a phone does not need to know who else plays).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -145,8 +146,11 @@ class Wire:
         tail = buf[-UP_TAIL_BYTES:]
         cid = int(tail[:4].clone().view(torch.int32).item())
         fields = dict(zip(UP_FIELDS, _f32(tail[4:])))
+        n = fields.pop("num_examples")
+        if not math.isfinite(n):  # round(inf) would raise OverflowError: refuse it as a bad message
+            raise ValueError(f"uplink message: num_examples={n}")
         delta = self.up.decode(self.up.from_bytes(buf[:-UP_TAIL_BYTES]))
-        return ClientUpdate(cid, delta, round(fields.pop("num_examples")), fields)
+        return ClientUpdate(cid, delta, round(n), fields)
 
     def split_uplink(self, buf: torch.Tensor, count: int) -> list[torch.Tensor]:
         """A worker's uplink buffer -> its ``count`` client messages."""

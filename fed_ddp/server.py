@@ -34,6 +34,7 @@ from fed_ddp.population import assign, read_trace, select_round
 from fed_ddp.protocol import Wire
 from fed_ddp.seeds import server_codec
 from fed_ddp.strategies import ClientUpdate, Strategy, screen
+from fed_ddp.strategies.robust import lower_median
 
 log = logging.getLogger("fed_ddp.server")
 
@@ -66,6 +67,8 @@ class Server:
         self.bad_rounds = 0  # rounds in a row whose new global adapter was not finite
         rt = cfg.fed.round_timeout_s
         self.deadline: float | None = rt if rt else None  # seconds workers have to answer a round (None: no deadline)
+        self.per_client_s: float | None = None  # derived deadline: 10x the first exchange's time per client slot
+        self.norm_ref: float | None = None  # median update norm of the last round with two or more kept updates
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -82,6 +85,7 @@ class Server:
             self.down_state.step = start - 1
             if "last_played" in state:
                 self.last_played = state["last_played"].numpy().astype(np.int32).copy()
+            self.norm_ref = state.get("norm_ref")
             log.info("resuming from %s (round %d done)", ckpt, state["round"])
         elif (self.run_dir / "clients").exists():  # a fresh start: no client may inherit an older run's state
             shutil.rmtree(self.run_dir / "clients")
@@ -140,16 +144,20 @@ class Server:
         head = w.pack_head(plan, max(len(r) for r in table))
         rounds = {c: int(self.last_played[c]) for c in chosen.playing if w.keeps_state and self.last_played[c] > 0}
         body = w.pack_body(table, global_flat, self.down_state, rounds)
+        slots = max(len(r) for r in table)
+        deadline = self.deadline if cfg.fed.round_timeout_s else (
+            max(60.0, self.per_client_s * slots) if self.per_client_s else None)
         try:
-            ups, stats = self.transport.exchange(head, body, w.up_sizes(table), self.deadline)
+            ups, stats = self.transport.exchange(head, body, w.up_sizes(table), deadline)
         except GatherTimeout as e:
             which = "" if cfg.comm.gather == "p2p" else " (one of them; comm.gather=p2p names exactly which)"
             raise RuntimeError(f"round {rnd}: worker rank(s) {e.missing}{which} have not answered within "
                                f"{e.seconds:.0f} s (fed.round_timeout_s): hung or stopped; every complete round is "
                                "checkpointed") from None
-        if cfg.fed.round_timeout_s is None and self.deadline is None:  # derived from the first round's exchange
-            self.deadline = max(60.0, 10 * stats.seconds)
-            log.info("round deadline: %.0f s (10x round %d's exchange; fed.round_timeout_s sets it)", self.deadline, rnd)
+        if cfg.fed.round_timeout_s is None and self.per_client_s is None and slots:  # from the first exchange
+            self.per_client_s = 10 * stats.seconds / slots
+            log.info("round deadline: 10 x %.1f s per client on the busiest worker, at least 60 s "
+                     "(fed.round_timeout_s sets it)", stats.seconds / slots)
         self.last_played[chosen.playing] = rnd
         updates: list[ClientUpdate] = []
         per_worker: list[list[ClientUpdate]] = []
@@ -159,7 +167,7 @@ class Server:
             for cid, msg in zip(row, w.split_uplink(buf, len(row))):
                 try:  # a message is untrusted: a decoder error excludes its client, never ends the run
                     u = w.unpack_uplink(msg)
-                except (ValueError, RuntimeError, IndexError) as e:
+                except (ValueError, RuntimeError, IndexError, ArithmeticError) as e:
                     rejected[cid] = f"undecodable message: {' '.join(str(e).split())[:200]}"
                     continue
                 if u.client_id != cid:
@@ -170,7 +178,9 @@ class Server:
             updates.extend(mine)
         updates.sort(key=lambda u: u.client_id)  # aggregation order: by client id, whoever played it
         f = cfg.fed
-        kept, why = screen(updates, w.num_params, self.sizes, f.max_update_norm, f.norm_factor)
+        kept, why = screen(updates, w.num_params, self.sizes, f.max_update_norm, f.norm_factor, self.norm_ref)
+        if len(kept) >= 2:  # the yardstick for rounds with a single update left
+            self.norm_ref = lower_median([float(u.delta.double().norm()) for u in kept])
         rejected.update(why)
         for cid, reason in sorted(rejected.items()):
             log.warning("round %d: client %d rejected: %s", rnd, cid, reason)
@@ -197,6 +207,12 @@ class Server:
             agg_metrics = {"empty_round": True}
             log.warning("round %d: no usable update (%d sampled, %d dropped, %d rejected): the global adapter is kept",
                         rnd, len(chosen.sampled), len(chosen.dropped), len(rejected))
+            if rejected:  # updates arrived and every one was bad: as suspicious as a non-finite adapter
+                self.bad_rounds += 1
+                if self.bad_rounds >= f.max_bad_rounds:
+                    raise RuntimeError(f"{self.bad_rounds} rounds in a row without a usable update "
+                                       f"(fed.max_bad_rounds={f.max_bad_rounds}); the last good adapter is in "
+                                       f"{latest_checkpoint(self.run_dir)}")
         t_eval = time.perf_counter()
         last = rnd == cfg.fed.rounds
         e = cfg.eval
@@ -247,7 +263,7 @@ class Server:
         with self.engine.gathered():  # ZeRO-3: export full LoRA tensors, never empty shards
             save_checkpoint(self.run_dir / "checkpoints" / name, self.pipe.unet, global_flat, rnd,
                             self.strategy.state_dict(), self.info,
-                            {"last_played": torch.from_numpy(self.last_played.copy())})
+                            {"last_played": torch.from_numpy(self.last_played.copy()), "norm_ref": self.norm_ref})
 
     def _comm(self, stats, receivers: int, senders: int) -> dict:
         """Bytes of this round, two ways never mixed.

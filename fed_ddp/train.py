@@ -97,14 +97,17 @@ def die_with_parent() -> None:
     """Linux: the kernel kills this rank when its launcher (torchrun's agent, ``fed-ddp run``) dies, however it
     dies, so no rank trains on unsupervised. SIGKILL, not SIGTERM: a rank blocked in a collective never runs a
     Python handler, and checkpoints are atomic, so nothing is lost that a resume would need."""
+    parent = os.getppid()
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the launcher's own teardown is all there is
         return
-    launcher = int(os.environ.get("FED_DDP_LAUNCHER_PID", "0"))  # set by `fed-ddp run`
-    if (launcher and os.getppid() != launcher) or os.getppid() == 1:  # it died before the prctl above
+    # the launcher died before the prctl above: the parent changed, or (`fed-ddp run` names itself) it already
+    # had. No guess from a parent pid of 1: in a container, torchrun itself may be pid 1.
+    launcher = int(os.environ.get("FED_DDP_LAUNCHER_PID", "0"))
+    if os.getppid() != parent or (launcher and parent != launcher):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

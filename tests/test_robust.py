@@ -40,6 +40,28 @@ def test_screen_rejects_each_kind_of_bad_update_with_its_reason():
     assert "median norm" in why[5] and "51 values" in why[6] and "metrics" in why[7]
 
 
+def test_a_lone_update_is_measured_against_earlier_rounds():
+    """With one update left there is no median to compare with: the median norm of earlier rounds serves."""
+    lone = [_u(0, scale=1e6)]
+    assert screen(lone, P, norm_factor=10.0)[0] == lone  # nothing to compare with
+    kept, why = screen(lone, P, norm_factor=10.0, reference_norm=7.0)
+    assert kept == [] and "median norm (70)" in why[0]
+    assert screen([_u(1)], P, norm_factor=10.0, reference_norm=7.0)[0]  # an ordinary one passes
+
+
+def test_an_infinite_example_count_is_a_bad_message_not_a_crash():
+    from fed_ddp.compression import CommConfig
+    from fed_ddp.protocol import UP_TAIL_BYTES, Wire
+
+    wire = Wire(CommConfig(), [("w", (P,))])
+    msg = wire.pack_uplink(3, torch.zeros(P), None, 10, {"train_loss": 0.0, "train_seconds": 0.0,
+                                                          "client_seconds": 0.0})
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        msg[-UP_TAIL_BYTES + 4:-UP_TAIL_BYTES + 8] = torch.tensor([bad], dtype=torch.float32).view(torch.uint8)
+        with pytest.raises(ValueError, match="num_examples"):
+            wire.unpack_uplink(msg)
+
+
 def test_screen_absolute_bound_and_lower_median():
     kept, why = screen([_u(0), _u(1, scale=3.0)], P, max_norm=12.0)  # norms ~7 and ~21
     assert [u.client_id for u in kept] == [0] and "fed.max_update_norm=12" in why[1]

@@ -30,9 +30,10 @@ def lower_median(values: list[float]) -> float:
     return s[(len(s) - 1) // 2]
 
 
-def screen(updates: list[ClientUpdate], numel: int, sizes=None, max_norm: float = 0.0, norm_factor: float = 0.0
-           ) -> tuple[list[ClientUpdate], dict[int, str]]:
-    """(the updates that pass, {client id: why it was rejected})."""
+def screen(updates: list[ClientUpdate], numel: int, sizes=None, max_norm: float = 0.0, norm_factor: float = 0.0,
+           reference_norm: float | None = None) -> tuple[list[ClientUpdate], dict[int, str]]:
+    """(the updates that pass, {client id: why it was rejected}). ``reference_norm``: the median norm of
+    earlier rounds, the yardstick when fewer than two updates are left to compare with each other."""
     kept, rejected = [], {}
     for u in updates:
         d = u.delta
@@ -50,9 +51,9 @@ def screen(updates: list[ClientUpdate], numel: int, sizes=None, max_norm: float 
             rejected[u.client_id] = f"norm {n:.4g} > fed.max_update_norm={max_norm:g}"
         else:
             kept.append(u)
-    if norm_factor > 0 and len(kept) >= 2:
+    if norm_factor > 0 and (len(kept) >= 2 or (kept and reference_norm)):
         norms = [float(u.delta.double().norm()) for u in kept]
-        bound = norm_factor * lower_median(norms)
+        bound = norm_factor * (lower_median(norms) if len(kept) >= 2 else reference_norm)
         for u, n in zip(list(kept), norms):
             if n > bound:
                 rejected[u.client_id] = f"norm {n:.4g} > {norm_factor:g} x the round's median norm ({bound:.4g})"
