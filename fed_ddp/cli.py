@@ -90,8 +90,6 @@ def cmd_run(args) -> int:
 
 def print_table(summary: dict, client_digits: list[int], base_digits: list[int], file=None) -> None:
     """The quickstart's closing table: generation accuracy of the base vs the federated adapter."""
-    import sys
-
     file = file or sys.stdout
     b, f = summary.get("base", {}), summary["final"]
     if "gen_acc" not in f:

@@ -24,14 +24,13 @@ import json
 import torch
 
 from fed_ddp.compression import layout_of
-from fed_ddp.config import RunConfig, save_config, to_dict
+from fed_ddp.config import RunConfig
 from fed_ddp.data.federated import FederatedData, build_federated_data, concat
 from fed_ddp.diffusion.lora import attach_lora, get_flat, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
 from fed_ddp.protocol import Wire
-from fed_ddp.server import Server
-from fed_ddp.strategies import build_strategy
-from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb, setup_logging
+from fed_ddp.server import run_server
+from fed_ddp.tracking import setup_logging
 from fed_ddp.transport import InMemoryTransport
 from fed_ddp.worker import Worker
 
@@ -39,22 +38,10 @@ from fed_ddp.worker import Worker
 def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Tensor, base: str) -> dict:
     """One arm: the production server loop and worker over the in-memory transport (one worker plays every
     sampled client in turn; a client's update does not depend on which worker plays it)."""
-    from fed_ddp.rundir import open_run
-
     set_flat(pipe.unet, init)
-    run_dir = cfg.run.dir
-    lock = open_run(cfg)
-    save_config(cfg, run_dir / "config.yaml")
-    tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
-                          maybe_wandb(cfg, run_dir, to_dict(cfg)))
     wire = Wire(cfg.comm, layout_of(pipe.unet), workers=1)
     worker = Worker(0, cfg, pipe, scheduler, data, wire)
-    server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), InMemoryTransport([worker.handle]),
-                    tracker, base, wire=wire)
-    try:
-        return server.run()
-    finally:
-        lock.release()
+    return run_server(cfg, pipe, scheduler, data, InMemoryTransport([worker.handle]), base, wire=wire)
 
 
 def compare(cfg: RunConfig, client: int = 0) -> dict:

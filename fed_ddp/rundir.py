@@ -79,11 +79,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(stored: dict, current: dict) -> list[str]:
-    """Keys (dotted) whose values differ, except those a resume may change."""
+def config_differences(stored: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, stored value, current value) wherever they differ, except keys a resume may change."""
     a, b = _flat(stored), _flat(current)
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not any(k == r or k.startswith(r) for r in RESUMABLE)]
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == r or k.startswith(r) for r in RESUMABLE)]
 
 
 def check(cfg) -> None:
@@ -105,7 +105,7 @@ def check(cfg) -> None:
         stored = OmegaConf.to_container(OmegaConf.load(stored_path))
         diff = config_differences(stored, to_dict(cfg))
         if diff:
-            shown = ", ".join(f"{k} ({_flat(stored).get(k)!r} -> {_flat(to_dict(cfg)).get(k)!r})" for k in diff[:6])
+            shown = ", ".join(f"{k} ({was!r} -> {now!r})" for k, was, now in diff[:6])
             raise ConfigError("run.resume", True, f"the stored config of {run_dir} differs in {shown}"
                               f"{' ...' if len(diff) > 6 else ''}; resume with the same settings or start a new run")
 

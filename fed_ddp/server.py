@@ -64,9 +64,7 @@ class Server:
         self.trace = read_trace(a, cfg.fed.num_clients) if isinstance(a, str) else None
         self.evaluate = Evaluator(cfg, pipe, scheduler, data, tracker)
         self.last_played = np.full(cfg.fed.num_clients, -1, dtype=np.int32)  # round each client last played
-        self.bad_rounds = 0  # rounds in a row whose new global adapter was not finite
-        rt = cfg.fed.round_timeout_s
-        self.deadline: float | None = rt if rt else None  # seconds workers have to answer a round (None: no deadline)
+        self.bad_rounds = 0  # rounds in a row that produced no usable adapter
         self.per_client_s: float | None = None  # derived deadline: 10x the first exchange's time per client slot
         self.norm_ref: float | None = None  # median update norm of the last round with two or more kept updates
 
@@ -141,14 +139,12 @@ class Server:
         plan = self.strategy.configure_round(rnd)
         chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace)
         table = assign(chosen.playing, self.workers)
-        head = w.pack_head(plan, max(len(r) for r in table))
+        slots = max(len(r) for r in table)
+        head = w.pack_head(plan, slots)
         rounds = {c: int(self.last_played[c]) for c in chosen.playing if w.keeps_state and self.last_played[c] > 0}
         body = w.pack_body(table, global_flat, self.down_state, rounds)
-        slots = max(len(r) for r in table)
-        deadline = self.deadline if cfg.fed.round_timeout_s else (
-            max(60.0, self.per_client_s * slots) if self.per_client_s else None)
         try:
-            ups, stats = self.transport.exchange(head, body, w.up_sizes(table), deadline)
+            ups, stats = self.transport.exchange(head, body, w.up_sizes(table), self._deadline(slots))
         except GatherTimeout as e:
             which = "" if cfg.comm.gather == "p2p" else " (one of them; comm.gather=p2p names exactly which)"
             raise RuntimeError(f"round {rnd}: worker rank(s) {e.missing}{which} have not answered within "
@@ -194,25 +190,16 @@ class Server:
                 self.engine.write_adapter(global_flat)
             else:  # keep the previous adapter (and the strategy's state): a bad round never reaches a checkpoint
                 self.strategy.load_state_dict(before)
-                self.bad_rounds += 1
                 agg_metrics = {"round_rejected": True}
                 log.warning("round %d: the new global adapter is not finite: round rejected, previous adapter kept "
-                            "(%d in a row, fed.max_bad_rounds=%d)", rnd, self.bad_rounds, f.max_bad_rounds)
-                if self.bad_rounds >= f.max_bad_rounds:
-                    raise RuntimeError(f"{self.bad_rounds} rounds in a row gave a non-finite global adapter "
-                                       f"(fed.max_bad_rounds={f.max_bad_rounds}); the last good one is in "
-                                       f"{latest_checkpoint(self.run_dir)}: lower train.lr or use a robust "
-                                       f"fed.aggregator")
+                            "(%d in a row, fed.max_bad_rounds=%d)", rnd, self.bad_rounds + 1, f.max_bad_rounds)
+                self._bad_round("gave a non-finite global adapter", ": lower train.lr or use a robust fed.aggregator")
         else:
             agg_metrics = {"empty_round": True}
             log.warning("round %d: no usable update (%d sampled, %d dropped, %d rejected): the global adapter is kept",
                         rnd, len(chosen.sampled), len(chosen.dropped), len(rejected))
             if rejected:  # updates arrived and every one was bad: as suspicious as a non-finite adapter
-                self.bad_rounds += 1
-                if self.bad_rounds >= f.max_bad_rounds:
-                    raise RuntimeError(f"{self.bad_rounds} rounds in a row without a usable update "
-                                       f"(fed.max_bad_rounds={f.max_bad_rounds}); the last good adapter is in "
-                                       f"{latest_checkpoint(self.run_dir)}")
+                self._bad_round("without a usable update")
         t_eval = time.perf_counter()
         last = rnd == cfg.fed.rounds
         e = cfg.eval
@@ -256,8 +243,24 @@ class Server:
         if stats.parallel and stats.seconds > 0.5 * cfg.fed.timeout_s:
             log.warning("round %d: the exchange took %.0f s, over half of fed.timeout_s=%g (one gather waits for the "
                         "busiest worker's %d clients): raise fed.timeout_s or fed.workers", rnd, stats.seconds,
-                        cfg.fed.timeout_s, max(len(r) for r in table))
+                        cfg.fed.timeout_s, slots)
         return {**row, "_global": global_flat}
+
+    def _deadline(self, slots: int) -> float | None:
+        """Seconds every worker has to answer this round: fed.round_timeout_s, or (null) 10x the first exchange's
+        time per client slot times this round's slots, at least 60 s; None = no deadline (0, or before round 1)."""
+        rt = self.cfg.fed.round_timeout_s
+        if rt is not None:
+            return rt or None
+        return max(60.0, self.per_client_s * slots) if self.per_client_s else None
+
+    def _bad_round(self, what: str, advice: str = "") -> None:
+        """Count a round that produced no usable adapter; fed.max_bad_rounds in a row stop the run."""
+        self.bad_rounds += 1
+        limit = self.cfg.fed.max_bad_rounds
+        if self.bad_rounds >= limit:
+            raise RuntimeError(f"{self.bad_rounds} rounds in a row {what} (fed.max_bad_rounds={limit}); the last good "
+                               f"adapter is in {latest_checkpoint(self.run_dir)}{advice}")
 
     def _save(self, name: str, global_flat: torch.Tensor, rnd: int) -> None:
         with self.engine.gathered():  # ZeRO-3: export full LoRA tensors, never empty shards
@@ -337,6 +340,30 @@ class Server:
         self.tracker.log({"round": f.rounds, "final": final}, step=f.rounds)
         self.tracker.finish(summary)
         return summary
+
+
+def run_server(cfg: RunConfig, pipe, scheduler, data: FederatedData, transport, base_model: str, engine=None,
+               wire: Wire | None = None) -> dict:
+    """Take the run directory (lock, checks, ``run.overwrite``), write its config and partition, track to
+    metrics.jsonl (+ W&B), and run the server loop; the lock is held until the loop ends. Shared by the
+    server rank (``fed_ddp.train``) and in-process runs (``fed_ddp.compare``, tests, benchmarks)."""
+    from fed_ddp.config import save_config, to_dict
+    from fed_ddp.rundir import open_run
+    from fed_ddp.strategies import build_strategy
+    from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb
+
+    run_dir = cfg.run.dir
+    lock = open_run(cfg)
+    try:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "partition.json").write_text(json.dumps(data.summary(), indent=2))
+        tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
+                              maybe_wandb(cfg, run_dir, to_dict(cfg)))
+        server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker,
+                        base_model, engine=engine, wire=wire)
+        return server.run()
+    finally:
+        lock.release()
 
 
 def _copy_state(state: dict) -> dict:

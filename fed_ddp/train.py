@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fed_ddp.config import ConfigError, RunConfig, load_config, save_config, split_args, to_dict
+from fed_ddp.config import ConfigError, RunConfig, load_config, split_args
 from fed_ddp.distributed.topology import Topology
 from fed_ddp.tracking import setup_logging
 
@@ -61,23 +61,9 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
                                     method=cfg.comm.gather)
 
     if topo.is_server:
-        from fed_ddp.rundir import open_run
-        from fed_ddp.server import Server
-        from fed_ddp.strategies import build_strategy
-        from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb
+        from fed_ddp.server import run_server
 
-        run_dir = cfg.run.dir
-        lock = open_run(cfg)  # held until this process ends: one run per directory
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "partition.json").write_text(__import__("json").dumps(data.summary(), indent=2))
-        tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
-                              maybe_wandb(cfg, run_dir, to_dict(cfg)))
-        server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker,
-                        base, engine=engine, wire=wire)
-        try:
-            return server.run()
-        finally:
-            lock.release()
+        return run_server(cfg, pipe, scheduler, data, transport, base, engine=engine, wire=wire)
 
     from fed_ddp.worker import Worker
 

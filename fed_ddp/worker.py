@@ -86,7 +86,7 @@ class Worker:
             return torch.empty(0, dtype=torch.uint8)
         state = self.codec_state(client, plan.round, state_round)
         msg = self.wire.encode_delta(delta, state)
-        if state.residual or state.slots:
+        if self.wire.keeps_state:  # the same rule by which the server names each client's state round
             self.store.save(client, plan.round, *state.to_tensors())
         metrics["client_seconds"] = time.perf_counter() - t0  # data, state, training, encoding, saving
         return self.wire.with_fields(msg, client, trainer.num_examples, metrics)

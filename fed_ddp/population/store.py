@@ -75,13 +75,13 @@ class ClientStateStore:
         final = folder / f"round_{rnd:04d}.safetensors"
         tmp = folder / f".round_{rnd:04d}.safetensors.tmp"
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (meta or {}).items()})
+        meta = {k: str(v) for k, v in (meta or {}).items()}
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, final)
         older = [r for r in self.rounds(client) if r < rnd]
         for r in older[:-1]:
             (folder / f"round_{r:04d}.safetensors").unlink(missing_ok=True)
-        self._remember(client, (rnd, {k: v.clone() for k, v in tensors.items()}, {k: str(v) for k, v in
-                                                                                   (meta or {}).items()}))
+        self._remember(client, (rnd, {k: v.clone() for k, v in tensors.items()}, meta))
         return final
 
     def _remember(self, client: int, entry) -> None:
