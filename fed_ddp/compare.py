@@ -39,7 +39,7 @@ def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Te
     """One arm: the production server loop and worker over the in-memory transport (one worker plays every
     sampled client in turn; a client's update does not depend on which worker plays it)."""
     set_flat(pipe.unet, init)
-    wire = Wire(cfg.comm, layout_of(pipe.unet), workers=1)
+    wire = Wire(cfg.comm, layout_of(pipe.unet), workers=1, privacy_fields=cfg.privacy.clips)
     worker = Worker(0, cfg, pipe, scheduler, data, wire)
     return run_server(cfg, pipe, scheduler, data, InMemoryTransport([worker.handle]), base, wire=wire)
 

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fed_ddp.compression.config import CommSection
 from fed_ddp.errors import ConfigError, check, one_of, positive
+from fed_ddp.privacy.config import PrivacySection, check_privacy
 
 _check, _one_of, _positive = check, one_of, positive
 
@@ -320,6 +321,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     comm: CommSection = field(default_factory=CommSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
@@ -327,6 +329,7 @@ class RunConfig:
         if self.data.source == "imagefolder" and self.data.client_dirs:
             _check(len(self.data.client_dirs) == self.fed.num_clients, "data.client_dirs",
                    self.data.client_dirs, f"needs one folder per client (fed.num_clients={self.fed.num_clients})")
+        check_privacy(self.privacy, self.fed, self.comm)
 
     @property
     def world_size(self) -> int:

@@ -36,7 +36,8 @@ from fed_ddp.compression import ByteCount, ChainState, CodecChain, downlink_chai
 from fed_ddp.seeds import client_codec
 from fed_ddp.strategies import ClientUpdate, RoundPlan
 
-HEAD_FIELDS = ("stop", "round", "local_steps", "lr", "proximal_mu", "slots")
+HEAD_FIELDS = ("kind", "round", "local_steps", "lr", "proximal_mu", "slots")
+ROUND, STOP = 0, 1  # head kinds; secure aggregation adds its steps (fed_ddp.privacy.masked: 2..5)
 HEAD_BYTES = 4 * len(HEAD_FIELDS)
 PLAN_BYTES = 4 * 5  # the plan fields a client needs (all but slots)
 UP_FIELDS = ("num_examples", "train_loss", "train_seconds", "client_seconds")
@@ -58,9 +59,13 @@ def client_codec_state(run_seed: int, client_id: int) -> ChainState:
 
 @dataclass(frozen=True)
 class Head:
-    stop: bool
+    kind: int  # ROUND, STOP, or a secure-aggregation step
     plan: RoundPlan
-    slots: int  # the most clients any worker plays this round (columns of the table)
+    slots: int  # ROUND: the most clients any worker plays this round (columns of the table); else a count
+
+    @property
+    def stop(self) -> bool:
+        return self.kind == STOP
 
 
 class Wire:
@@ -70,13 +75,15 @@ class Wire:
     ``workers`` the number of rows of the assignment table.
     """
 
-    def __init__(self, comm, layout, workers: int = 1):
+    def __init__(self, comm, layout, workers: int = 1, privacy_fields: bool = False):
         self.up: CodecChain = uplink_chain(comm, layout)
         self.down: CodecChain = downlink_chain(comm, layout)
         self.layout, self.workers = list(layout), int(workers)
         self.num_params = self.up.numel
         self.up_bytes = self.up.wire_bytes + ByteCount(0, UP_TAIL_BYTES)  # one client's message
-        self.down_bytes = self.down.wire_bytes + ByteCount(0, PLAN_BYTES)  # what one client receives
+        # privacy (clipping on): the round's clip and the std of the noise each client adds travel in the body
+        self.fields_bytes = 8 if privacy_fields else 0
+        self.down_bytes = self.down.wire_bytes + ByteCount(0, PLAN_BYTES + self.fields_bytes)  # what one client receives
         self.up_nbytes = self.up_bytes.total
         self.down_msg_nbytes = self.down.wire_bytes.total
         probe = ChainState()
@@ -84,20 +91,22 @@ class Wire:
         self.keeps_state = bool(probe.residual or probe.slots)  # clients save codec state every round they play
 
     # -- server -> workers ------------------------------------------------------------------------
-    def pack_head(self, plan: RoundPlan, slots: int, stop: bool = False) -> torch.Tensor:
-        return _f32_bytes([float(stop), plan.round, plan.local_steps, plan.lr, plan.proximal_mu, slots])
+    def pack_head(self, plan: RoundPlan, slots: int, stop: bool = False, kind: int = ROUND) -> torch.Tensor:
+        return _f32_bytes([float(STOP if stop else kind), plan.round, plan.local_steps, plan.lr, plan.proximal_mu,
+                           slots])
 
     def unpack_head(self, buf: torch.Tensor) -> Head:
         self._check(buf, HEAD_BYTES, "downlink head")
-        stop, rnd, steps, lr, mu, slots = _f32(buf)
-        return Head(bool(stop), RoundPlan(int(rnd), int(steps), float(lr), float(mu)), int(slots))
+        kind, rnd, steps, lr, mu, slots = _f32(buf)
+        return Head(int(kind), RoundPlan(int(rnd), int(steps), float(lr), float(mu)), int(slots))
 
     def body_nbytes(self, slots: int) -> int:
-        return 8 * self.workers * slots + self.down_msg_nbytes
+        return 8 * self.workers * slots + self.fields_bytes + self.down_msg_nbytes
 
     def pack_body(self, table: list[list[int]], global_flat: torch.Tensor, state: ChainState | None = None,
-                  state_rounds: dict[int, int] | None = None) -> torch.Tensor:
-        """``state_rounds``: client -> round of its saved state (absent: none yet)."""
+                  state_rounds: dict[int, int] | None = None, fields: torch.Tensor | None = None) -> torch.Tensor:
+        """``state_rounds``: client -> round of its saved state (absent: none yet); ``fields``: the privacy
+        fields (``fields_bytes`` bytes) when the wire carries them."""
         slots = max((len(row) for row in table), default=0)
         if len(table) != self.workers:
             raise ValueError(f"assignment table has {len(table)} rows, the wire has {self.workers} workers")
@@ -106,7 +115,10 @@ class Wire:
             for s, c in enumerate(row):
                 ids[w, s, 0], ids[w, s, 1] = c, (state_rounds or {}).get(c, -1)
         msg = self.down.encode(global_flat.detach().float().cpu(), state).to_bytes()
-        return torch.cat([ids.reshape(-1).view(torch.uint8), msg])
+        extra = fields if fields is not None else torch.empty(0, dtype=torch.uint8)
+        if extra.numel() != self.fields_bytes:
+            raise ValueError(f"privacy fields: {extra.numel()} bytes, the wire carries {self.fields_bytes}")
+        return torch.cat([ids.reshape(-1).view(torch.uint8), extra, msg])
 
     def unpack_body(self, buf: torch.Tensor, slots: int) -> tuple[list[list[int]], torch.Tensor]:
         """(each worker's client ids, the global adapter as clients see it: decoded, fp32)."""
@@ -121,7 +133,12 @@ class Wire:
         ids = buf[:cut].clone().view(torch.int32).reshape(self.workers, slots, 2).tolist()
         table = [[c for c, _ in row if c >= 0] for row in ids]
         rounds = {c: r for row in ids for c, r in row if c >= 0}
-        return table, rounds, self.down.decode(self.down.from_bytes(buf[cut:]))
+        return table, rounds, self.down.decode(self.down.from_bytes(buf[cut + self.fields_bytes:]))
+
+    def body_fields(self, buf: torch.Tensor, slots: int) -> torch.Tensor:
+        """The privacy fields of a body (empty when the wire carries none)."""
+        cut = 8 * self.workers * slots
+        return buf[cut:cut + self.fields_bytes]
 
     def up_sizes(self, table: list[list[int]]) -> list[int]:
         """Bytes each worker sends this round, by worker index."""

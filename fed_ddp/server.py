@@ -31,6 +31,9 @@ from fed_ddp.distributed.collectives import GatherTimeout
 from fed_ddp.evaluation import Evaluator, reference_classifier
 from fed_ddp.lora_names import is_lora_name
 from fed_ddp.population import assign, read_trace, select_round
+from fed_ddp.privacy.engine import ServerPrivacy, pack_fields
+from fed_ddp.privacy.engine import resolve as resolve_privacy
+from fed_ddp.privacy.masked import MaskedServer
 from fed_ddp.protocol import Wire
 from fed_ddp.seeds import server_codec
 from fed_ddp.strategies import ClientUpdate, Strategy, screen
@@ -49,7 +52,7 @@ class Server:
         self.strategy, self.transport, self.tracker = strategy, transport, tracker
         self.run_dir = cfg.run.dir
         self.workers = transport.num_workers
-        self.wire = wire or Wire(cfg.comm, layout_of(pipe.unet), self.workers)
+        self.wire = wire or Wire(cfg.comm, layout_of(pipe.unet), self.workers, privacy_fields=cfg.privacy.clips)
         if self.wire.workers != self.workers:
             raise ValueError(f"wire built for {self.wire.workers} workers, transport has {self.workers}")
         self.down_state = ChainState(seed=server_codec(cfg.run.seed))  # downlink stochastic rounding
@@ -67,6 +70,16 @@ class Server:
         self.bad_rounds = 0  # rounds in a row that produced no usable adapter
         self.per_client_s: float | None = None  # derived deadline: 10x the first exchange's time per client slot
         self.norm_ref: float | None = None  # median update norm of the last round with two or more kept updates
+        self.setup = resolve_privacy(cfg)  # None: the plain path; z is calibrated here (before round 1)
+        self.privacy = ServerPrivacy(self.setup, self.wire.num_params) if self.setup else None
+        self.masked = None
+        if self.setup is not None and self.setup.secagg:
+            self.masked = MaskedServer(self.wire, self.setup, self.wire.num_params,
+                                       lambda h, b, sizes, training: self._exchange(h, b, sizes,
+                                                                                    self.wire.unpack_head(h).slots,
+                                                                                    training))
+        if self.setup is not None:
+            log.info("privacy: %s", self.setup.describe())
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -84,6 +97,8 @@ class Server:
             if "last_played" in state:
                 self.last_played = state["last_played"].numpy().astype(np.int32).copy()
             self.norm_ref = state.get("norm_ref")
+            if self.privacy is not None and state.get("privacy"):
+                self.privacy.load_state_dict(json.loads(state["privacy"]))
             log.info("resuming from %s (round %d done)", ckpt, state["round"])
         elif (self.run_dir / "clients").exists():  # a fresh start: no client may inherit an older run's state
             shutil.rmtree(self.run_dir / "clients")
@@ -106,7 +121,14 @@ class Server:
             history.append({"round": 0, **base_eval})
             log.info("base model: %s", _brief(base_eval))
         bar = tqdm(range(start, f.rounds + 1), desc="rounds", disable=not cfg.tracking.progress, dynamic_ncols=True)
+        self.stopped_at: int | None = None
         for rnd in bar:
+            over = self.privacy.over_budget(cfg.privacy.dp.max_epsilon) if self.privacy else None
+            if over is not None:
+                self.stopped_at = rnd - 1
+                log.warning("round %d would take epsilon to %.4g > privacy.dp.max_epsilon=%g: training stops after "
+                            "round %d", rnd, over, cfg.privacy.dp.max_epsilon, rnd - 1)
+                break
             row = self.round(rnd, global_flat)
             global_flat = row.pop("_global")
             history.append(row)
@@ -138,53 +160,62 @@ class Server:
         t_round = time.perf_counter()
         plan = self.strategy.configure_round(rnd)
         chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace)
-        table = assign(chosen.playing, self.workers)
+        # secure aggregation: the simulated dropouts take part in the key exchange, then never send (the
+        # protocol's hard case); otherwise they are left out of the table
+        players = chosen.sampled if self.masked else chosen.playing
+        table = assign(players, self.workers)
         slots = max(len(r) for r in table)
         head = w.pack_head(plan, slots)
-        rounds = {c: int(self.last_played[c]) for c in chosen.playing if w.keeps_state and self.last_played[c] > 0}
-        body = w.pack_body(table, global_flat, self.down_state, rounds)
-        try:
-            ups, stats = self.transport.exchange(head, body, w.up_sizes(table), self._deadline(slots))
-        except GatherTimeout as e:
-            which = "" if cfg.comm.gather == "p2p" else " (one of them; comm.gather=p2p names exactly which)"
-            raise RuntimeError(f"round {rnd}: worker rank(s) {e.missing}{which} have not answered within "
-                               f"{e.seconds:.0f} s (fed.round_timeout_s): hung or stopped; every complete round is "
-                               "checkpointed") from None
-        if cfg.fed.round_timeout_s is None and self.per_client_s is None and slots:  # from the first exchange
-            self.per_client_s = 10 * stats.seconds / slots
-            log.info("round deadline: 10 x %.1f s per client on the busiest worker, at least 60 s "
-                     "(fed.round_timeout_s sets it)", stats.seconds / slots)
-        self.last_played[chosen.playing] = rnd
+        rounds = {c: int(self.last_played[c]) for c in players if w.keeps_state and self.last_played[c] > 0}
+        clip = self.privacy.clip if self.privacy else 0.0
+        noise_std = self.setup.client_noise_std(clip) if self.setup else 0.0
+        fields = pack_fields(clip, noise_std) if w.fields_bytes else None
+        body = w.pack_body(table, global_flat, self.down_state, rounds, fields)
         updates: list[ClientUpdate] = []
         per_worker: list[list[ClientUpdate]] = []
         rejected: dict[int, str] = {}
-        for row, buf in zip(table, ups):
-            mine = []
-            for cid, msg in zip(row, w.split_uplink(buf, len(row))):
-                try:  # a message is untrusted: a decoder error excludes its client, never ends the run
-                    u = w.unpack_uplink(msg)
-                except (ValueError, RuntimeError, IndexError, ArithmeticError) as e:
-                    rejected[cid] = f"undecodable message: {' '.join(str(e).split())[:200]}"
-                    continue
-                if u.client_id != cid:
-                    rejected[cid] = f"message in client {cid}'s slot says client {u.client_id}"
-                    continue
-                mine.append(u)
-            per_worker.append(mine)
-            updates.extend(mine)
+        outcome = None
+        if self.masked:
+            outcome = self.masked.run(plan, table, body, clip, noise_std)
+            stats = outcome.stats
+            rejected.update(outcome.rejected)
+            per_worker = [[ClientUpdate(c, torch.empty(0), 0, {"train_seconds": ts, "client_seconds": cs})
+                           for c, ts, cs in mine] for mine in outcome.timing]
+        else:
+            ups, stats = self._exchange(head, body, w.up_sizes(table), slots, training=True)
+            for row, buf in zip(table, ups):
+                mine = []
+                for cid, msg in zip(row, w.split_uplink(buf, len(row))):
+                    try:  # a message is untrusted: a decoder error excludes its client, never ends the run
+                        u = w.unpack_uplink(msg)
+                    except (ValueError, RuntimeError, IndexError, ArithmeticError) as e:
+                        rejected[cid] = f"undecodable message: {' '.join(str(e).split())[:200]}"
+                        continue
+                    if u.client_id != cid:
+                        rejected[cid] = f"message in client {cid}'s slot says client {u.client_id}"
+                        continue
+                    mine.append(u)
+                per_worker.append(mine)
+                updates.extend(mine)
+        self.last_played[chosen.playing] = rnd
         updates.sort(key=lambda u: u.client_id)  # aggregation order: by client id, whoever played it
         f = cfg.fed
-        kept, why = screen(updates, w.num_params, self.sizes, f.max_update_norm, f.norm_factor, self.norm_ref)
-        if len(kept) >= 2:  # the yardstick for rounds with a single update left
-            self.norm_ref = lower_median([float(u.delta.double().norm()) for u in kept])
-        rejected.update(why)
+        private: dict = {}
+        if self.privacy is None:
+            kept, why = screen(updates, w.num_params, self.sizes, f.max_update_norm, f.norm_factor, self.norm_ref)
+            if len(kept) >= 2:  # the yardstick for rounds with a single update left
+                self.norm_ref = lower_median([float(u.delta.double().norm()) for u in kept])
+            rejected.update(why)
+            inputs = kept
+        else:  # clipping replaces screening (a screen by the round's median norm would select by others' data)
+            inputs, kept, private = self._private_inputs(rnd, chosen, updates, outcome, rejected)
         for cid, reason in sorted(rejected.items()):
             log.warning("round %d: client %d rejected: %s", rnd, cid, reason)
         t_agg = time.perf_counter()
         agg_metrics: dict = {}
-        if kept:
+        if inputs:
             before = _copy_state(self.strategy.state_dict())
-            new_global, agg_metrics = self.strategy.aggregate(rnd, global_flat, kept)
+            new_global, agg_metrics = self.strategy.aggregate(rnd, global_flat, inputs)
             if bool(torch.isfinite(new_global).all()):
                 global_flat, self.bad_rounds = new_global, 0
                 self.engine.write_adapter(global_flat)
@@ -213,6 +244,8 @@ class Server:
         # clients back to back; split the busiest worker's time into training and the rest of playing a client
         # (encoding its data on a cache miss, loading and saving its state, encoding its message)
         ok = {u.client_id for u in kept}  # a rejected client's clocks are as untrusted as its delta
+        if outcome is not None:
+            ok = set(outcome.survivors) if outcome.total is not None else set()
         busy = [sum(u.metrics["client_seconds"] for u in m if u.client_id in ok) for m in per_worker] or [0.0]
         train = [sum(u.metrics["train_seconds"] for u in m if u.client_id in ok) for m in per_worker] or [0.0]
         if stats.parallel:
@@ -225,19 +258,20 @@ class Server:
                    "aggregation": t_eval - t_agg, "evaluation": t_ckpt - t_eval}
         seconds["other"] = max(0.0, (t_end - t_round) - sum(seconds.values()))
         seconds["round"] = t_end - t_round
-        losses = [u.metrics["train_loss"] for u in kept]
+        shown = [u for u in kept if "train_loss" in u.metrics]  # secure aggregation: no client reports its own
+        arrived = [u.client_id for u in updates] if outcome is None else list(outcome.survivors)
         row = {"round": rnd,
                "clients": {"reachable": chosen.reachable, "sampled": chosen.sampled, "dropped": chosen.dropped,
-                           "arrived": [u.client_id for u in updates], "rejected": {str(c): r for c, r in rejected.items()},
+                           "arrived": arrived, "rejected": {str(c): r for c, r in rejected.items()},
                            "per_worker": [len(r) for r in table]},
-               "train_loss": {str(u.client_id): u.metrics["train_loss"] for u in kept},
-               "train_loss_mean": float(np.average(losses, weights=[u.num_examples for u in kept]))
-               if kept else None,
-               "num_examples": {str(u.client_id): u.num_examples for u in kept},
-               "train_seconds": {str(u.client_id): u.metrics["train_seconds"] for u in kept},
+               "train_loss": {str(u.client_id): u.metrics["train_loss"] for u in shown},
+               "train_loss_mean": float(np.average([u.metrics["train_loss"] for u in shown],
+                                                   weights=[u.num_examples for u in shown])) if shown else None,
+               "num_examples": {str(u.client_id): u.num_examples for u in shown},
+               "train_seconds": {str(u.client_id): u.metrics["train_seconds"] for u in shown},
                **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
-               "comm": self._comm(stats, len(chosen.sampled), len(updates)),
-               "seconds": seconds, **agg_metrics}
+               "comm": self._comm(stats, len(chosen.sampled), len(updates), outcome),
+               "seconds": seconds, **agg_metrics, **({"privacy": private} if private else {})}
         self.tracker.log(row, step=rnd)
         log.info("round %d: %s", rnd, _brief(row))
         if stats.parallel and stats.seconds > 0.5 * cfg.fed.timeout_s:
@@ -245,6 +279,61 @@ class Server:
                         "busiest worker's %d clients): raise fed.timeout_s or fed.workers", rnd, stats.seconds,
                         cfg.fed.timeout_s, slots)
         return {**row, "_global": global_flat}
+
+    def _exchange(self, head: torch.Tensor, body: torch.Tensor, sizes: list[int], slots: int, training: bool):
+        """One transport exchange under the round's deadline; the training exchange of round 1 sets the
+        derived deadline."""
+        try:
+            ups, stats = self.transport.exchange(head, body, sizes, self._deadline(slots))
+        except GatherTimeout as e:
+            which = "" if self.cfg.comm.gather == "p2p" else " (one of them; comm.gather=p2p names exactly which)"
+            raise RuntimeError(f"round {self.wire.unpack_head(head).plan.round}: worker rank(s) {e.missing}{which} "
+                               f"have not answered within {e.seconds:.0f} s (fed.round_timeout_s): hung or stopped; "
+                               "every complete round is checkpointed") from None
+        if training and self.cfg.fed.round_timeout_s is None and self.per_client_s is None and slots:
+            self.per_client_s = 10 * stats.seconds / slots
+            log.info("round deadline: 10 x %.1f s per client on the busiest worker, at least 60 s "
+                     "(fed.round_timeout_s sets it)", stats.seconds / slots)
+        return ups, stats
+
+    def _private_inputs(self, rnd: int, chosen, updates: list[ClientUpdate], outcome, rejected: dict[int, str]
+                        ) -> tuple[list[ClientUpdate], list[ClientUpdate], dict]:
+        """Under ``privacy``: (what the strategy aggregates: one update holding the round's private mean
+        delta, or nothing; the clients whose contribution is in it; the round's privacy metrics)."""
+        expected = self.setup.q * chosen.reachable if self.setup.dp else None
+        if outcome is None:  # the server sees each decoded update
+            deltas = {}
+            for u in updates:
+                if not bool(torch.isfinite(u.delta).all()):
+                    rejected[u.client_id] = "non-finite values"
+                else:
+                    deltas[u.client_id] = u.delta
+            mean, why, metrics = self.privacy.combine_updates(deltas, expected, rnd)
+            rejected.update(why)
+            kept = [u for u in updates if u.client_id in deltas and u.client_id not in why]
+        else:
+            kept, metrics = [], {"clip": self.privacy.clip, "contributions": 0}
+            mean = None
+            if outcome.failure:
+                log.warning("round %d: secure aggregation: %s: round not applied", rnd, outcome.failure)
+                metrics["not_applied"] = outcome.failure
+            else:
+                norm, bound = float(outcome.total.norm()), self.privacy.sum_bound(outcome.used, outcome.step)
+                if norm > bound:  # a client masked something it should not have: the sum is all the server has
+                    metrics["not_applied"] = f"unmasked sum's norm {norm:.4g} > {bound:.4g} ({outcome.used} clipped updates)"
+                    log.warning("round %d: secure aggregation: %s: round not applied", rnd, metrics["not_applied"])
+                    self._bad_round("whose unmasked sum was out of bounds")
+                else:
+                    mean, metrics = self.privacy.combine_sum(outcome.total, outcome.used, expected, rnd)
+                    kept = [ClientUpdate(c, torch.empty(0), 0) for c in outcome.survivors]
+            metrics["secagg"] = {"roster": len(outcome.roster), "survivors": len(outcome.survivors),
+                                 "recovered_dropouts": len(outcome.roster) - len(outcome.survivors),
+                                 "steps": outcome.steps}
+        if "epsilon" in metrics:
+            log.info("round %d: epsilon = %.4g (delta = %g) after %d noised rounds", rnd, metrics["epsilon"],
+                     self.setup.delta, len(self.privacy.accountant.steps))
+        inputs = [ClientUpdate(-1, mean, 1)] if mean is not None else []
+        return inputs, kept, metrics
 
     def _deadline(self, slots: int) -> float | None:
         """Seconds every worker has to answer this round: fed.round_timeout_s, or (null) 10x the first exchange's
@@ -266,9 +355,10 @@ class Server:
         with self.engine.gathered():  # ZeRO-3: export full LoRA tensors, never empty shards
             save_checkpoint(self.run_dir / "checkpoints" / name, self.pipe.unet, global_flat, rnd,
                             self.strategy.state_dict(), self.info,
-                            {"last_played": torch.from_numpy(self.last_played.copy()), "norm_ref": self.norm_ref})
+                            {"last_played": torch.from_numpy(self.last_played.copy()), "norm_ref": self.norm_ref,
+                             "privacy": json.dumps(self.privacy.state_dict()) if self.privacy else None})
 
-    def _comm(self, stats, receivers: int, senders: int) -> dict:
+    def _comm(self, stats, receivers: int, senders: int, outcome=None) -> dict:
         """Bytes of this round, two ways never mixed.
 
         air: per client, what the base station's link carries: every sampled client receives the plan
@@ -283,6 +373,11 @@ class Server:
             total = per_client.total * n
             air[name] = {"messages": n, "payload": per_client.payload * n, "metadata": per_client.metadata * n,
                          "total": total, **(self._ratios(total, n) if total else {})}
+        if outcome is not None:  # secure aggregation: every step's messages, counted per client as they went
+            air = {}
+            for name, total, n in (("up", outcome.air_up, len(outcome.roster)), ("down", outcome.air_down, receivers)):
+                air[name] = {"messages": n, "payload": total, "metadata": 0, "total": total,
+                             **(self._ratios(total, n) if total and n else {})}
         cluster = {"up": {"moved": stats.bytes_up, "padding": stats.up_padding, "sizes": stats.up_sizes},
                    "down": {"moved": stats.bytes_down}, "collectives": stats.collectives}
         return {"air": air, "cluster": cluster}
@@ -307,14 +402,41 @@ class Server:
             out["cluster"][d] = {"moved": sum(h["comm"]["cluster"][d]["moved"] for h in rounds)}
         return out
 
+    def _privacy_summary(self, rounds: list[dict], last: int) -> dict:
+        if self.setup is None:
+            return {"guarantee": "no differential privacy"}
+        s, p = self.setup, self.privacy
+        out: dict = {"guarantee": s.guarantee(p.accountant, last, p.clip), "dp": s.dp, "secagg": s.secagg,
+                     "clip_norm": p.clip, "clip_norm_start": s.clip}
+        if s.dp:
+            out.update({"epsilon": p.accountant.epsilon(), "delta": s.delta, "accountant": s.kind,
+                        "noise_multiplier": s.z, "noise_multiplier_deltas": s.z_delta, "calibrated": s.calibrated,
+                        "sample_rate": s.q, "mode": s.mode, "noised_rounds": len(p.accountant.steps)})
+            if s.kind == "pld":  # the classic bound next to the tight one
+                from fed_ddp.privacy.accountant import epsilon
+
+                out["epsilon_rdp"] = epsilon("rdp", p.accountant.steps, s.delta)
+        if s.secagg:
+            steps = [h["privacy"]["secagg"]["steps"] for h in rounds if "secagg" in h.get("privacy", {})]
+            per = {}
+            for k in ("keys", "shares", "masked", "unmask"):
+                got = [st[k] for st in steps if k in st]
+                if got:
+                    per[k] = {m: sum(g.get(m, 0) for g in got) / len(got)
+                              for m in ("seconds", "air_up", "air_down", "cluster_up", "cluster_down")}
+            out["secagg_per_round_mean"] = per
+            out["bits"] = s.bits
+        return out
+
     def finish(self, global_flat: torch.Tensor, base_eval: dict | None, history: list[dict]) -> dict:
         t0 = time.perf_counter()
-        final = self.evaluate(self.cfg.fed.rounds, losses=True, grid=False, accuracy=True)
-        self._save("final", global_flat, self.cfg.fed.rounds)
-        rounds = [h for h in history if h["round"] > 0]
         f = self.cfg.fed
+        last = f.rounds if getattr(self, "stopped_at", None) is None else self.stopped_at
+        final = self.evaluate(last, losses=True, grid=False, accuracy=True)
+        self._save("final", global_flat, last)
+        rounds = [h for h in history if h["round"] > 0]
         summary = {
-            "run": self.cfg.run.name, "rounds": f.rounds, "num_clients": f.num_clients, "workers": self.workers,
+            "run": self.cfg.run.name, "rounds": last, "num_clients": f.num_clients, "workers": self.workers,
             "sampling": {"mode": f.sampling, "clients_per_round": f.clients_per_round, "sample_rate": f.sample_rate,
                          "dropout_rate": f.dropout_rate,
                          "clients_sampled": sum(len(h["clients"]["sampled"]) for h in rounds),
@@ -335,7 +457,10 @@ class Server:
                               ("local_training", "client_overhead", "communication", "aggregation", "evaluation",
                                "other", "round")},
             "final_eval_seconds": time.perf_counter() - t0,
+            "privacy": self._privacy_summary(rounds, last),
         }
+        if last < f.rounds:
+            summary["stopped_early"] = f"privacy budget: privacy.dp.max_epsilon={self.cfg.privacy.dp.max_epsilon}"
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.tracker.log({"round": f.rounds, "final": final}, step=f.rounds)
         self.tracker.finish(summary)

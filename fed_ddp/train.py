@@ -53,7 +53,8 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     engine = build_engine(pipe.unet, cfg, topo, device) if deepspeed or not topo.is_server else \
         TorchEngine(pipe.unet, cfg.train)
     wid = topo.worker_id
-    wire = Wire(cfg.comm, layout_of(pipe.unet), topo.num_workers)  # every buffer size is known from here on
+    # every buffer size is known from here on
+    wire = Wire(cfg.comm, layout_of(pipe.unet), topo.num_workers, privacy_fields=cfg.privacy.clips)
     transport = CollectiveTransport(server_rank=0, group=topo.groups.leaders,
                                     device=device if dist.get_backend() == "nccl" else None,
                                     client_group=topo.groups.client,

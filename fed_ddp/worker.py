@@ -27,7 +27,7 @@ from fed_ddp.client import EncodedSet, LocalTrainer, encode_set
 from fed_ddp.compression import ChainState
 from fed_ddp.data.federated import FederatedData
 from fed_ddp.population import ClientStateStore
-from fed_ddp.protocol import Wire, client_codec_state
+from fed_ddp.protocol import ROUND, Wire, client_codec_state
 from fed_ddp.strategies import RoundPlan
 
 log = logging.getLogger("fed_ddp.worker")
@@ -48,6 +48,14 @@ class Worker:
         self.cache_size = max(1, cfg.fed.client_cache)
         self.encoded = 0  # clients encoded so far (cache misses)
         self.played = 0
+        from fed_ddp.privacy.engine import resolve
+
+        self.setup = resolve(cfg, calibrate=False)  # workers get the clip and noise std from each downlink
+        self.masked = None
+        if self.setup is not None and self.setup.secagg:
+            from fed_ddp.privacy.masked import MaskedWorker
+
+            self.masked = MaskedWorker(self)
 
     # -- clients --------------------------------------------------------------------------------
     def trainer(self, client: int) -> LocalTrainer:
@@ -76,14 +84,26 @@ class Worker:
         state.step = rnd - 1  # random streams advance with the round, whether or not the client took part
         return state
 
-    def play(self, client: int, plan: RoundPlan, global_flat: torch.Tensor, state_round: int = -1) -> torch.Tensor:
-        """Train ``client`` for one round; its uplink message (empty on a non-leader rank)."""
+    def fit(self, client: int, plan: RoundPlan, global_flat: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Train ``client`` for one round: (its delta, its training seconds). Secure aggregation's path."""
+        delta, metrics = self.trainer(client).fit(global_flat, plan)
+        self.played += 1
+        return delta, metrics["train_seconds"]
+
+    def play(self, client: int, plan: RoundPlan, global_flat: torch.Tensor, state_round: int = -1,
+             privacy: tuple[float, float] | None = None) -> torch.Tensor:
+        """Train ``client`` for one round; its uplink message (empty on a non-leader rank). ``privacy``:
+        (clip, noise std): the delta is clipped, and noised in distributed mode, before it is encoded."""
         t0 = time.perf_counter()
         trainer = self.trainer(client)
         delta, metrics = trainer.fit(global_flat, plan)
         self.played += 1
         if not self.leader:
             return torch.empty(0, dtype=torch.uint8)
+        if privacy is not None:
+            from fed_ddp.privacy.engine import client_side
+
+            delta = client_side(delta, *privacy, self.cfg.privacy.dp.noise_seed, plan.round, client)
         state = self.codec_state(client, plan.round, state_round)
         msg = self.wire.encode_delta(delta, state)
         if self.wire.keeps_state:  # the same rule by which the server names each client's state round
@@ -94,12 +114,26 @@ class Worker:
     # -- transport handlers -----------------------------------------------------------------------
     def body_nbytes(self, head: torch.Tensor) -> int | None:
         h = self.wire.unpack_head(head)
-        return None if h.stop else self.wire.body_nbytes(h.slots)
+        if h.stop:
+            return None
+        if h.kind != ROUND:
+            if self.masked is None:
+                raise ValueError(f"downlink head kind {h.kind}: a secure-aggregation step, but privacy.secagg is off")
+            return self.masked.body_nbytes(h)
+        return self.wire.body_nbytes(h.slots)
 
     def handle(self, head: torch.Tensor, body: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """One round: play this worker's clients; (its uplink buffer, every worker's uplink size)."""
+        """One exchange: play this worker's clients (or a secure-aggregation step); (its uplink buffer, every
+        worker's uplink size)."""
         h = self.wire.unpack_head(head)
+        if h.kind != ROUND:
+            return self.masked.handle(h, body)
         table, rounds, global_flat = self.wire.unpack_body_rounds(body, h.slots)
-        msgs = [self.play(c, h.plan, global_flat, rounds[c]) for c in table[self.index]]
+        privacy = None
+        if self.wire.fields_bytes:
+            from fed_ddp.privacy.engine import unpack_fields
+
+            privacy = unpack_fields(self.wire.body_fields(body, h.slots))
+        msgs = [self.play(c, h.plan, global_flat, rounds[c], privacy) for c in table[self.index]]
         up = torch.cat(msgs) if msgs else torch.empty(0, dtype=torch.uint8)
         return up, self.wire.up_sizes(table)

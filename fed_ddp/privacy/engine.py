@@ -1,0 +1,250 @@
+"""What the server and the workers do with the ``privacy`` config each round.
+
+``PrivacySetup`` is resolved once from the config (the noise multiplier calibrated to
+``privacy.dp.target_epsilon`` if asked); the server owns the accountant and the clip (adaptive
+clipping moves it), and sends the workers, in every downlink body, the two numbers they need: the
+round's clip and the std of the noise each client adds (distributed mode; 0 otherwise).
+
+Server side, without secure aggregation (it sees each decoded update):
+    central      every update is clipped again on arrival (the codec's error feedback may have moved it),
+                 noise N(0, (z C)^2) is added to the sum, the sum is divided by E[m];
+    distributed  updates carry their noise; each must be within C + 2 (its noise's expected norm) or it
+                 is rejected; the sum is divided by E[m] when at least ``min_clients`` arrived.
+With secure aggregation the server gets only the sum (``fed_ddp.privacy.secagg``), checks it against
+what m clipped (and noised) updates can reach, adds the central noise if asked, and divides.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fed_ddp.privacy import accountant as acc
+from fed_ddp.privacy import dp
+from fed_ddp.privacy.config import min_clients, sample_rate, secagg_bits, threshold
+
+log = logging.getLogger("fed_ddp.privacy")
+
+BODY_FIELDS = 2  # fp32 in the downlink body when clipping is on: the round's clip, the client noise std
+
+
+@dataclass
+class PrivacySetup:
+    dp: bool  # differential privacy on
+    clip: float  # C (the starting clip under adaptive clipping); 0 = clients do not clip
+    z: float  # noise multiplier the accountant sees
+    z_delta: float  # noise multiplier on the deltas (= z unless adaptive clipping takes a share for the count)
+    count_stddev: float
+    mode: str
+    q: float
+    min_clients: int
+    delta: float
+    kind: str
+    calibrated: bool
+    secagg: bool
+    bits: int
+    threshold: int | None
+    value_range: float | None
+    noise_seed: int | None
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+
+    @property
+    def clips(self) -> bool:
+        return self.clip > 0
+
+    def describe(self) -> str:
+        out = []
+        if self.dp:
+            z = f"z={self.z:.4g}" + (" (calibrated to privacy.dp.target_epsilon)" if self.calibrated else "")
+            out.append(f"DP-FedAvg ({self.mode} noise) {z}, C={self.clip:g}{' (adaptive)' if self.adaptive else ''}, "
+                       f"q={self.q:g}, delta={self.delta:g}, {self.kind.upper()} accountant")
+            if self.mode == "distributed":
+                out.append(f"each client adds std z*C/sqrt({self.min_clients})")
+        elif self.clips:
+            out.append(f"updates clipped to C={self.clip:g}, no noise (no differential privacy)")
+        if self.secagg:
+            t = "floor(m/2)+1" if self.threshold is None else str(self.threshold)
+            out.append(f"secure aggregation, {self.bits}-bit fixed point, threshold t={t}")
+        return "; ".join(out)
+
+    def client_noise_std(self, clip: float) -> float:
+        if not self.dp or self.mode != "distributed":
+            return 0.0
+        return dp.client_noise_std(self.z_delta, clip, self.min_clients)
+
+    def central_noise_std(self, clip: float) -> float:
+        return self.z_delta * clip if self.dp and self.mode == "central" else 0.0
+
+
+    def guarantee(self, accountant: acc.Accountant | None, rounds: int, clip: float) -> str:
+        """The run's privacy in words, for its closing lines and summary.json."""
+        parts = []
+        if self.dp and accountant is not None and accountant.steps:
+            eps = accountant.epsilon()
+            c = f"C = {clip:.4g}" + (f" (adaptive, started at {self.clip:.4g})" if abs(clip - self.clip) > 1e-12 else "")
+            parts.append(f"(epsilon, delta) = ({eps:.3g}, {self.delta:g}) at the client level after {len(accountant.steps)} "
+                         f"rounds, q = {self.q:g}, z = {self.z:.4g}{' (calibrated)' if self.calibrated else ''}, {c}, "
+                         f"{self.mode} noise, {self.kind.upper()} accountant")
+        elif self.dp:
+            parts.append("differential privacy configured, but no round released a noised aggregate")
+        else:
+            parts.append("no differential privacy" + (f" (updates clipped to C = {self.clip:g})" if self.clips else ""))
+        if self.secagg:
+            parts.append("secure aggregation: the server saw only the sum of the masked updates")
+        if self.dp and self.noise_seed is not None:
+            parts.append(f"noise replayable from privacy.dp.noise_seed={self.noise_seed}: an experiment, not a guarantee "
+                         "against whoever knows the seed")
+        return "; ".join(parts)
+
+
+def resolve(cfg, calibrate: bool = True) -> PrivacySetup | None:
+    """The run's privacy, or None when the ``privacy`` group asks for nothing (the plain path).
+    ``calibrate=False`` (workers: they get the clip and noise std in every downlink) skips calibrating z."""
+    p, f = cfg.privacy, cfg.fed
+    d = p.dp
+    if not (d.enabled or d.clip_norm > 0 or p.secagg):
+        return None
+    q = sample_rate(f) if d.enabled else 1.0
+    z, calibrated = float(d.noise_multiplier), False
+    if d.target_epsilon is not None and calibrate:
+        z, calibrated = acc.calibrate(d.accountant, q, f.rounds, d.target_epsilon, d.delta), True
+    em = f.expected_round_size
+    sb = d.count_stddev if d.count_stddev is not None else em / 20
+    z_delta = dp.delta_noise_multiplier(z, sb) if d.adaptive_clip else z
+    return PrivacySetup(dp=d.enabled, clip=float(d.clip_norm), z=z, z_delta=z_delta, count_stddev=sb, mode=d.mode, q=q,
+                        min_clients=min_clients(p, f), delta=d.delta, kind=d.accountant, calibrated=calibrated,
+                        secagg=p.secagg, bits=secagg_bits(p, cfg.comm),
+                        threshold=p.secagg_threshold, value_range=p.secagg_range, noise_seed=d.noise_seed,
+                        adaptive=d.adaptive_clip, target_quantile=d.target_quantile, clip_lr=d.clip_lr)
+
+
+def fixed_range(value_range: float | None, clip: float, noise_std: float, numel: int) -> float:
+    """Secure aggregation's fixed-point range: ``privacy.secagg_range``, or 4 C / sqrt(n) (a clipped
+    update's values rarely exceed 4x their RMS) plus 6 stds of the noise each client adds (exceeded
+    with probability 2e-9 per value; such a value is clipped, the one place the noise is not Gaussian)."""
+    if value_range is not None:
+        return value_range
+    return 4 * clip / math.sqrt(numel) + 6 * noise_std
+
+
+def secagg_threshold(setup: PrivacySetup, roster: int) -> int:
+    from types import SimpleNamespace
+
+    return threshold(SimpleNamespace(secagg_threshold=setup.threshold), roster)
+
+
+def pack_fields(clip: float, noise_std: float) -> torch.Tensor:
+    return torch.tensor([clip, noise_std], dtype=torch.float32).view(torch.uint8)
+
+
+def unpack_fields(buf: torch.Tensor) -> tuple[float, float]:
+    clip, std = buf.clone().view(torch.float32).tolist()
+    if not (math.isfinite(clip) and clip > 0 and math.isfinite(std) and std >= 0):
+        raise ValueError(f"downlink privacy fields: clip={clip}, noise std={std}")
+    return clip, std
+
+
+def client_side(delta: torch.Tensor, clip: float, noise_std: float, noise_seed: int | None, rnd: int,
+                client: int) -> torch.Tensor:
+    """What a client does to its delta before it encodes or masks it: clip, then add its noise share."""
+    out, _ = dp.clip(delta, clip)
+    if noise_std > 0:
+        out = (out.double() + dp.gaussian(out.numel(), noise_std, dp.noise_generator(noise_seed, 1, rnd, client)))
+        out = out.to(delta.dtype)
+    return out
+
+
+class ServerPrivacy:
+    """The server's privacy state: accountant, current clip; aggregation of a round under DP."""
+
+    def __init__(self, setup: PrivacySetup, numel: int):
+        self.setup, self.numel = setup, numel
+        self.clip = setup.clip
+        self.accountant = acc.Accountant(setup.kind, setup.delta) if setup.dp else None
+
+    # -- budget ----------------------------------------------------------------------------------------
+    def epsilon_after_next(self) -> float:
+        return self.accountant.epsilon([(self.setup.q, self.setup.z)]) if self.accountant else 0.0
+
+    def over_budget(self, max_epsilon: float | None) -> float | None:
+        """The epsilon the next round would reach if it exceeds the budget, else None."""
+        if self.accountant is None or max_epsilon is None:
+            return None
+        e = self.epsilon_after_next()
+        return e if e > max_epsilon else None
+
+    # -- aggregation -----------------------------------------------------------------------------------
+    def combine_updates(self, deltas: dict[int, torch.Tensor], expected: float, rnd: int
+                        ) -> tuple[torch.Tensor | None, dict[int, str], dict]:
+        """(mean delta or None when the round cannot be applied, rejected clients, metrics) from the
+        decoded updates the server can see."""
+        s, rejected = self.setup, {}
+        total = torch.zeros(self.numel, dtype=torch.float64)
+        used = unclipped = 0
+        bound = self.clip + 2 * s.client_noise_std(self.clip) * math.sqrt(self.numel)
+        for cid, d in sorted(deltas.items()):
+            try:
+                if s.dp and s.mode == "distributed":
+                    norm = float(d.double().norm())
+                    if not math.isfinite(norm) or norm > bound:
+                        raise ValueError(f"norm {norm:.4g} above C + 2 x its noise's expected norm = {bound:.4g}")
+                    c = d.double()
+                else:  # central (or clipping alone): clip again, whatever the client did
+                    c, norm = dp.clip(d, self.clip)
+                    c = c.double()
+                    unclipped += int(norm <= self.clip)
+            except ValueError as e:
+                rejected[cid] = f"privacy: {e}"
+                continue
+            total += c
+            used += 1
+        mean, metrics = self._finish(total, used, expected, rnd, unclipped)
+        return mean, rejected, metrics
+
+    def combine_sum(self, total: torch.Tensor, used: int, expected: float, rnd: int
+                    ) -> tuple[torch.Tensor | None, dict]:
+        """Secure aggregation: the unmasked sum of ``used`` clients' fixed-point updates."""
+        return self._finish(total.double(), used, expected, rnd, None)
+
+    def sum_bound(self, used: int, step: float) -> float:
+        """The largest L2 norm the sum of ``used`` honest clipped updates (fixed point, noised) can have."""
+        s = self.setup
+        return (used * (self.clip + step * math.sqrt(self.numel))
+                + 1.2 * s.client_noise_std(self.clip) * math.sqrt(used * self.numel))
+
+    def _finish(self, total: torch.Tensor, used: int, expected: float, rnd: int, unclipped: int | None
+                ) -> tuple[torch.Tensor | None, dict]:
+        s = self.setup
+        metrics: dict = {"clip": self.clip, "contributions": used}
+        if used == 0:
+            return None, metrics
+        if s.dp and s.mode == "distributed" and used < s.min_clients:
+            metrics["not_applied"] = f"{used} contributions < privacy.dp.min_clients={s.min_clients}"
+            return None, metrics
+        denom = expected if s.dp else used  # DP: the fixed denominator E[m]; plain clipping: the mean
+        gen = dp.noise_generator(s.noise_seed, 0, rnd) if s.dp else None
+        mean = dp.noisy_mean(total, s.central_noise_std(self.clip), denom, gen)
+        if s.dp:
+            metrics["epsilon"] = self.accountant.step(s.q, s.z)
+            metrics["noise_std_mean"] = (s.z_delta * self.clip) / denom
+            metrics["expected_clients"] = denom
+        if unclipped is not None and s.dp:
+            metrics["unclipped"] = unclipped  # exact count: a diagnostic on the server, not released under DP
+        if s.dp and s.adaptive and unclipped is not None:
+            noisy = unclipped + float(dp.gaussian(1, s.count_stddev, dp.noise_generator(s.noise_seed, 2, rnd))[0])
+            self.clip = dp.next_clip(self.clip, noisy, denom, s.target_quantile, s.clip_lr)
+            metrics["next_clip"] = self.clip
+        return mean.to(torch.float32), metrics
+
+    def state_dict(self) -> dict:
+        return {"clip": self.clip, "accountant": self.accountant.state_dict() if self.accountant else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clip = float(state.get("clip", self.clip))
+        if self.accountant is not None and state.get("accountant"):
+            self.accountant.load_state_dict(state["accountant"])
