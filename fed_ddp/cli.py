@@ -41,6 +41,7 @@ def cmd_run(args) -> int:
 
     plan_cfg(cfg, nnodes=1)  # more ranks than GPUs here (train.device=auto): one config-error line, nothing started
     check_data(cfg)  # partition the data here: too few examples, bad files, one line before any rank starts
+    check_privacy(cfg)  # an unreachable target epsilon: one line before any rank starts
     from fed_ddp.rundir import RunBusy, RunLock, check
 
     check(cfg)  # an earlier run in the directory, or a resume with other settings: one line, nothing started
@@ -84,6 +85,9 @@ def cmd_run(args) -> int:
               f" + communication {t['communication']:.1f} + aggregation {t['aggregation']:.2f}"
               f" + evaluation {t['evaluation']:.1f} + other {t['other']:.1f}")
         print_bytes(s)
+        from fed_ddp.privacy.report import closing_lines
+
+        print("\n".join(closing_lines(s)))
         print(f"Run directory: {cfg.run.dir}  (adapter: {cfg.run.dir / 'checkpoints' / 'final'})")
     return 0
 
@@ -118,6 +122,16 @@ def print_bytes(s: dict, file=None) -> None:
           f"{up.get('vs_full_unet', 0):.1f}x fewer than the full UNet ({c['unet_parameters']:,} parameters)", file=file)
     print(f"Bytes in the cluster (collectives): up {s['bytes_up_total']:,} / down {s['bytes_down_total']:,} "
           f"over {s['workers']} worker(s)", file=file)
+
+
+def check_privacy(cfg) -> None:
+    """Resolve the privacy settings (calibrating z to a target epsilon) in the launcher."""
+    from fed_ddp.privacy.engine import resolve
+
+    try:
+        resolve(cfg)
+    except ValueError as e:
+        raise ConfigError("privacy", None, " ".join(str(e).split())) from None
 
 
 def check_data(cfg) -> None:

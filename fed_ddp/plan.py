@@ -234,5 +234,12 @@ def main(args) -> int:
 
     files, overrides = split_args([args.config, *args.overrides])
     cfg = load_config(files, overrides)
-    print(format_plan(make_plan(cfg, cfg.comm, args.unet), cfg.comm))
+    plan = make_plan(cfg, cfg.comm, args.unet)
+    from fed_ddp.privacy.report import plan_lines
+
+    try:
+        privacy = plan_lines(cfg, plan.lora_parameters)
+    except ValueError as e:  # an unreachable target epsilon, a count noise too small for z
+        raise ConfigError("privacy", None, " ".join(str(e).split())) from None
+    print("\n".join([format_plan(plan, cfg.comm), *privacy]))
     return 0

@@ -20,7 +20,7 @@ class DpSection:
     """Client-level differential privacy (DP-FedAvg): on when clip_norm > 0 and noise (z or a target) is set."""
 
     noise_multiplier: float = 0.0  # z: noise std = z x clip_norm on the sum of clipped deltas; 0 = no noise
-    clip_norm: float = 0.0  # C: every client's delta is clipped to this L2 norm over the whole adapter; 0 = no clipping
+    clip_norm: float | None = None  # C: every client's delta is clipped to this L2 norm over the whole adapter; null = 0.05 with DP or secagg, else no clipping
     target_epsilon: float | None = None  # calibrate z before round 1 so that epsilon after fed.rounds rounds is this
     delta: float = 1e-5  # the delta of (epsilon, delta)
     max_epsilon: float | None = None  # budget: stop cleanly before a round whose epsilon would exceed it
@@ -39,9 +39,10 @@ class DpSection:
 
     def __post_init__(self):
         positive("privacy.dp.noise_multiplier", self.noise_multiplier, zero_ok=True)
-        positive("privacy.dp.clip_norm", self.clip_norm, zero_ok=True)
+        if self.clip_norm is not None:
+            positive("privacy.dp.clip_norm", self.clip_norm, zero_ok=True)
         if self.enabled:
-            check(self.clip_norm > 0, "privacy.dp.clip_norm", self.clip_norm,
+            check(self.clip_norm != 0, "privacy.dp.clip_norm", self.clip_norm,
                   "must be > 0 with differential privacy: the noise is calibrated to the clip")
         if self.target_epsilon is not None:
             positive("privacy.dp.target_epsilon", self.target_epsilon)
@@ -63,7 +64,7 @@ class DpSection:
         if self.count_stddev is not None:
             positive("privacy.dp.count_stddev", self.count_stddev)
         if self.adaptive_clip:
-            check(self.clip_norm > 0, "privacy.dp.clip_norm", self.clip_norm,
+            check(self.clip_norm != 0, "privacy.dp.clip_norm", self.clip_norm,
                   "must be > 0 with adaptive_clip: it is the starting clip")
 
 
@@ -76,9 +77,16 @@ class PrivacySection:
     secagg_range: float | None = None  # values are clipped to [-range, range] before fixed point; null = 4 C / sqrt(values) (+ 6x the distributed noise std)
 
     @property
+    def clip(self) -> float:
+        """C: ``dp.clip_norm``, or DEFAULT_CLIP when DP or secure aggregation is on, else 0 (no clipping)."""
+        if self.dp.clip_norm is not None:
+            return float(self.dp.clip_norm)
+        return DEFAULT_CLIP if (self.dp.enabled or self.secagg) else 0.0
+
+    @property
     def clips(self) -> bool:
         """Clients clip their deltas (DP or secure aggregation): the downlink carries the clip."""
-        return self.dp.clip_norm > 0
+        return self.clip > 0
 
     def __post_init__(self):
         if self.secagg_threshold is not None:
@@ -91,6 +99,7 @@ class PrivacySection:
             positive("privacy.secagg_range", self.secagg_range)
 
 
+DEFAULT_CLIP = 0.05  # about the median norm of a client's delta on configs/population.yaml (see the README)
 SECAGG_BITS = {"int8": 8, "int4": 4}  # fixed-point encodings by uplink encoder; anything else linear: 16
 
 
@@ -141,7 +150,7 @@ def check_privacy(privacy: PrivacySection, fed, comm) -> None:
         check(not nonlinear, "comm.uplink", list(comm.uplink),
               f"{nonlinear[0] if nonlinear else ''} is not linear: secure aggregation sums masked fixed-point "
               "vectors, so only [], fp16, bf16, int8 or int4 compose with privacy.secagg")
-        check(dp.clip_norm > 0, "privacy.dp.clip_norm", dp.clip_norm,
+        check(privacy.clip > 0, "privacy.dp.clip_norm", dp.clip_norm,
               "must be > 0 with privacy.secagg: clients clip before masking (the server cannot check a masked update)")
         check(fed.aggregator == "mean", "fed.aggregator", fed.aggregator,
               "must be mean with privacy.secagg: the server sees only the sum")

@@ -107,7 +107,7 @@ def resolve(cfg, calibrate: bool = True) -> PrivacySetup | None:
     ``calibrate=False`` (workers: they get the clip and noise std in every downlink) skips calibrating z."""
     p, f = cfg.privacy, cfg.fed
     d = p.dp
-    if not (d.enabled or d.clip_norm > 0 or p.secagg):
+    if not (d.enabled or p.clips or p.secagg):
         return None
     q = sample_rate(f) if d.enabled else 1.0
     z, calibrated = float(d.noise_multiplier), False
@@ -116,7 +116,7 @@ def resolve(cfg, calibrate: bool = True) -> PrivacySetup | None:
     em = f.expected_round_size
     sb = d.count_stddev if d.count_stddev is not None else em / 20
     z_delta = dp.delta_noise_multiplier(z, sb) if d.adaptive_clip else z
-    return PrivacySetup(dp=d.enabled, clip=float(d.clip_norm), z=z, z_delta=z_delta, count_stddev=sb, mode=d.mode, q=q,
+    return PrivacySetup(dp=d.enabled, clip=p.clip, z=z, z_delta=z_delta, count_stddev=sb, mode=d.mode, q=q,
                         min_clients=min_clients(p, f), delta=d.delta, kind=d.accountant, calibrated=calibrated,
                         secagg=p.secagg, bits=secagg_bits(p, cfg.comm),
                         threshold=p.secagg_threshold, value_range=p.secagg_range, noise_seed=d.noise_seed,

@@ -175,8 +175,9 @@ class Advert:
         if len(b) != ADVERT_BYTES:
             raise ValueError(f"key advert: {len(b)} bytes, expected {ADVERT_BYTES}")
         a = cls(struct.unpack("<i", b[:4])[0], b[4:36], b[36:68], b[68:100])
-        X25519PublicKey.from_public_bytes(a.c_pub)
-        X25519PublicKey.from_public_bytes(a.s_pub)
+        probe = X25519PrivateKey.generate()
+        for key in (a.c_pub, a.s_pub):  # a low-order point would make every agreed key all zeros: refused
+            probe.exchange(X25519PublicKey.from_public_bytes(key))
         return a
 
 
