@@ -282,3 +282,133 @@ def test_plan_prints_z_and_epsilon_per_round():
     assert f"z={z:.4g} (calibrated" in r.stdout
     assert "after round: 1: " in r.stdout and "12: 8" in r.stdout
     assert "secure aggregation at 10 clients per round: ring of 12 bits" in r.stdout
+
+
+# ----------------------------------------------------------------------------- over gloo (real ranks)
+
+GLOO = ["fed.workers=2", "fed.local_steps=2", "data.partition=iid", "lora.rank=2", "eval.images_per_prompt=1",
+        "eval.inference_steps=1", "eval.sample_seeds=[0]", "eval.every=100"]
+
+
+def _launch(tiny_base, out, name, spy_name, extra):
+    import os
+
+    from test_distributed import ROOT, launch
+
+    spy = out / spy_name
+    spy.mkdir()
+    args = [str(ROOT / "configs" / "tiny_test.yaml"), f"model.pretrained={tiny_base}", f"run.output_dir={out}",
+            f"run.name={name}", *GLOO, *extra]
+    launch(3, args, {"FED_DDP_SPY_DIR": str(spy), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    return out / name, spy
+
+
+def _init(run_dir):
+    from fed_ddp.compression import layout_of
+    from fed_ddp.diffusion.lora import attach_lora, get_flat
+    from fed_ddp.diffusion.models import load_pipeline
+    from fed_ddp.protocol import Wire
+
+    cfg = load_config(run_dir / "config.yaml")
+    pipe = load_pipeline(cfg.model.pretrained, torch.device("cpu"))
+    attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
+    return cfg, Wire(cfg.comm, layout_of(pipe.unet), 2, privacy_fields=cfg.privacy.clips), get_flat(pipe.unet)
+
+
+def _rows(run_dir):
+    return {r["round"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["round"] > 0 and "comm" in r}
+
+
+@pytest.mark.slow
+def test_secagg_over_gloo_sums_exactly_and_recovers_dropouts(tiny_base, tmp_path):
+    """5 clients on 2 workers, int8 fixed point; the simulated dropouts (seeded) leave after sharing their
+    keys: round 1 loses client 4, round 2 clients 0 and 1 (3 left = the threshold). The new global adapter is
+    the old one plus the mean of the survivors' fixed-point updates, rebuilt here from the deltas the
+    workers trained, bit for bit: every mask cancelled, the dropouts' masks recovered from shares."""
+    from fed_ddp.checkpoint import load_state
+    from fed_ddp.population.sampling import dropouts
+    from fed_ddp.privacy.engine import client_side, fixed_range
+    from fed_ddp.privacy.masked import KEYS, MASKED, rounding_generator
+
+    run_dir, spy = _launch(tiny_base, tmp_path, "sa", "spy", [
+        "fed.num_clients=5", "fed.sampling=all", "fed.dropout_rate=0.25", "run.seed=3", "fed.rounds=2",
+        "privacy.secagg=true", "comm.uplink=[int8]", "privacy.dp.clip_norm=0.05"])
+    cfg, wire, prev = _init(run_dir)
+    rows = _rows(run_dir)
+    n = prev.numel()
+    vr = fixed_range(None, 0.05, 0.0, n)
+    for rnd, lost in ((1, [4]), (2, [0, 1])):
+        assert dropouts(rnd, 3, np.arange(5), 0.25).tolist() == lost
+        sa_row = rows[rnd]["privacy"]["secagg"]
+        assert sa_row["roster"] == 5 and sa_row["recovered_dropouts"] == len(lost)
+        survivors = [c for c in range(5) if c not in lost]
+        assert rows[rnd]["clients"]["arrived"] == survivors
+        total = np.zeros(n, dtype=np.int64)
+        for c in survivors:
+            delta = next(torch.load(p) for p in spy.glob(f"fit_rank*_round{rnd}_client{c}.pt"))
+            x = client_side(delta, 0.05, 0.0, None, rnd, c)
+            total += sa.encode_fixed(x, vr, 8, rounding_generator(3, rnd, c))
+        mean = (sa.decode_fixed(total, vr, 8) / len(survivors)).to(torch.float32)
+        want = prev + 1.0 * mean.double().to(torch.float32)
+        got = load_state(run_dir / "checkpoints" / f"round_{rnd:04d}")["global"]
+        assert torch.equal(got, want)
+        prev = got
+    # what the server received of one client in the masked step looks uniform, whatever the update
+    from scipy.stats import chisquare
+
+    msgs = sorted(spy.glob("rank1_msg*.pt"), key=lambda p: int(p.stem.split("msg")[1]))
+    kinds = [wire.unpack_head(torch.load(p)["head"]).kind for p in msgs]
+    assert kinds[:4] == [KEYS, 3, MASKED, 5]
+    up = torch.load(msgs[2])["up"].numpy()
+    assert chisquare(np.bincount(up[16:2016], minlength=256)).pvalue > 1e-4  # after one client's 16-byte header
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert "secure aggregation" in s["privacy"]["guarantee"] and s["privacy"]["secagg_per_round_mean"]["shares"]
+
+
+@pytest.mark.slow
+def test_dp_over_gloo_noise_clip_accountant_and_resume(tiny_base, tmp_path):
+    """Central DP with a replayable noise seed: each round's global = previous + (sum of the decoded uplinks,
+    each clipped again by the server, + N(0, (z C)^2)) / (q x reachable), recomputed here from the recorded
+    messages; epsilon per round is dp-accounting's for that many rounds, across a resume; a budget stops the
+    run cleanly before the round that would exceed it."""
+    from fed_ddp.checkpoint import load_state
+
+    common = ["fed.num_clients=4", "fed.sampling=poisson", "fed.sample_rate=0.7", "privacy.dp.noise_multiplier=0.8",
+              "privacy.dp.clip_norm=0.002", "privacy.dp.noise_seed=11", "comm.uplink=[int8]"]
+    run_dir, spy1 = _launch(tiny_base, tmp_path, "dp", "spy1", [*common, "fed.rounds=1"])
+    _, spy2 = _launch(tiny_base, tmp_path, "dp", "spy2", [*common, "fed.rounds=3", "run.resume=true",
+                                                           "privacy.dp.max_epsilon=8.5"])
+    cfg, wire, prev = _init(run_dir)
+    rows = _rows(run_dir)
+    eps = {r: acc.epsilon("pld", [(0.7, 0.8)] * r, 1e-5) for r in (1, 2, 3)}
+    assert eps[2] <= 8.5 < eps[3]  # so the budget allows 2 rounds
+    assert sorted(rows) == [1, 2]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["rounds"] == 2 and "max_epsilon" in s["stopped_early"]
+    assert s["privacy"]["epsilon"] == pytest.approx(eps[2], rel=1e-9)
+    assert s["privacy"]["guarantee"].startswith(f"(epsilon, delta) = ({eps[2]:.3g}, 1e-05) at the client level "
+                                                f"after 2 rounds, q = 0.7, z = 0.8, C = 0.002")
+    for rnd, spy in ((1, spy1), (2, spy2)):
+        assert rows[rnd]["privacy"]["epsilon"] == pytest.approx(eps[rnd], rel=1e-9)  # the accountant resumed
+        k = 1  # each launch's first exchange is the first round it ran
+        decoded = {}
+        for rank in (1, 2):
+            m = torch.load(spy / f"rank{rank}_msg{k}.pt")
+            h = wire.unpack_head(m["head"])
+            assert h.plan.round == rnd
+            table, _ = wire.unpack_body(m["body"], h.slots)
+            for msg in wire.split_uplink(m["up"], len(table[rank - 1])):
+                u = wire.unpack_uplink(msg)
+                assert u.delta.double().norm() <= 0.002 * 1.05  # clipped by the client (int8 rounding adds a little)
+                decoded[u.client_id] = u.delta
+        assert sorted(decoded) == rows[rnd]["clients"]["arrived"]
+        total = torch.zeros(prev.numel(), dtype=torch.float64)
+        for c in sorted(decoded):  # the server's order; it clips again what it decoded
+            total += dp.clip(decoded[c], 0.002)[0].double()
+        noise = dp.gaussian(prev.numel(), 0.8 * 0.002, dp.noise_generator(11, 0, rnd))
+        em = 0.7 * rows[rnd]["clients"]["reachable"]
+        want = prev + 1.0 * ((total + noise) / em).to(torch.float32).double().to(torch.float32)
+        got = load_state(run_dir / "checkpoints" / f"round_{rnd:04d}")["global"]
+        assert torch.equal(got, want)
+        prev = got
