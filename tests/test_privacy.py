@@ -334,7 +334,7 @@ def test_secagg_over_gloo_sums_exactly_and_recovers_dropouts(tiny_base, tmp_path
     run_dir, spy = _launch(tiny_base, tmp_path, "sa", "spy", [
         "fed.num_clients=5", "fed.sampling=all", "fed.dropout_rate=0.25", "run.seed=3", "fed.rounds=2",
         "privacy.secagg=true", "comm.uplink=[int8]", "privacy.dp.clip_norm=0.05"])
-    cfg, wire, prev = _init(run_dir)
+    _, wire, prev = _init(run_dir)
     rows = _rows(run_dir)
     n = prev.numel()
     vr = fixed_range(None, 0.05, 0.0, n)
@@ -379,7 +379,7 @@ def test_dp_over_gloo_noise_clip_accountant_and_resume(tiny_base, tmp_path):
     run_dir, spy1 = _launch(tiny_base, tmp_path, "dp", "spy1", [*common, "fed.rounds=1"])
     _, spy2 = _launch(tiny_base, tmp_path, "dp", "spy2", [*common, "fed.rounds=3", "run.resume=true",
                                                            "privacy.dp.max_epsilon=8.5"])
-    cfg, wire, prev = _init(run_dir)
+    _, wire, prev = _init(run_dir)
     rows = _rows(run_dir)
     eps = {r: acc.epsilon("pld", [(0.7, 0.8)] * r, 1e-5) for r in (1, 2, 3)}
     assert eps[2] <= 8.5 < eps[3]  # so the budget allows 2 rounds

@@ -194,6 +194,7 @@ class ServerPrivacy:
                     if not math.isfinite(norm) or norm > bound:
                         raise ValueError(f"norm {norm:.4g} above C + 2 x its noise's expected norm = {bound:.4g}")
                     c = d.double()
+                    unclipped = None  # noised: the server cannot tell who was clipped
                 else:  # central (or clipping alone): clip again, whatever the client did
                     c, norm = dp.clip(d, self.clip)
                     c = c.double()
