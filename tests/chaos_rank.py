@@ -41,8 +41,8 @@ def chaos_round(self, rnd, global_flat):
 _play = Worker.play
 
 
-def chaos_play(self, client, plan, global_flat, state_round=-1):
-    msg = _play(self, client, plan, global_flat, state_round)
+def chaos_play(self, client, plan, global_flat, state_round=-1, privacy=None):
+    msg = _play(self, client, plan, global_flat, state_round, privacy)
     _die(plan.round)
     return msg
 
