@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def fed_ddp(*args: str) -> None:
+def fed_ddp(*args: str) -> str:
     env = {**os.environ}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -44,6 +44,7 @@ def fed_ddp(*args: str) -> None:
                        capture_output=True)
     if r.returncode:
         sys.exit(f"fed-ddp run {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    return r.stdout
 
 
 # -- accuracy vs epsilon ------------------------------------------------------------------------------------
@@ -55,8 +56,9 @@ def accuracy(out: Path) -> list[str]:
     for name, extra in ARMS.items():
         run = f"priv_{name.replace(' ', '')}"
         t0 = time.perf_counter()
-        fed_ddp("configs/population.yaml", f"run.output_dir={out}", f"run.name={run}", "run.overwrite=true",
-                "tracking.progress=false", *extra)
+        printed = fed_ddp("configs/population.yaml", f"run.output_dir={out}", f"run.name={run}", "run.overwrite=true",
+                          "tracking.progress=false", *extra)
+        (out / f"{run}.txt").write_text(printed)  # what the user sees at the end of the run
         s = json.loads((out / run / "summary.json").read_text())
         metrics = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
         p = s["privacy"]
