@@ -124,7 +124,7 @@ def make_plan(cfg: RunConfig, comm: CommConfig, unet: str | None = None) -> Plan
     attach_lora(model, cfg.lora, seed=cfg.run.seed)
     layout = layout_of(model)
     f = cfg.fed
-    w = Wire(comm, layout, f.num_workers)  # the chains and sizes training will use
+    w = Wire(comm, layout, f.num_workers, privacy_fields=cfg.privacy.clips)  # the chains and sizes training will use
     state = ChainState()
     w.up.encode(torch.zeros(w.num_params), state)  # a real encode fills the state a client keeps, at real sizes
     state_bytes = sum(t.numel() * t.element_size() for t in state.to_tensors()[0].values())

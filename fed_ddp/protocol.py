@@ -2,9 +2,11 @@
 
 Downlink (server -> every worker, two broadcasts)::
 
-    head = [stop, round, local_steps, lr, proximal_mu, slots] (fp32)
+    head = [kind, round, local_steps, lr, proximal_mu, slots] (fp32; kind: ROUND, STOP, or one of secure
+           aggregation's steps, whose bodies ``fed_ddp.privacy.masked`` defines)
     body = assignment table int32 [workers x slots x 2]: (client id, round of the client's saved state;
-           -1 = empty slot / no state yet)  + downlink-chain message
+           -1 = empty slot / no state yet) + [clip, client noise std] (fp32, only when privacy clipping is
+           on) + downlink-chain message
 
 Uplink (worker w -> server, one gather): worker w's clients' messages, one after another, in table order::
 

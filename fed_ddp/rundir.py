@@ -20,7 +20,7 @@ from pathlib import Path
 from fed_ddp.errors import ConfigError
 
 LOCK = ".lock"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "partition.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "partition.json", "privacy_ledger.jsonl")
 RUN_DIRS = ("checkpoints", "clients", "samples", "wandb")
 # what a resume may change (where the run lives, how long it runs, what it reports, machine resources);
 # everything else must equal the stored config

@@ -31,7 +31,7 @@ from fed_ddp.distributed.collectives import GatherTimeout
 from fed_ddp.evaluation import Evaluator, reference_classifier
 from fed_ddp.lora_names import is_lora_name
 from fed_ddp.population import assign, read_trace, select_round
-from fed_ddp.privacy.engine import ServerPrivacy, pack_fields
+from fed_ddp.privacy.engine import ServerPrivacy, pack_fields, round_trip
 from fed_ddp.privacy.engine import resolve as resolve_privacy
 from fed_ddp.privacy.masked import MaskedServer
 from fed_ddp.protocol import Wire
@@ -71,7 +71,7 @@ class Server:
         self.per_client_s: float | None = None  # derived deadline: 10x the first exchange's time per client slot
         self.norm_ref: float | None = None  # median update norm of the last round with two or more kept updates
         self.setup = resolve_privacy(cfg)  # None: the plain path; z is calibrated here (before round 1)
-        self.privacy = ServerPrivacy(self.setup, self.wire.num_params) if self.setup else None
+        self.privacy = ServerPrivacy(self.setup, self.wire.num_params, self.run_dir) if self.setup else None
         self.masked = None
         if self.setup is not None and self.setup.secagg:
             self.masked = MaskedServer(self.wire, self.setup, self.wire.num_params,
@@ -80,6 +80,12 @@ class Server:
                                                                                     training))
         if self.setup is not None:
             log.info("privacy: %s", self.setup.describe())
+            if self.setup.secagg and self.setup.client_noise_std(self.setup.clip) == 0:  # a too-wide range: now
+                from fed_ddp.privacy.engine import fixed_range, signal_clip
+
+                n = self.wire.num_params
+                signal_clip(self.setup.clip, fixed_range(self.setup.value_range, self.setup.clip, 0.0, n), 0.0, n,
+                            self.setup.bits)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -100,7 +106,11 @@ class Server:
             if self.privacy is not None and state.get("privacy"):
                 self.privacy.load_state_dict(json.loads(state["privacy"]))
             log.info("resuming from %s (round %d done)", ckpt, state["round"])
-        elif (self.run_dir / "clients").exists():  # a fresh start: no client may inherit an older run's state
+        elif self.privacy is not None and not cfg.run.resume:
+            self.privacy.start_fresh()
+        elif self.privacy is not None:  # a resume before any checkpoint: rounds computed before the crash count
+            self.privacy.load_state_dict({})
+        if ckpt is None and (self.run_dir / "clients").exists():  # a fresh start: no client inherits older state
             shutil.rmtree(self.run_dir / "clients")
             log.warning("fresh start: removed the client states of an earlier run in %s", self.run_dir / "clients")
         f = cfg.fed
@@ -159,7 +169,8 @@ class Server:
         cfg, w = self.cfg, self.wire
         t_round = time.perf_counter()
         plan = self.strategy.configure_round(rnd)
-        chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace)
+        chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace,
+                              self.privacy.sample_seed if self.privacy else None)
         # secure aggregation: the simulated dropouts take part in the key exchange, then never send (the
         # protocol's hard case); otherwise they are left out of the table
         players = chosen.sampled if self.masked else chosen.playing
@@ -170,6 +181,8 @@ class Server:
         clip = self.privacy.clip if self.privacy else 0.0
         noise_std = self.setup.client_noise_std(clip) if self.setup else 0.0
         fields = pack_fields(clip, noise_std) if w.fields_bytes else None
+        if fields is not None:  # exactly what the clients read (fp32): the fixed-point range follows from it
+            clip, noise_std = round_trip(clip, noise_std)
         body = w.pack_body(table, global_flat, self.down_state, rounds, fields)
         updates: list[ClientUpdate] = []
         per_worker: list[list[ClientUpdate]] = []
@@ -229,7 +242,7 @@ class Server:
             agg_metrics = {"empty_round": True}
             log.warning("round %d: no usable update (%d sampled, %d dropped, %d rejected): the global adapter is kept",
                         rnd, len(chosen.sampled), len(chosen.dropped), len(rejected))
-            if rejected:  # updates arrived and every one was bad: as suspicious as a non-finite adapter
+            if rejected and not private.get("bad_round"):  # every update was bad: as suspicious as a non-finite adapter
                 self._bad_round("without a usable update")
         t_eval = time.perf_counter()
         last = rnd == cfg.fed.rounds
@@ -317,11 +330,15 @@ class Server:
             if outcome.failure:
                 log.warning("round %d: secure aggregation: %s: round not applied", rnd, outcome.failure)
                 metrics["not_applied"] = outcome.failure
+                if outcome.failure.startswith("unmasking failed"):  # a lying client, not a shortage of clients
+                    metrics["bad_round"] = True
+                    self._bad_round("whose secure aggregation could not be unmasked")
             else:
                 norm, bound = float(outcome.total.norm()), self.privacy.sum_bound(outcome.used, outcome.step)
                 if norm > bound:  # a client masked something it should not have: the sum is all the server has
                     metrics["not_applied"] = f"unmasked sum's norm {norm:.4g} > {bound:.4g} ({outcome.used} clipped updates)"
                     log.warning("round %d: secure aggregation: %s: round not applied", rnd, metrics["not_applied"])
+                    metrics["bad_round"] = True
                     self._bad_round("whose unmasked sum was out of bounds")
                 else:
                     mean, metrics = self.privacy.combine_sum(outcome.total, outcome.used, expected, rnd)
@@ -462,7 +479,7 @@ class Server:
         if last < f.rounds:
             summary["stopped_early"] = f"privacy budget: privacy.dp.max_epsilon={self.cfg.privacy.dp.max_epsilon}"
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.tracker.log({"round": f.rounds, "final": final}, step=f.rounds)
+        self.tracker.log({"round": last, "final": final}, step=last)
         self.tracker.finish(summary)
         return summary
 

@@ -134,6 +134,8 @@ class Worker:
             from fed_ddp.privacy.engine import unpack_fields
 
             privacy = unpack_fields(self.wire.body_fields(body, h.slots))
+        if not (self.setup is not None and self.setup.client_clips):
+            privacy = None  # central mode: the server clips what it decodes
         msgs = [self.play(c, h.plan, global_flat, rounds[c], privacy) for c in table[self.index]]
         up = torch.cat(msgs) if msgs else torch.empty(0, dtype=torch.uint8)
         return up, self.wire.up_sizes(table)

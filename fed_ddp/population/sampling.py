@@ -91,10 +91,14 @@ class RoundClients:
         return [c for c in self.sampled if c not in lost]
 
 
-def select_round(fed, rnd: int, seed: int, sizes: np.ndarray, trace: np.ndarray | None = None) -> RoundClients:
-    """The whole decision of round ``rnd`` from the ``fed`` config section."""
+def select_round(fed, rnd: int, seed: int, sizes: np.ndarray, trace: np.ndarray | None = None,
+                 sample_seed: int | None = None) -> RoundClients:
+    """The whole decision of round ``rnd`` from the ``fed`` config section. ``sample_seed``: the sampling
+    stream's own seed (differential privacy keeps it secret: amplification by sampling needs an
+    adversary who does not know who was sampled); None = ``seed``."""
     n = fed.num_clients
     reach = available(rnd, seed, n, trace if trace is not None else float(fed.availability))
-    picked = sample(fed.sampling, rnd, seed, reach, m=fed.clients_per_round, q=fed.sample_rate, sizes=sizes)
+    picked = sample(fed.sampling, rnd, seed if sample_seed is None else sample_seed, reach, m=fed.clients_per_round,
+                    q=fed.sample_rate, sizes=sizes)
     lost = dropouts(rnd, seed, picked, fed.dropout_rate)
     return RoundClients([int(c) for c in picked], [int(c) for c in lost], len(reach))

@@ -20,7 +20,7 @@ class DpSection:
     """Client-level differential privacy (DP-FedAvg): on when clip_norm > 0 and noise (z or a target) is set."""
 
     noise_multiplier: float = 0.0  # z: noise std = z x clip_norm on the sum of clipped deltas; 0 = no noise
-    clip_norm: float | None = None  # C: every client's delta is clipped to this L2 norm over the whole adapter; null = 0.05 with DP or secagg, else no clipping
+    clip_norm: float | None = None  # C: every client's delta is clipped to this L2 norm over the whole adapter; null = 10 with DP or secagg (about a round-1 delta's norm on configs/population.yaml), else no clipping
     target_epsilon: float | None = None  # calibrate z before round 1 so that epsilon after fed.rounds rounds is this
     delta: float = 1e-5  # the delta of (epsilon, delta)
     max_epsilon: float | None = None  # budget: stop cleanly before a round whose epsilon would exceed it
@@ -30,7 +30,7 @@ class DpSection:
     adaptive_clip: bool = False  # clip_norm follows target_quantile of the update norms (Andrew et al. 2021)
     target_quantile: float = 0.5  # adaptive_clip: share of clients meant to be unclipped
     clip_lr: float = 0.2  # adaptive_clip: geometric step of the clip per round
-    count_stddev: float | None = None  # adaptive_clip: noise on the count of unclipped clients; null = E[m]/20
+    count_stddev: float | None = None  # adaptive_clip: noise on the count of unclipped clients; null = max(E[m]/20, 1/z)
     noise_seed: int | None = None  # null: noise from the OS's entropy; an integer replays it (experiments only: no privacy against whoever knows it)
 
     @property
@@ -99,7 +99,7 @@ class PrivacySection:
             positive("privacy.secagg_range", self.secagg_range)
 
 
-DEFAULT_CLIP = 0.05  # about the median norm of a client's delta on configs/population.yaml (see the README)
+DEFAULT_CLIP = 10.0  # about the norm of a client's round-1 delta on configs/population.yaml (9.4 to 9.6)
 SECAGG_BITS = {"int8": 8, "int4": 4}  # fixed-point encodings by uplink encoder; anything else linear: 16
 
 

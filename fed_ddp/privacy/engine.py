@@ -16,8 +16,10 @@ what m clipped (and noised) updates can reach, adds the central noise if asked, 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ from fed_ddp.privacy.config import min_clients, sample_rate, secagg_bits, thresh
 
 log = logging.getLogger("fed_ddp.privacy")
 
+LEDGER = "privacy_ledger.jsonl"  # one line per noised aggregate computed (the accountant's source of truth)
 BODY_FIELDS = 2  # fp32 in the downlink body when clipping is on: the round's clip, the client noise std
 
 
@@ -56,6 +59,13 @@ class PrivacySetup:
     @property
     def clips(self) -> bool:
         return self.clip > 0
+
+    @property
+    def client_clips(self) -> bool:
+        """Clients clip (and noise) themselves when the server must not see their raw update: secure
+        aggregation, or distributed noise. Central mode: the server clips what it decoded, so its count
+        of unclipped updates (adaptive clipping) sees the true norms."""
+        return self.secagg or (self.dp and self.mode == "distributed")
 
     def describe(self) -> str:
         out = []
@@ -94,6 +104,9 @@ class PrivacySetup:
             parts.append("differential privacy configured, but no round released a noised aggregate")
         else:
             parts.append("no differential privacy" + (f" (updates clipped to C = {self.clip:g})" if self.clips else ""))
+        if self.dp and self.mode == "distributed" and not self.secagg:
+            parts.append(f"without secure aggregation the server saw each update with noise std z*C/sqrt("
+                         f"{self.min_clients}) only")
         if self.secagg:
             parts.append("secure aggregation: the server saw only the sum of the masked updates")
         if self.dp and self.noise_seed is not None:
@@ -114,7 +127,7 @@ def resolve(cfg, calibrate: bool = True) -> PrivacySetup | None:
     if d.target_epsilon is not None and calibrate:
         z, calibrated = acc.calibrate(d.accountant, q, f.rounds, d.target_epsilon, d.delta), True
     em = f.expected_round_size
-    sb = d.count_stddev if d.count_stddev is not None else em / 20
+    sb = d.count_stddev if d.count_stddev is not None else max(em / 20, 1 / z if z > 0 else 0.0)
     z_delta = dp.delta_noise_multiplier(z, sb) if d.adaptive_clip else z
     return PrivacySetup(dp=d.enabled, clip=p.clip, z=z, z_delta=z_delta, count_stddev=sb, mode=d.mode, q=q,
                         min_clients=min_clients(p, f), delta=d.delta, kind=d.accountant, calibrated=calibrated,
@@ -133,13 +146,35 @@ def fixed_range(value_range: float | None, clip: float, noise_std: float, numel:
 
 
 def secagg_threshold(setup: PrivacySetup, roster: int) -> int:
+    """t for a round whose roster has ``roster`` clients; with distributed noise at least
+    ``min_clients``, so that no sum the server can unmask carries less than the central noise."""
     from types import SimpleNamespace
 
-    return threshold(SimpleNamespace(secagg_threshold=setup.threshold), roster)
+    t = threshold(SimpleNamespace(secagg_threshold=setup.threshold), roster)
+    return max(t, setup.min_clients) if setup.dp and setup.mode == "distributed" else t
+
+
+def signal_clip(clip: float, value_range: float, noise_std: float, numel: int, bits: int) -> float:
+    """The L2 clip a client applies before fixed point, so that the rounded update's norm stays within C:
+    stochastic rounding moves each value by less than one step, the whole vector by < step sqrt(n), so the
+    client clips to C - step sqrt(n) (97 % of C at 8 bits with the default range). With distributed noise
+    the rounding acts on the noised values and C is used as is (see the README's failure model)."""
+    if noise_std > 0:
+        return clip
+    out = clip - value_range / (2 ** (bits - 1) - 1) * math.sqrt(numel)
+    if out <= 0:
+        raise ValueError(f"privacy.secagg_range={value_range:g} is too wide for {bits}-bit values and C={clip:g}: "
+                         f"one rounding step per value could move an update by more than C")
+    return out
 
 
 def pack_fields(clip: float, noise_std: float) -> torch.Tensor:
     return torch.tensor([clip, noise_std], dtype=torch.float32).view(torch.uint8)
+
+
+def round_trip(clip: float, noise_std: float) -> tuple[float, float]:
+    """(clip, noise std) exactly as clients read them from the downlink (fp32)."""
+    return unpack_fields(pack_fields(clip, noise_std))
 
 
 def unpack_fields(buf: torch.Tensor) -> tuple[float, float]:
@@ -162,10 +197,30 @@ def client_side(delta: torch.Tensor, clip: float, noise_std: float, noise_seed: 
 class ServerPrivacy:
     """The server's privacy state: accountant, current clip; aggregation of a round under DP."""
 
-    def __init__(self, setup: PrivacySetup, numel: int):
+    def __init__(self, setup: PrivacySetup, numel: int, run_dir=None):
+        import secrets
+
         self.setup, self.numel = setup, numel
         self.clip = setup.clip
         self.accountant = acc.Accountant(setup.kind, setup.delta) if setup.dp else None
+        # the sampling stream's seed: secret under DP (amplification by sampling assumes nobody outside the
+        # server knows who was sampled; run.seed is in config.yaml), checkpointed so a resume draws the same
+        self.sample_seed = secrets.randbits(62) if setup.dp else None
+        self.ledger = (run_dir / LEDGER) if (run_dir is not None and setup.dp) else None
+
+    def start_fresh(self) -> None:
+        if self.ledger is not None and self.ledger.exists():
+            self.ledger.unlink()
+
+    def _record(self, rnd: int) -> None:
+        """Every noised aggregate computed is counted at once and durably, before anything derived from it
+        is released: a round replayed after a crash is counted twice, as it was released twice."""
+        self.accountant.steps.append((float(self.setup.q), float(self.setup.z)))
+        if self.ledger is not None:
+            with open(self.ledger, "a") as f:
+                f.write(json.dumps({"round": rnd, "q": self.setup.q, "z": self.setup.z}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
     # -- budget ----------------------------------------------------------------------------------------
     def epsilon_after_next(self) -> float:
@@ -231,21 +286,36 @@ class ServerPrivacy:
         gen = dp.noise_generator(s.noise_seed, 0, rnd) if s.dp else None
         mean = dp.noisy_mean(total, s.central_noise_std(self.clip), denom, gen)
         if s.dp:
-            metrics["epsilon"] = self.accountant.step(s.q, s.z)
+            self._record(rnd)
+            metrics["epsilon"] = self.accountant.epsilon()
             metrics["noise_std_mean"] = (s.z_delta * self.clip) / denom
             metrics["expected_clients"] = denom
         if unclipped is not None and s.dp:
             metrics["unclipped"] = unclipped  # exact count: a diagnostic on the server, not released under DP
         if s.dp and s.adaptive and unclipped is not None:
-            noisy = unclipped + float(dp.gaussian(1, s.count_stddev, dp.noise_generator(s.noise_seed, 2, rnd))[0])
-            self.clip = dp.next_clip(self.clip, noisy, denom, s.target_quantile, s.clip_lr)
+            # the centred count sum(b_i - 1/2) has sensitivity 1/2, which the 2 sigma_b of z_delta assumes
+            centred = unclipped - used / 2
+            noisy = centred + float(dp.gaussian(1, s.count_stddev, dp.noise_generator(s.noise_seed, 2, rnd))[0])
+            self.clip = dp.next_clip(self.clip, noisy + denom / 2, denom, s.target_quantile, s.clip_lr)
             metrics["next_clip"] = self.clip
         return mean.to(torch.float32), metrics
 
     def state_dict(self) -> dict:
-        return {"clip": self.clip, "accountant": self.accountant.state_dict() if self.accountant else None}
+        return {"clip": self.clip, "z": self.setup.z, "z_delta": self.setup.z_delta, "sample_seed": self.sample_seed,
+                "accountant": self.accountant.state_dict() if self.accountant else None}
 
     def load_state_dict(self, state: dict) -> None:
+        """A resume: the clip, z (calibrated once, for the run's first fed.rounds: a resume with more rounds
+        keeps it) and the secret sampling seed come from the checkpoint; the accountant from the ledger,
+        which also counts a round computed after the last checkpoint (a crash)."""
         self.clip = float(state.get("clip", self.clip))
-        if self.accountant is not None and state.get("accountant"):
-            self.accountant.load_state_dict(state["accountant"])
+        if state.get("z") is not None:
+            self.setup.z, self.setup.z_delta = float(state["z"]), float(state["z_delta"])
+        if state.get("sample_seed") is not None:
+            self.sample_seed = int(state["sample_seed"])
+        if self.accountant is not None:
+            self.accountant.load_state_dict(state.get("accountant") or {})
+            if self.ledger is not None and self.ledger.exists():
+                rows = [json.loads(x) for x in self.ledger.read_text().splitlines() if x.strip()]
+                if len(rows) > len(self.accountant.steps):
+                    self.accountant.steps = [(float(r["q"]), float(r["z"])) for r in rows]

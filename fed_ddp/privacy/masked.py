@@ -24,7 +24,7 @@ import torch
 
 from fed_ddp.population.sampling import dropouts
 from fed_ddp.privacy import secagg as sa
-from fed_ddp.privacy.engine import client_side, fixed_range, unpack_fields
+from fed_ddp.privacy.engine import client_side, fixed_range, signal_clip, unpack_fields
 from fed_ddp.transport import ExchangeStats
 
 log = logging.getLogger("fed_ddp.secagg")
@@ -238,7 +238,8 @@ class MaskedWorker:
                 delta, train_s = wk.fit(c, h.plan, self.global_flat)
                 if not wk.leader:
                     continue
-                x = client_side(delta, self.clip, self.noise_std, wk.cfg.privacy.dp.noise_seed, rnd, c)
+                x = client_side(delta, signal_clip(self.clip, vr, self.noise_std, numel, wk.setup.bits), self.noise_std,
+                                wk.cfg.privacy.dp.noise_seed, rnd, c)
                 q = sa.encode_fixed(x, vr, wk.setup.bits, rounding_generator(wk.cfg.run.seed, rnd, c))
                 y = self.clients[c].mask(q, ring)
                 head = struct.pack("<ii", c, 1) + np.array([train_s, time.perf_counter() - t0], np.float32).tobytes()

@@ -292,30 +292,23 @@ class Server:
             raise ValueError(f"{len(survivors)} masked inputs < threshold {self.t}")
         xs = {a.client: i + 1 for i, a in enumerate(self.roster)}
         points: dict[int, list[tuple[int, int]]] = {a.client: [] for a in self.roster}
-        for responder, raw in reveals.items():
+        for responder, raw in sorted(reveals.items()):
             if responder not in survivors or len(raw) != REVEAL_BYTES * len(self.roster):
                 continue
-            for k in range(len(self.roster)):
+            for k, a in enumerate(self.roster):  # record k is about roster client k: one per (responder, owner)
                 rec = raw[k * REVEAL_BYTES:(k + 1) * REVEAL_BYTES]
-                owner = struct.unpack("<i", rec[:4])[0]
-                if owner in points and int.from_bytes(rec[4:], "big"):
-                    points[owner].append((xs[responder], int.from_bytes(rec[4:], "big")))
+                y = int.from_bytes(rec[4:], "big")
+                if struct.unpack("<i", rec[:4])[0] == a.client and 0 < y < PRIME:
+                    points[a.client].append((xs[responder], y))
         total = np.zeros(self.n, dtype=np.uint64)
         for cid in sorted(survivors):
             total += masked[cid]
         for a in self.roster:
-            pts = points[a.client][:self.t]
-            if len(pts) < self.t:
-                raise ValueError(f"client {a.client}: {len(pts)} shares < threshold {self.t}")
-            secret = combine(pts)
+            secret = self._rebuild(a, points[a.client], a.client in survivors)
             if a.client in survivors:  # remove its self-mask
-                if hashlib.sha256(secret).digest() != a.commit:
-                    raise ValueError(f"client {a.client}: rebuilt self-mask seed fails its commitment")
                 total -= prg(secret, self.n, self.ring)
             else:  # remove the masks it shared with every survivor
                 s = X25519PrivateKey.from_private_bytes(secret)
-                if _pub(s) != a.s_pub:
-                    raise ValueError(f"client {a.client}: rebuilt mask key does not match its public key")
                 for u in self.roster:
                     if u.client in survivors:
                         m = prg(pair_key(s, u.s_pub, _info(b"mask", self.round, a.client, u.client)), self.n,
@@ -323,3 +316,22 @@ class Server:
                         # u added +m if a > u, -m if a < u: undo that
                         total = total - m if a.client > u.client else total + m
         return from_ring(total, self.ring)
+
+    def _rebuild(self, a: Advert, pts: list[tuple[int, int]], survived: bool) -> bytes:
+        """A client's secret from t of its shares, checked against its commitment (self-mask seed) or its
+        public key (mask key). When that fails (a responder lied), the other cyclic windows of t shares are
+        tried: with more than t shares, every single liar is left out of one of them."""
+        n, t = len(pts), self.t
+        if n < t:
+            raise ValueError(f"client {a.client}: {n} shares < threshold {t}")
+        for i in range(n if n > t else 1):
+            try:
+                secret = combine([pts[(i + j) % n] for j in range(t)])
+            except ValueError:
+                continue
+            if survived and hashlib.sha256(secret).digest() == a.commit:
+                return secret
+            if not survived and _pub(X25519PrivateKey.from_private_bytes(secret)) == a.s_pub:
+                return secret
+        what = "self-mask seed fails its commitment" if survived else "mask key does not match its public key"
+        raise ValueError(f"client {a.client}: rebuilt {what} (every window of {t} of its {n} shares)")
