@@ -423,7 +423,7 @@ class Server:
         if self.setup is None:
             return {"guarantee": "no differential privacy"}
         s, p = self.setup, self.privacy
-        out: dict = {"guarantee": s.guarantee(p.accountant, last, p.clip), "dp": s.dp, "secagg": s.secagg,
+        out: dict = {"guarantee": s.guarantee(p.accountant, p.clip), "dp": s.dp, "secagg": s.secagg,
                      "clip_norm": p.clip, "clip_norm_start": s.clip}
         if s.dp:
             out.update({"epsilon": p.accountant.epsilon(), "delta": s.delta, "accountant": s.kind,

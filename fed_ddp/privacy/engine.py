@@ -31,7 +31,6 @@ from fed_ddp.privacy.config import min_clients, sample_rate, secagg_bits, thresh
 log = logging.getLogger("fed_ddp.privacy")
 
 LEDGER = "privacy_ledger.jsonl"  # one line per noised aggregate computed (the accountant's source of truth)
-BODY_FIELDS = 2  # fp32 in the downlink body when clipping is on: the round's clip, the client noise std
 
 
 @dataclass
@@ -91,7 +90,7 @@ class PrivacySetup:
         return self.z_delta * clip if self.dp and self.mode == "central" else 0.0
 
 
-    def guarantee(self, accountant: acc.Accountant | None, rounds: int, clip: float) -> str:
+    def guarantee(self, accountant: acc.Accountant | None, clip: float) -> str:
         """The run's privacy in words, for its closing lines and summary.json."""
         parts = []
         if self.dp and accountant is not None and accountant.steps:

@@ -87,7 +87,7 @@ class MaskedServer:
 
         # 1. keys (the round's body: table, fields, global)
         ups = step(KEYS, body, [len(r) * sa.ADVERT_BYTES for r in table], w.down_bytes.total, sum(map(len, table)))
-        adverts = {c: bytes(m) for row, buf in zip(table, ups) for c, m in zip(row, _cut(buf, sa.ADVERT_BYTES, len(row)))}
+        adverts = {c: _raw(m) for row, buf in zip(table, ups) for c, m in zip(row, _cut(buf, sa.ADVERT_BYTES, len(row)))}
         out.steps["keys"]["air_up"] = sa.ADVERT_BYTES * len(adverts)
         bits = self.setup.bits
         server = sa.Server(plan.round, 2, self.numel, 1)
@@ -113,9 +113,9 @@ class MaskedServer:
         for row, buf in zip(rows, ups):
             for c, m in zip(row, _cut(buf, per, len(row))):
                 for ct in _cut(m, sa.CIPHER_BYTES, r - 1):
-                    frm, to = struct.unpack("<ii", bytes(ct[:8]))
+                    frm, to = struct.unpack("<ii", _raw(ct[:8]))
                     if frm == c and to in out.roster and to != c:
-                        routed[(frm, to)] = bytes(ct)
+                        routed[(frm, to)] = _raw(ct)
         zero = bytes(sa.CIPHER_BYTES)
         matrix = b"".join(routed.get((u, v), zero) for v in out.roster for u in out.roster if u != v)
         # 3. masked inputs (clients train here)
@@ -126,13 +126,13 @@ class MaskedServer:
         for row, buf in zip(rows, ups):
             mine = []
             for c, m in zip(row, _cut(buf, size, len(row))):
-                cid, present = struct.unpack("<ii", bytes(m[:8]))
+                cid, present = struct.unpack("<ii", _raw(m[:8]))
                 train_s, client_s = m[8:16].clone().view(torch.float32).tolist()
                 if cid != c or present not in (0, 1):
                     out.rejected[c] = f"masked message in client {c}'s slot says client {cid} (present={present})"
                     continue
                 if present:
-                    masked[c] = sa.unpack(bytes(m[16:]), self.numel, ring)
+                    masked[c] = sa.unpack(_raw(m[16:]), self.numel, ring)
                     mine.append((c, float(train_s), float(client_s)))
             timing.append(mine)
         out.timing = timing
@@ -147,7 +147,7 @@ class MaskedServer:
         srows = _rows(table, out.survivors)
         ups = step(UNMASK, flags, [len(row) * per4 for row in srows], r, len(masked), slots_=r)
         out.steps["unmask"]["air_up"] = per4 * len(masked)
-        reveals = {c: bytes(m) for row, buf in zip(srows, ups) for c, m in zip(row, _cut(buf, per4, len(row)))}
+        reveals = {c: _raw(m) for row, buf in zip(srows, ups) for c, m in zip(row, _cut(buf, per4, len(row)))}
         t0 = time.perf_counter()
         try:
             total = server.unmask(masked, reveals)
@@ -209,7 +209,7 @@ class MaskedWorker:
             return (_cat([self.clients[c].advert() for c in self.row]),
                     [len(r) * sa.ADVERT_BYTES for r in self.table])
         if h.kind == SHARES:
-            self.roster = [sa.Advert.from_bytes(bytes(body[i * sa.ADVERT_BYTES:(i + 1) * sa.ADVERT_BYTES]))
+            self.roster = [sa.Advert.from_bytes(_raw(body[i * sa.ADVERT_BYTES:(i + 1) * sa.ADVERT_BYTES]))
                            for i in range(h.slots)]
             ids = [a.client for a in self.roster]
             self.mine = [c for c in self.row if c in ids]
@@ -229,7 +229,7 @@ class MaskedWorker:
             for c in self.mine:
                 v = ids.index(c)
                 block = body[v * (r - 1) * sa.CIPHER_BYTES:(v + 1) * (r - 1) * sa.CIPHER_BYTES]
-                self.clients[c].receive([bytes(block[i * sa.CIPHER_BYTES:(i + 1) * sa.CIPHER_BYTES])
+                self.clients[c].receive([_raw(block[i * sa.CIPHER_BYTES:(i + 1) * sa.CIPHER_BYTES])
                                          for i in range(r - 1)])
                 if c in lost:  # simulated: shared its keys, then never sends its masked input
                     msgs.append(struct.pack("<ii", c, 0) + bytes(masked_nbytes(numel, ring) - 8))
@@ -252,6 +252,11 @@ class MaskedWorker:
             sizes = [len(row) * len(ids) * sa.REVEAL_BYTES for row in _rows(self.table, survivors)]
             return _cat([self.clients[c].reveal(survivors) for c in self.mine if c in survivors]), sizes
         raise ValueError(f"unknown head kind {h.kind}")
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """A uint8 tensor's bytes in one copy (``bytes(tensor)`` would go value by value through Python)."""
+    return t.numpy().tobytes()
 
 
 def _cat(parts: list[bytes]) -> torch.Tensor:
