@@ -423,3 +423,30 @@ def test_dp_over_gloo_noise_clip_accountant_and_resume(tiny_base, tmp_path):
         got = load_state(run_dir / "checkpoints" / f"round_{rnd:04d}")["global"]
         assert torch.equal(got, want)
         prev = got
+
+
+def test_server_adaptive_clip_uses_the_centred_noised_count_and_clips_on_the_server():
+    """Central mode: the server clips what it decoded (so it sees the true norms), counts the updates within C,
+    noises the centred count sum(b_i - 1/2) with sigma_b, and moves C by exp(-eta (b - gamma)) with
+    b = (centred + noise) / E[m] + 1/2; the deltas' noise uses z_delta < z."""
+    from fed_ddp.privacy.engine import ServerPrivacy, resolve
+
+    cfg = load_config(POP, ["privacy.dp.noise_multiplier=1.0", "privacy.dp.clip_norm=1.0", "privacy.dp.adaptive_clip=true",
+                            "privacy.dp.count_stddev=1.0", "privacy.dp.noise_seed=5", "fed.sample_rate=0.04"])
+    setup = resolve(cfg)
+    assert setup.z_delta == pytest.approx((1 - 0.25) ** -0.5)
+    sp = ServerPrivacy(setup, 1000)
+    g = torch.Generator().manual_seed(0)
+    norms = [0.5, 0.8, 2.0, 3.0, 4.0]  # 2 of 5 within C = 1
+    deltas = {}
+    for c, n in enumerate(norms):
+        v = torch.randn(1000, generator=g)
+        deltas[c] = v / v.norm() * n
+    mean, rejected, m = sp.combine_updates(deltas, 4.0, rnd=3)
+    assert not rejected and m["unclipped"] == 2 and m["contributions"] == 5
+    count_noise = float(dp.gaussian(1, 1.0, dp.noise_generator(5, 2, 3))[0])
+    b = (2 - 5 / 2 + count_noise) / 4.0 + 0.5
+    assert sp.clip == pytest.approx(1.0 * math.exp(-0.2 * (b - 0.5)))
+    total = sum(dp.clip(d, 1.0)[0].double() for d in deltas.values())
+    want = (total + dp.gaussian(1000, setup.z_delta * 1.0, dp.noise_generator(5, 0, 3))) / 4.0
+    assert torch.equal(mean, want.to(torch.float32))
