@@ -59,7 +59,7 @@ def accuracy(out: Path) -> list[str]:
     for name, extra in ARMS.items():
         if ONLY and name not in ONLY:
             continue
-        run = f"priv_{name.replace(' ', '')}"
+        run = "priv_" + "".join(ch for ch in name if ch.isalnum())
         t0 = time.perf_counter()
         printed = fed_ddp("configs/population.yaml", f"run.output_dir={out}", f"run.name={run}", "run.overwrite=true",
                           "tracking.progress=false", *extra)
