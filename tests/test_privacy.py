@@ -450,3 +450,81 @@ def test_server_adaptive_clip_uses_the_centred_noised_count_and_clips_on_the_ser
     total = sum(dp.clip(d, 1.0)[0].double() for d in deltas.values())
     want = (total + dp.gaussian(1000, setup.z_delta * 1.0, dp.noise_generator(5, 0, 3))) / 4.0
     assert torch.equal(mean, want.to(torch.float32))
+
+
+# ----------------------------------------------------------------------------- in one process (the same server loop)
+
+
+def _in_process(tiny_base, tmp_path, name, extra, tamper=None):
+    """A run on 2 in-memory workers; ``tamper(kind, worker, up) -> up`` may rewrite what a worker sends."""
+    from fed_ddp.compression import layout_of
+    from fed_ddp.data.federated import build_federated_data
+    from fed_ddp.diffusion.lora import attach_lora
+    from fed_ddp.diffusion.models import load_pipeline, training_scheduler
+    from fed_ddp.protocol import Wire
+    from fed_ddp.server import run_server
+    from fed_ddp.transport import InMemoryTransport
+    from fed_ddp.worker import Worker
+
+    cfg = load_config("configs/tiny_test.yaml", [f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}",
+                                                 f"run.name={name}", *GLOO, *extra])
+    pipe = load_pipeline(str(tiny_base), torch.device("cpu"))
+    attach_lora(pipe.unet, cfg.lora, seed=0)
+    data = build_federated_data(cfg)
+    wire = Wire(cfg.comm, layout_of(pipe.unet), 2, privacy_fields=cfg.privacy.clips)
+    workers = [Worker(i, cfg, pipe, training_scheduler(pipe), data, wire) for i in range(2)]
+
+    def handler(i):
+        def h(head, body):
+            up, sizes = workers[i].handle(head, body)
+            return (tamper(wire.unpack_head(head).kind, i, up) if tamper else up), sizes
+        return h
+
+    summary = run_server(cfg, pipe, training_scheduler(pipe), data, InMemoryTransport([handler(0), handler(1)]),
+                         str(tiny_base), wire=wire)
+    return summary, _rows(cfg.run.dir), cfg.run.dir
+
+
+def test_secagg_survives_a_client_with_a_bad_key_and_one_with_a_forged_masked_message(tiny_base, tmp_path):
+    """Worker 0's first client advertises a low-order key (left out of the roster); worker 1's first client
+    sends its masked input under another id (rejected, then recovered like a dropout). The round is applied
+    from the others, with distributed DP noise on top: epsilon counted, threshold at least min_clients."""
+    from fed_ddp.privacy.masked import KEYS, MASKED
+
+    def tamper(kind, worker, up):
+        up = up.clone()
+        if kind == KEYS and worker == 0:
+            up[4:36] = 0  # client id stays, c public key zeroed
+        if kind == MASKED and worker == 1 and up.numel():
+            up[:4] = torch.tensor([999], dtype=torch.int32).view(torch.uint8)
+        return up
+
+    s, rows, run_dir = _in_process(tiny_base, tmp_path, "sa_dp", [
+        "fed.num_clients=6", "fed.sampling=all", "fed.rounds=1", "privacy.secagg=true", "comm.uplink=[int8]",
+        "privacy.dp.noise_multiplier=0.5", "privacy.dp.mode=distributed", "privacy.dp.min_clients=3",
+        "privacy.dp.noise_seed=1"], tamper)
+    r = rows[1]
+    sa_row = r["privacy"]["secagg"]
+    assert sa_row["roster"] == 5 and sa_row["survivors"] == 4  # 6 - bad key; - forged masked message
+    assert len(r["clients"]["rejected"]) == 2 and "not_applied" not in r["privacy"]
+    assert r["privacy"]["epsilon"] == pytest.approx(acc.epsilon("pld", [(1.0, 0.5)], 1e-5))
+    assert "secure aggregation" in s["privacy"]["guarantee"] and "distributed noise" in s["privacy"]["guarantee"]
+    from fed_ddp.checkpoint import load_state
+
+    assert torch.isfinite(load_state(run_dir / "checkpoints" / "round_0001")["global"]).all()
+
+
+def test_distributed_noise_needs_min_clients_and_an_unapplied_round_costs_nothing(tiny_base, tmp_path):
+    """4 clients, min_clients = 4, seeded dropouts: round 1 keeps all 4 (applied, counted), round 2 loses two
+    (not applied: no noised aggregate, nothing in the ledger, the adapter unchanged)."""
+    from fed_ddp.checkpoint import load_state
+
+    s, rows, run_dir = _in_process(tiny_base, tmp_path, "few", [
+        "fed.num_clients=4", "fed.sampling=all", "fed.rounds=2", "run.seed=3", "fed.dropout_rate=0.3",
+        "privacy.dp.noise_multiplier=1.0", "privacy.dp.mode=distributed", "privacy.dp.min_clients=4"])
+    assert "not_applied" not in rows[1]["privacy"] and "min_clients=4" in rows[2]["privacy"]["not_applied"]
+    ledger = [json.loads(x) for x in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in ledger] == [1] and s["privacy"]["noised_rounds"] == 1
+    g1, g2 = (load_state(run_dir / "checkpoints" / f"round_{r:04d}")["global"] for r in (1, 2))
+    assert torch.equal(g1, g2)
+    assert "without secure aggregation the server saw each update" in s["privacy"]["guarantee"]
