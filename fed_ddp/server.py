@@ -75,9 +75,7 @@ class Server:
         self.masked = None
         if self.setup is not None and self.setup.secagg:
             self.masked = MaskedServer(self.wire, self.setup, self.wire.num_params,
-                                       lambda h, b, sizes, training: self._exchange(h, b, sizes,
-                                                                                    self.wire.unpack_head(h).slots,
-                                                                                    training))
+                                       self._exchange)
         if self.setup is not None:
             log.info("privacy: %s", self.setup.describe())
             if self.setup.secagg and self.setup.client_noise_std(self.setup.clip) == 0:  # a too-wide range: now

@@ -15,6 +15,7 @@ hard case, recovered from the survivors' shares of its mask key.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import time
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ class MaskedOutcome:
 
 
 class MaskedServer:
-    """The server's side. ``exchange(head, body, sizes, training)`` -> (per-worker uplinks, stats)."""
+    """The server's side. ``exchange(head, body, sizes, slots, training)`` -> (per-worker uplinks, stats), where
+    ``slots`` is the most clients any worker plays (the round deadline scales with it)."""
 
     def __init__(self, wire, setup, numel: int, exchange):
         self.wire, self.setup, self.numel, self.exchange = wire, setup, numel, exchange
@@ -79,7 +81,7 @@ class MaskedServer:
         def step(kind, body_, sizes, air_down_each, count_down, training=False, slots_=None):
             t0 = time.perf_counter()
             ups, st = self.exchange(w.pack_head(plan, slots if slots_ is None else slots_, kind=kind), body_, sizes,
-                                    training)
+                                    slots, training)
             stats.append(st)
             out.steps[STEPS[kind]] = {"seconds": time.perf_counter() - t0, "cluster_up": st.bytes_up,
                                       "cluster_down": st.bytes_down, "air_down": air_down_each * count_down}
@@ -127,7 +129,8 @@ class MaskedServer:
             mine = []
             for c, m in zip(row, _cut(buf, size, len(row))):
                 cid, present = struct.unpack("<ii", _raw(m[:8]))
-                train_s, client_s = m[8:16].clone().view(torch.float32).tolist()
+                train_s, client_s = (v if math.isfinite(v) and v >= 0 else 0.0  # a client's clock is untrusted
+                                     for v in m[8:16].clone().view(torch.float32).tolist())
                 if cid != c or present not in (0, 1):
                     out.rejected[c] = f"masked message in client {c}'s slot says client {cid} (present={present})"
                     continue
