@@ -334,6 +334,8 @@ class Server:
             else:
                 norm, bound = float(outcome.total.norm()), self.privacy.sum_bound(outcome.used, outcome.step)
                 if norm > bound:  # a client masked something it should not have: the sum is all the server has
+                    if self.setup.dp and self.setup.mode == "distributed":  # the server saw a noised sum: spent
+                        self.privacy.record(rnd)
                     metrics["not_applied"] = f"unmasked sum's norm {norm:.4g} > {bound:.4g} ({outcome.used} clipped updates)"
                     log.warning("round %d: secure aggregation: %s: round not applied", rnd, metrics["not_applied"])
                     metrics["bad_round"] = True

@@ -61,10 +61,24 @@ class JsonlLogger:
         self._f.close()
 
 
+PER_CLIENT = ("clients", "train_loss", "train_loss_mean", "num_examples", "train_seconds")
+
+
+def public_row(row: dict) -> dict:
+    """A round's row without what names or describes single clients (who was sampled, each one's loss,
+    examples and time, the exact count of unclipped updates): what leaves the server under differential
+    privacy. ``metrics.jsonl`` (the server's own log) keeps the full row."""
+    out = {k: v for k, v in row.items() if k not in PER_CLIENT}
+    if isinstance(out.get("privacy"), dict):
+        out["privacy"] = {k: v for k, v in out["privacy"].items() if k != "unclipped"}
+    return out
+
+
 class WandbLogger:
     def __init__(self, cfg, run_dir: Path, config_dict: dict):
         import wandb
 
+        self.private = cfg.privacy.dp.enabled  # rows go out without per-client data (public_row)
         w = cfg.tracking.wandb
         self._wandb = wandb
         self.run = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
@@ -72,7 +86,7 @@ class WandbLogger:
                               resume="allow" if cfg.run.resume else None)
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(_flat(metrics), step=step)
+        self.run.log(_flat(public_row(metrics) if self.private else metrics), step=step)
 
     def log_images(self, images: dict[str, str], step: int) -> None:
         self.run.log({k: self._wandb.Image(p) for k, p in images.items()}, step=step)

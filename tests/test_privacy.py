@@ -528,3 +528,26 @@ def test_distributed_noise_needs_min_clients_and_an_unapplied_round_costs_nothin
     g1, g2 = (load_state(run_dir / "checkpoints" / f"round_{r:04d}")["global"] for r in (1, 2))
     assert torch.equal(g1, g2)
     assert "without secure aggregation the server saw each update" in s["privacy"]["guarantee"]
+
+
+def test_what_leaves_the_server_under_dp_names_no_client():
+    from fed_ddp.tracking import public_row
+
+    row = {"round": 3, "clients": {"sampled": [4, 9]}, "train_loss": {"4": 0.1}, "train_loss_mean": 0.1,
+           "num_examples": {"4": 8}, "train_seconds": {"4": 1.0}, "val_loss": 0.2,
+           "privacy": {"epsilon": 1.5, "unclipped": 2, "clip": 10.0}}
+    assert public_row(row) == {"round": 3, "val_loss": 0.2, "privacy": {"epsilon": 1.5, "clip": 10.0}}
+
+
+def test_a_ledger_line_cut_short_counts_as_a_spent_round(tmp_path):
+    from fed_ddp.privacy.engine import LEDGER, ServerPrivacy, resolve
+
+    cfg = load_config(POP, ["privacy.dp.noise_multiplier=1.0"])
+    sp = ServerPrivacy(resolve(cfg), 10, tmp_path)
+    sp.record(1)
+    sp.record(2)
+    with open(tmp_path / LEDGER, "a") as f:
+        f.write('{"round": 3, "q"')  # the crash
+    again = ServerPrivacy(resolve(cfg), 10, tmp_path)
+    again.load_state_dict({"clip": 10.0, "z": 1.0, "z_delta": 1.0, "accountant": {"steps": [[0.1, 1.0]]}})
+    assert again.accountant.steps == [(0.1, 1.0)] * 3

@@ -30,7 +30,7 @@ class DpSection:
     adaptive_clip: bool = False  # clip_norm follows target_quantile of the update norms (Andrew et al. 2021)
     target_quantile: float = 0.5  # adaptive_clip: share of clients meant to be unclipped
     clip_lr: float = 0.2  # adaptive_clip: geometric step of the clip per round
-    count_stddev: float | None = None  # adaptive_clip: noise on the count of unclipped clients; null = max(E[m]/20, 1/z)
+    count_stddev: float | None = None  # adaptive_clip: noise on the count of unclipped clients; null = max(E[m]/20, z)
     noise_seed: int | None = None  # null: noise from the OS's entropy; an integer replays it (experiments only: no privacy against whoever knows it)
 
     @property

@@ -81,7 +81,7 @@ def delta_noise_multiplier(z: float, count_stddev: float) -> float:
     rest = z ** -2 - (2 * count_stddev) ** -2
     if rest <= 0:
         raise ValueError(f"privacy.dp.count_stddev={count_stddev:g} is too small for noise_multiplier={z:g}: "
-                         f"needs > {1 / (2 * z):g} (= 1/(2z))")
+                         f"needs > {z / 2:g} (= z/2)")
     return rest ** -0.5
 
 

@@ -126,7 +126,7 @@ def resolve(cfg, calibrate: bool = True) -> PrivacySetup | None:
     if d.target_epsilon is not None and calibrate:
         z, calibrated = acc.calibrate(d.accountant, q, f.rounds, d.target_epsilon, d.delta), True
     em = f.expected_round_size
-    sb = d.count_stddev if d.count_stddev is not None else max(em / 20, 1 / z if z > 0 else 0.0)
+    sb = d.count_stddev if d.count_stddev is not None else max(em / 20, z)  # sigma_b > z/2 is needed
     z_delta = dp.delta_noise_multiplier(z, sb) if d.adaptive_clip else z
     return PrivacySetup(dp=d.enabled, clip=p.clip, z=z, z_delta=z_delta, count_stddev=sb, mode=d.mode, q=q,
                         min_clients=min_clients(p, f), delta=d.delta, kind=d.accountant, calibrated=calibrated,
@@ -211,7 +211,7 @@ class ServerPrivacy:
         if self.ledger is not None and self.ledger.exists():
             self.ledger.unlink()
 
-    def _record(self, rnd: int) -> None:
+    def record(self, rnd: int) -> None:
         """Every noised aggregate computed is counted at once and durably, before anything derived from it
         is released: a round replayed after a crash is counted twice, as it was released twice."""
         self.accountant.steps.append((float(self.setup.q), float(self.setup.z)))
@@ -285,7 +285,7 @@ class ServerPrivacy:
         gen = dp.noise_generator(s.noise_seed, 0, rnd) if s.dp else None
         mean = dp.noisy_mean(total, s.central_noise_std(self.clip), denom, gen)
         if s.dp:
-            self._record(rnd)
+            self.record(rnd)
             metrics["epsilon"] = self.accountant.epsilon()
             metrics["noise_std_mean"] = (s.z_delta * self.clip) / denom
             metrics["expected_clients"] = denom
@@ -300,21 +300,29 @@ class ServerPrivacy:
         return mean.to(torch.float32), metrics
 
     def state_dict(self) -> dict:
-        return {"clip": self.clip, "z": self.setup.z, "z_delta": self.setup.z_delta, "sample_seed": self.sample_seed,
+        return {"clip": self.clip, "z": self.setup.z, "z_delta": self.setup.z_delta,
+                "count_stddev": self.setup.count_stddev,
                 "accountant": self.accountant.state_dict() if self.accountant else None}
 
     def load_state_dict(self, state: dict) -> None:
-        """A resume: the clip, z (calibrated once, for the run's first fed.rounds: a resume with more rounds
-        keeps it) and the secret sampling seed come from the checkpoint; the accountant from the ledger,
-        which also counts a round computed after the last checkpoint (a crash)."""
+        """A resume: the clip and the noise (z calibrated once, for the run's first fed.rounds, and the count's
+        sigma_b: a resume with more rounds keeps them) come from the checkpoint; the accountant from the
+        ledger, which also counts rounds computed after the last checkpoint (a crash). The sampling seed is
+        drawn afresh: a replayed round then samples anew, so its two releases compose as independent
+        subsampled mechanisms, which is what the ledger counts."""
         self.clip = float(state.get("clip", self.clip))
         if state.get("z") is not None:
             self.setup.z, self.setup.z_delta = float(state["z"]), float(state["z_delta"])
-        if state.get("sample_seed") is not None:
-            self.sample_seed = int(state["sample_seed"])
+            self.setup.count_stddev = float(state.get("count_stddev", self.setup.count_stddev))
         if self.accountant is not None:
             self.accountant.load_state_dict(state.get("accountant") or {})
             if self.ledger is not None and self.ledger.exists():
-                rows = [json.loads(x) for x in self.ledger.read_text().splitlines() if x.strip()]
+                rows = []
+                for line in filter(str.strip, self.ledger.read_text().splitlines()):
+                    try:
+                        r = json.loads(line)
+                        rows.append((float(r["q"]), float(r["z"])))
+                    except (ValueError, KeyError, TypeError):  # a line cut short by a crash: a spent round
+                        rows.append((float(self.setup.q), float(self.setup.z)))
                 if len(rows) > len(self.accountant.steps):
-                    self.accountant.steps = [(float(r["q"]), float(r["z"])) for r in rows]
+                    self.accountant.steps = rows
