@@ -127,9 +127,9 @@ def protocol(m: int, n: int, bits: int, drop: float, rng) -> dict:
     clients = {c: sa.Client(c, 1) for c in range(m)}
     adverts = {c: cl.advert() for c, cl in clients.items()}
     t_client += time.perf_counter() - t0
-    server = sa.Server(1, m // 2 + 1, n, ring)
     t0 = time.perf_counter()
-    roster, _ = server.collect_adverts(adverts)
+    roster, _ = sa.collect_adverts(adverts)
+    server = sa.Server(1, m // 2 + 1, n, ring, roster)
     t_server = time.perf_counter() - t0
     t0 = time.perf_counter()
     sent = {c: cl.share(roster, m // 2 + 1) for c, cl in clients.items()}

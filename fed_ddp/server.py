@@ -78,12 +78,7 @@ class Server:
                                        self._exchange)
         if self.setup is not None:
             log.info("privacy: %s", self.setup.describe())
-            if self.setup.secagg and self.setup.client_noise_std(self.setup.clip) == 0:  # a too-wide range: now
-                from fed_ddp.privacy.engine import fixed_range, signal_clip
-
-                n = self.wire.num_params
-                signal_clip(self.setup.clip, fixed_range(self.setup.value_range, self.setup.clip, 0.0, n), 0.0, n,
-                            self.setup.bits)
+        self.stopped_at: int | None = None  # the last round run when the privacy budget stopped training
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -129,7 +124,6 @@ class Server:
             history.append({"round": 0, **base_eval})
             log.info("base model: %s", _brief(base_eval))
         bar = tqdm(range(start, f.rounds + 1), desc="rounds", disable=not cfg.tracking.progress, dynamic_ncols=True)
-        self.stopped_at: int | None = None
         for rnd in bar:
             over = self.privacy.over_budget(cfg.privacy.dp.max_epsilon) if self.privacy else None
             if over is not None:
@@ -312,16 +306,10 @@ class Server:
         """Under ``privacy``: (what the strategy aggregates: one update holding the round's private mean
         delta, or nothing; the clients whose contribution is in it; the round's privacy metrics)."""
         expected = self.setup.q * chosen.reachable if self.setup.dp else None
-        if outcome is None:  # the server sees each decoded update
-            deltas = {}
-            for u in updates:
-                if not bool(torch.isfinite(u.delta).all()):
-                    rejected[u.client_id] = "non-finite values"
-                else:
-                    deltas[u.client_id] = u.delta
-            mean, why, metrics = self.privacy.combine_updates(deltas, expected, rnd)
+        if outcome is None:  # the server sees each decoded update (non-finite ones are rejected there)
+            mean, why, metrics = self.privacy.combine_updates({u.client_id: u.delta for u in updates}, expected, rnd)
             rejected.update(why)
-            kept = [u for u in updates if u.client_id in deltas and u.client_id not in why]
+            kept = [u for u in updates if u.client_id not in why]
         else:
             kept, metrics = [], {"clip": self.privacy.clip, "contributions": 0}
             mean = None
@@ -386,12 +374,12 @@ class Server:
         """
         w = self.wire
         air = {}
-        for name, per_client, n in (("up", w.up_bytes, senders), ("down", w.down_bytes, receivers)):
-            total = per_client.total * n
-            air[name] = {"messages": n, "payload": per_client.payload * n, "metadata": per_client.metadata * n,
-                         "total": total, **(self._ratios(total, n) if total else {})}
-        if outcome is not None:  # secure aggregation: every step's messages, counted per client as they went
-            air = {}
+        if outcome is None:
+            for name, per_client, n in (("up", w.up_bytes, senders), ("down", w.down_bytes, receivers)):
+                total = per_client.total * n
+                air[name] = {"messages": n, "payload": per_client.payload * n, "metadata": per_client.metadata * n,
+                             "total": total, **(self._ratios(total, n) if total else {})}
+        else:  # secure aggregation: every step's messages, counted per client as they went
             for name, total, n in (("up", outcome.air_up, len(outcome.roster)), ("down", outcome.air_down, receivers)):
                 air[name] = {"messages": n, "payload": total, "metadata": 0, "total": total,
                              **(self._ratios(total, n) if total and n else {})}
@@ -448,7 +436,7 @@ class Server:
     def finish(self, global_flat: torch.Tensor, base_eval: dict | None, history: list[dict]) -> dict:
         t0 = time.perf_counter()
         f = self.cfg.fed
-        last = f.rounds if getattr(self, "stopped_at", None) is None else self.stopped_at
+        last = f.rounds if self.stopped_at is None else self.stopped_at
         final = self.evaluate(last, losses=True, grid=False, accuracy=True)
         self._save("final", global_flat, last)
         rounds = [h for h in history if h["round"] > 0]

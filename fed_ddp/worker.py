@@ -84,20 +84,18 @@ class Worker:
         state.step = rnd - 1  # random streams advance with the round, whether or not the client took part
         return state
 
-    def fit(self, client: int, plan: RoundPlan, global_flat: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Train ``client`` for one round: (its delta, its training seconds). Secure aggregation's path."""
+    def fit(self, client: int, plan: RoundPlan, global_flat: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Train ``client`` for one round: (its delta, its metrics)."""
         delta, metrics = self.trainer(client).fit(global_flat, plan)
         self.played += 1
-        return delta, metrics["train_seconds"]
+        return delta, metrics
 
     def play(self, client: int, plan: RoundPlan, global_flat: torch.Tensor, state_round: int = -1,
              privacy: tuple[float, float] | None = None) -> torch.Tensor:
         """Train ``client`` for one round; its uplink message (empty on a non-leader rank). ``privacy``:
         (clip, noise std): the delta is clipped, and noised in distributed mode, before it is encoded."""
         t0 = time.perf_counter()
-        trainer = self.trainer(client)
-        delta, metrics = trainer.fit(global_flat, plan)
-        self.played += 1
+        delta, metrics = self.fit(client, plan, global_flat)
         if not self.leader:
             return torch.empty(0, dtype=torch.uint8)
         if privacy is not None:
@@ -109,7 +107,7 @@ class Worker:
         if self.wire.keeps_state:  # the same rule by which the server names each client's state round
             self.store.save(client, plan.round, *state.to_tensors())
         metrics["client_seconds"] = time.perf_counter() - t0  # data, state, training, encoding, saving
-        return self.wire.with_fields(msg, client, trainer.num_examples, metrics)
+        return self.wire.with_fields(msg, client, self.trainer(client).num_examples, metrics)
 
     # -- transport handlers -----------------------------------------------------------------------
     def body_nbytes(self, head: torch.Tensor) -> int | None:
@@ -129,13 +127,11 @@ class Worker:
         if h.kind != ROUND:
             return self.masked.handle(h, body)
         table, rounds, global_flat = self.wire.unpack_body_rounds(body, h.slots)
-        privacy = None
-        if self.wire.fields_bytes:
+        privacy = None  # central mode (or no privacy): the server clips what it decodes
+        if self.setup is not None and self.setup.client_clips:
             from fed_ddp.privacy.engine import unpack_fields
 
             privacy = unpack_fields(self.wire.body_fields(body, h.slots))
-        if not (self.setup is not None and self.setup.client_clips):
-            privacy = None  # central mode: the server clips what it decodes
         msgs = [self.play(c, h.plan, global_flat, rounds[c], privacy) for c in table[self.index]]
         up = torch.cat(msgs) if msgs else torch.empty(0, dtype=torch.uint8)
         return up, self.wire.up_sizes(table)

@@ -122,9 +122,9 @@ def _protocol(inputs: dict[int, np.ndarray], bits: int, t: int, drop: set[int] =
     n = len(next(iter(inputs.values())))
     ring = sa.ring_bits(bits, len(inputs))
     clients = {c: sa.Client(c, rnd) for c in inputs}
-    server = sa.Server(rnd, t, n, ring)
-    roster, bad = server.collect_adverts({c: cl.advert() for c, cl in clients.items()})
+    roster, bad = sa.collect_adverts({c: cl.advert() for c, cl in clients.items()})
     assert not bad
+    server = sa.Server(rnd, t, n, ring, roster)
     sent = {c: cl.share(roster, t) for c, cl in clients.items()}
     for c, cl in clients.items():
         assert cl.receive([ct for s in sent.values() for ct in s if int.from_bytes(ct[4:8], "little") == c]) == []
@@ -189,11 +189,11 @@ def test_secagg_detects_tampering():
     xs = _fixed(5, 500, 8, seed=2)
     ring = sa.ring_bits(8, 5)
     clients = {c: sa.Client(c, 1) for c in xs}
-    server = sa.Server(1, 3, 500, ring)
     adverts = {c: cl.advert() for c, cl in clients.items()}
     adverts[4] = adverts[4][:4] + bytes(32) + adverts[4][36:]  # an all-zero (low-order) key: refused
-    roster, bad = server.collect_adverts(adverts)
+    roster, bad = sa.collect_adverts(adverts)
     assert list(bad) == [4] and [a.client for a in roster] == [0, 1, 2, 3]
+    server = sa.Server(1, 3, 500, ring, roster)
     sent = {c: clients[c].share(roster, 3) for c in range(4)}
     forged = bytearray(sent[1][0])  # 1's ciphertext to 0, one bit flipped: AES-GCM refuses it
     forged[30] ^= 1

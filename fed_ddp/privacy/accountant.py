@@ -70,9 +70,8 @@ class Accountant:
     def epsilon(self, extra: list[tuple[float, float]] = ()) -> float:
         return epsilon(self.kind, self.steps + list(extra), self.delta)
 
-    def step(self, q: float, z: float) -> float:
+    def step(self, q: float, z: float) -> None:
         self.steps.append((float(q), float(z)))
-        return self.epsilon()
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "delta": self.delta, "steps": [list(s) for s in self.steps]}

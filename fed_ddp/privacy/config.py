@@ -103,11 +103,6 @@ DEFAULT_CLIP = 10.0  # about the norm of a client's round-1 delta on configs/pop
 SECAGG_BITS = {"int8": 8, "int4": 4}  # fixed-point encodings by uplink encoder; anything else linear: 16
 
 
-def expected_clients(fed) -> float:
-    """E[m] of a round: q N (poisson), N (all), m (uniform)."""
-    return fed.expected_round_size
-
-
 def sample_rate(fed) -> float:
     """The sampling probability the accountant uses: q (poisson), 1 (all)."""
     return 1.0 if fed.sampling == "all" else float(fed.sample_rate)
@@ -117,11 +112,7 @@ def min_clients(privacy: PrivacySection, fed) -> int:
     dp = privacy.dp
     if dp.min_clients is not None:
         return dp.min_clients
-    return max(1, math.floor(expected_clients(fed) / 2))
-
-
-def threshold(privacy: PrivacySection, clients: int) -> int:
-    return privacy.secagg_threshold if privacy.secagg_threshold is not None else clients // 2 + 1
+    return max(1, math.floor(fed.expected_round_size / 2))
 
 
 def check_privacy(privacy: PrivacySection, fed, comm) -> None:

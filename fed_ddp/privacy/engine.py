@@ -26,7 +26,7 @@ import torch
 
 from fed_ddp.privacy import accountant as acc
 from fed_ddp.privacy import dp
-from fed_ddp.privacy.config import min_clients, sample_rate, secagg_bits, threshold
+from fed_ddp.privacy.config import min_clients, sample_rate, secagg_bits
 
 log = logging.getLogger("fed_ddp.privacy")
 
@@ -147,9 +147,7 @@ def fixed_range(value_range: float | None, clip: float, noise_std: float, numel:
 def secagg_threshold(setup: PrivacySetup, roster: int) -> int:
     """t for a round whose roster has ``roster`` clients; with distributed noise at least
     ``min_clients``, so that no sum the server can unmask carries less than the central noise."""
-    from types import SimpleNamespace
-
-    t = threshold(SimpleNamespace(secagg_threshold=setup.threshold), roster)
+    t = setup.threshold if setup.threshold is not None else roster // 2 + 1
     return max(t, setup.min_clients) if setup.dp and setup.mode == "distributed" else t
 
 
@@ -206,6 +204,8 @@ class ServerPrivacy:
         # server knows who was sampled; run.seed is in config.yaml), checkpointed so a resume draws the same
         self.sample_seed = secrets.randbits(62) if setup.dp else None
         self.ledger = (run_dir / LEDGER) if (run_dir is not None and setup.dp) else None
+        if setup.secagg and setup.client_noise_std(setup.clip) == 0:  # a too-wide privacy.secagg_range: say so now
+            signal_clip(setup.clip, fixed_range(setup.value_range, setup.clip, 0.0, numel), 0.0, numel, setup.bits)
 
     def start_fresh(self) -> None:
         if self.ledger is not None and self.ledger.exists():
@@ -214,7 +214,7 @@ class ServerPrivacy:
     def record(self, rnd: int) -> None:
         """Every noised aggregate computed is counted at once and durably, before anything derived from it
         is released: a round replayed after a crash is counted twice, as it was released twice."""
-        self.accountant.steps.append((float(self.setup.q), float(self.setup.z)))
+        self.accountant.step(self.setup.q, self.setup.z)
         if self.ledger is not None:
             with open(self.ledger, "a") as f:
                 f.write(json.dumps({"round": rnd, "q": self.setup.q, "z": self.setup.z}) + "\n")

@@ -25,7 +25,7 @@ import torch
 
 from fed_ddp.population.sampling import dropouts
 from fed_ddp.privacy import secagg as sa
-from fed_ddp.privacy.engine import client_side, fixed_range, signal_clip, unpack_fields
+from fed_ddp.privacy.engine import client_side, fixed_range, secagg_threshold, signal_clip, unpack_fields
 from fed_ddp.transport import ExchangeStats
 
 log = logging.getLogger("fed_ddp.secagg")
@@ -92,16 +92,13 @@ class MaskedServer:
         adverts = {c: _raw(m) for row, buf in zip(table, ups) for c, m in zip(row, _cut(buf, sa.ADVERT_BYTES, len(row)))}
         out.steps["keys"]["air_up"] = sa.ADVERT_BYTES * len(adverts)
         bits = self.setup.bits
-        server = sa.Server(plan.round, 2, self.numel, 1)
-        roster, bad = server.collect_adverts(adverts)
+        roster, bad = sa.collect_adverts(adverts)
         out.rejected.update(bad)
         out.roster = [a.client for a in roster]
         r = len(roster)
-        from fed_ddp.privacy.engine import secagg_threshold
-
         t = secagg_threshold(self.setup, r)
         ring = sa.ring_bits(bits, r)
-        server.t, server.ring = t, ring
+        server = sa.Server(plan.round, t, self.numel, ring, roster)
         if r < max(2, t):
             out.failure = f"{r} clients with valid keys < threshold {max(2, t)}"
             return self._done(out, stats)
@@ -216,8 +213,6 @@ class MaskedWorker:
                            for i in range(h.slots)]
             ids = [a.client for a in self.roster]
             self.mine = [c for c in self.row if c in ids]
-            from fed_ddp.privacy.engine import secagg_threshold
-
             t = secagg_threshold(wk.setup, len(ids))
             sizes = [len(row) * (len(ids) - 1) * sa.CIPHER_BYTES for row in _rows(self.table, ids)]
             return _cat([b"".join(self.clients[c].share(self.roster, t)) for c in self.mine]), sizes
@@ -238,7 +233,8 @@ class MaskedWorker:
                     msgs.append(struct.pack("<ii", c, 0) + bytes(masked_nbytes(numel, ring) - 8))
                     continue
                 t0 = time.perf_counter()
-                delta, train_s = wk.fit(c, h.plan, self.global_flat)
+                delta, fit_metrics = wk.fit(c, h.plan, self.global_flat)
+                train_s = fit_metrics["train_seconds"]
                 if not wk.leader:
                     continue
                 x = client_side(delta, signal_clip(self.clip, vr, self.noise_std, numel, wk.setup.bits), self.noise_std,

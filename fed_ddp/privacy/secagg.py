@@ -263,26 +263,26 @@ class Client:
         return b"".join(out)
 
 
+def collect_adverts(adverts: dict[int, bytes]) -> tuple[list[Advert], dict[int, str]]:
+    """Step 1 on the server: valid adverts -> the roster U1 (ascending ids); invalid ones dropped with a reason."""
+    roster, bad = [], {}
+    for cid, raw in sorted(adverts.items()):
+        try:
+            a = Advert.from_bytes(raw)
+            if a.client != cid:
+                raise ValueError(f"advert in client {cid}'s slot says {a.client}")
+            roster.append(a)
+        except ValueError as e:
+            bad[cid] = f"bad key advert: {e}"
+    return roster, bad
+
+
 class Server:
     """The server's side of one round: it never holds a private key, only public ones and shares."""
 
-    def __init__(self, rnd: int, t: int, n: int, ring: int):
+    def __init__(self, rnd: int, t: int, n: int, ring: int, roster: list[Advert]):
         self.round, self.t, self.n, self.ring = int(rnd), int(t), int(n), int(ring)
-        self.roster: list[Advert] = []
-
-    def collect_adverts(self, adverts: dict[int, bytes]) -> tuple[list[Advert], dict[int, str]]:
-        """Valid adverts -> the roster U1 (ascending ids); invalid ones are dropped with a reason."""
-        roster, bad = [], {}
-        for cid, raw in sorted(adverts.items()):
-            try:
-                a = Advert.from_bytes(raw)
-                if a.client != cid:
-                    raise ValueError(f"advert in client {cid}'s slot says {a.client}")
-                roster.append(a)
-            except ValueError as e:
-                bad[cid] = f"bad key advert: {e}"
-        self.roster = roster
-        return roster, bad
+        self.roster = list(roster)
 
     def unmask(self, masked: dict[int, np.ndarray], reveals: dict[int, bytes]) -> np.ndarray:
         """sum_{u in U3} x_u as signed integers, from the masked inputs of U3 = ``masked``'s keys and the
