@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,6 @@ class PrivacySetup:
 
     def central_noise_std(self, clip: float) -> float:
         return self.z_delta * clip if self.dp and self.mode == "central" else 0.0
-
 
     def guarantee(self, accountant: acc.Accountant | None, clip: float) -> str:
         """The run's privacy in words, for its closing lines and summary.json."""
@@ -195,13 +195,11 @@ class ServerPrivacy:
     """The server's privacy state: accountant, current clip; aggregation of a round under DP."""
 
     def __init__(self, setup: PrivacySetup, numel: int, run_dir=None):
-        import secrets
-
         self.setup, self.numel = setup, numel
         self.clip = setup.clip
         self.accountant = acc.Accountant(setup.kind, setup.delta) if setup.dp else None
         # the sampling stream's seed: secret under DP (amplification by sampling assumes nobody outside the
-        # server knows who was sampled; run.seed is in config.yaml), checkpointed so a resume draws the same
+        # server knows who was sampled; run.seed is in config.yaml), drawn afresh at every start and resume
         self.sample_seed = secrets.randbits(62) if setup.dp else None
         self.ledger = (run_dir / LEDGER) if (run_dir is not None and setup.dp) else None
         if setup.secagg and setup.client_noise_std(setup.clip) == 0:  # a too-wide privacy.secagg_range: say so now

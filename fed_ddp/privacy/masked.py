@@ -50,6 +50,18 @@ def _rows(table: list[list[int]], members) -> list[list[int]]:
     return [[c for c in row if c in keep] for row in table]
 
 
+def up_each(kind: int, roster: int, numel: int = 0, ring: int = 0) -> int:
+    """Bytes one client sends in a step of a round whose roster has ``roster`` clients. The server and the
+    workers derive every uplink size from this one rule, so they cannot disagree on a gather's sizes."""
+    return {KEYS: sa.ADVERT_BYTES, SHARES: (roster - 1) * sa.CIPHER_BYTES, MASKED: masked_nbytes(numel, ring),
+            UNMASK: roster * sa.REVEAL_BYTES}[kind]
+
+
+def up_sizes(table: list[list[int]], members, each: int) -> list[int]:
+    """Each worker's uplink in a step: ``each`` bytes per client of its row that is among ``members``."""
+    return [len(row) * each for row in _rows(table, members)]
+
+
 @dataclass
 class MaskedOutcome:
     total: torch.Tensor | None = None  # the unmasked sum (fp64, values), None if the round cannot be used
@@ -88,7 +100,8 @@ class MaskedServer:
             return ups
 
         # 1. keys (the round's body: table, fields, global)
-        ups = step(KEYS, body, [len(r) * sa.ADVERT_BYTES for r in table], w.down_bytes.total, sum(map(len, table)))
+        everyone = [c for row in table for c in row]
+        ups = step(KEYS, body, up_sizes(table, everyone, up_each(KEYS, 0)), w.down_bytes.total, len(everyone))
         adverts = {c: _raw(m) for row, buf in zip(table, ups) for c, m in zip(row, _cut(buf, sa.ADVERT_BYTES, len(row)))}
         out.steps["keys"]["air_up"] = sa.ADVERT_BYTES * len(adverts)
         bits = self.setup.bits
@@ -104,9 +117,9 @@ class MaskedServer:
             return self._done(out, stats)
         # 2. shares
         rows = _rows(table, out.roster)
-        per = (r - 1) * sa.CIPHER_BYTES
+        per = up_each(SHARES, r)
         body2 = torch.frombuffer(bytearray(b"".join(a.to_bytes() for a in roster)), dtype=torch.uint8)
-        ups = step(SHARES, body2, [len(row) * per for row in rows], r * sa.ADVERT_BYTES, r, slots_=r)
+        ups = step(SHARES, body2, up_sizes(table, out.roster, per), r * sa.ADVERT_BYTES, r, slots_=r)
         out.steps["shares"]["air_up"] = per * r
         routed = {}  # (sender, recipient) -> ciphertext
         for row, buf in zip(rows, ups):
@@ -118,8 +131,8 @@ class MaskedServer:
         zero = bytes(sa.CIPHER_BYTES)
         matrix = b"".join(routed.get((u, v), zero) for v in out.roster for u in out.roster if u != v)
         # 3. masked inputs (clients train here)
-        size = masked_nbytes(self.numel, ring)
-        ups = step(MASKED, torch.frombuffer(bytearray(matrix), dtype=torch.uint8), [len(row) * size for row in rows],
+        size = up_each(MASKED, r, self.numel, ring)
+        ups = step(MASKED, torch.frombuffer(bytearray(matrix), dtype=torch.uint8), up_sizes(table, out.roster, size),
                    per, r, training=True, slots_=r)
         masked, timing = {}, []
         for row, buf in zip(rows, ups):
@@ -143,9 +156,9 @@ class MaskedServer:
             return self._done(out, stats)
         # 4. unmask
         flags = torch.tensor([c in masked for c in out.roster], dtype=torch.uint8)
-        per4 = r * sa.REVEAL_BYTES
+        per4 = up_each(UNMASK, r)
         srows = _rows(table, out.survivors)
-        ups = step(UNMASK, flags, [len(row) * per4 for row in srows], r, len(masked), slots_=r)
+        ups = step(UNMASK, flags, up_sizes(table, out.survivors, per4), r, len(masked), slots_=r)
         out.steps["unmask"]["air_up"] = per4 * len(masked)
         reveals = {c: _raw(m) for row, buf in zip(srows, ups) for c, m in zip(row, _cut(buf, per4, len(row)))}
         t0 = time.perf_counter()
@@ -207,14 +220,14 @@ class MaskedWorker:
             self.row = self.table[wk.index]
             self.clients = {c: sa.Client(c, rnd) for c in self.row}
             return (_cat([self.clients[c].advert() for c in self.row]),
-                    [len(r) * sa.ADVERT_BYTES for r in self.table])
+                    up_sizes(self.table, [c for row in self.table for c in row], up_each(KEYS, 0)))
         if h.kind == SHARES:
             self.roster = [sa.Advert.from_bytes(_raw(body[i * sa.ADVERT_BYTES:(i + 1) * sa.ADVERT_BYTES]))
                            for i in range(h.slots)]
             ids = [a.client for a in self.roster]
             self.mine = [c for c in self.row if c in ids]
             t = secagg_threshold(wk.setup, len(ids))
-            sizes = [len(row) * (len(ids) - 1) * sa.CIPHER_BYTES for row in _rows(self.table, ids)]
+            sizes = up_sizes(self.table, ids, up_each(SHARES, len(ids)))
             return _cat([b"".join(self.clients[c].share(self.roster, t)) for c in self.mine]), sizes
         if h.kind == MASKED:
             ids = [a.client for a in self.roster]
@@ -230,7 +243,7 @@ class MaskedWorker:
                 self.clients[c].receive([_raw(block[i * sa.CIPHER_BYTES:(i + 1) * sa.CIPHER_BYTES])
                                          for i in range(r - 1)])
                 if c in lost:  # simulated: shared its keys, then never sends its masked input
-                    msgs.append(struct.pack("<ii", c, 0) + bytes(masked_nbytes(numel, ring) - 8))
+                    msgs.append(struct.pack("<ii", c, 0) + bytes(up_each(MASKED, r, numel, ring) - 8))
                     continue
                 t0 = time.perf_counter()
                 delta, fit_metrics = wk.fit(c, h.plan, self.global_flat)
@@ -243,12 +256,12 @@ class MaskedWorker:
                 y = self.clients[c].mask(q, ring)
                 head = struct.pack("<ii", c, 1) + np.array([train_s, time.perf_counter() - t0], np.float32).tobytes()
                 msgs.append(head + sa.pack(y, ring))
-            sizes = [len(row) * masked_nbytes(numel, ring) for row in _rows(self.table, ids)]
+            sizes = up_sizes(self.table, ids, up_each(MASKED, r, numel, ring))
             return (_cat(msgs) if wk.leader else torch.empty(0, dtype=torch.uint8)), sizes
         if h.kind == UNMASK:
             ids = [a.client for a in self.roster]
             survivors = {c for c, f in zip(ids, body.tolist()) if f}
-            sizes = [len(row) * len(ids) * sa.REVEAL_BYTES for row in _rows(self.table, survivors)]
+            sizes = up_sizes(self.table, survivors, up_each(UNMASK, len(ids)))
             return _cat([self.clients[c].reveal(survivors) for c in self.mine if c in survivors]), sizes
         raise ValueError(f"unknown head kind {h.kind}")
 

@@ -11,12 +11,12 @@ from fed_ddp.privacy import secagg as sa
 def secagg_client_bytes(numel: int, bits: int, clients: int) -> dict[str, int]:
     """Over-the-air bytes one client sends (up) and receives (down, without the global adapter and plan)
     in a secure-aggregation round of ``clients`` clients where every one survives."""
-    from fed_ddp.privacy.masked import masked_nbytes
+    from fed_ddp.privacy.masked import KEYS, MASKED, SHARES, UNMASK, up_each
 
     ring = sa.ring_bits(bits, clients)
     return {"ring_bits": ring,
-            "keys_up": sa.ADVERT_BYTES, "shares_up": (clients - 1) * sa.CIPHER_BYTES,
-            "masked_up": masked_nbytes(numel, ring), "unmask_up": clients * sa.REVEAL_BYTES,
+            "keys_up": up_each(KEYS, clients), "shares_up": up_each(SHARES, clients),
+            "masked_up": up_each(MASKED, clients, numel, ring), "unmask_up": up_each(UNMASK, clients),
             "keys_down": clients * sa.ADVERT_BYTES, "shares_down": (clients - 1) * sa.CIPHER_BYTES,
             "unmask_down": clients,
             "plain_fixed_point_up": 8 + sa.packed_bytes(numel, bits)}  # the same values, unmasked, with id + flag
