@@ -2,9 +2,12 @@
 
 checkpoints/round_NNNN/
   pytorch_lora_weights.safetensors   load with StableDiffusionPipeline.load_lora_weights(dir)
+  unet/                              instead, with train.method=full: the whole UNet, diffusers format
+                                     (UNet2DConditionModel.from_pretrained(dir / "unet"))
   server_state.safetensors           round, global vector, strategy state (e.g. FedAdam moments), when each
                                      client last played: tensors + JSON metadata (nothing is unpickled)
-  fed_ddp.json                       base model path and LoRA config (what `fed-ddp generate` needs)
+  fed_ddp.json                       base model path, train.method and LoRA config (what `fed-ddp generate`
+                                     needs; no "method": lora)
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fed_ddp.diffusion.lora import export_adapter
+from fed_ddp.diffusion.lora import export_adapter, export_unet
 
 STATE = "server_state.safetensors"
 INFO = "fed_ddp.json"
@@ -30,7 +33,10 @@ def save_checkpoint(out_dir: Path, unet, global_flat: torch.Tensor, rnd: int, st
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    export_adapter(unet, tmp)
+    if info.get("method", "lora") == "full":
+        export_unet(unet, tmp)
+    else:
+        export_adapter(unet, tmp)
     write_state(tmp / STATE, {"round": rnd, "global": global_flat.cpu(), "strategy": strategy_state, **(extra or {})})
     (tmp / INFO).write_text(json.dumps({**info, "round": rnd}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)

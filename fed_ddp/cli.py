@@ -85,6 +85,11 @@ def cmd_run(args) -> int:
               f" + communication {t['communication']:.1f} + aggregation {t['aggregation']:.2f}"
               f" + evaluation {t['evaluation']:.1f} + other {t['other']:.1f}")
         print_bytes(s)
+        if sim := s.get("sim"):
+            print(f"Simulated wireless cell (not measured): {sim['time_s']:,.1f} s of synchronous rounds, "
+                  f"{sim['energy_j']:,.1f} J on the devices ({sim['energy_wasted_j']:,.1f} J by "
+                  f"{sim['stragglers']} straggler(s) past the deadline); median client round by device: "
+                  + ", ".join(f"{k} {v:.3g} s" for k, v in sim["client_round_s_median"].items()))
         from fed_ddp.privacy.report import closing_lines
 
         print("\n".join(closing_lines(s)))
@@ -168,7 +173,7 @@ def cmd_generate(args) -> int:
 
     from fed_ddp.checkpoint import read_info
     from fed_ddp.config import LoraSection
-    from fed_ddp.diffusion.lora import attach_lora, load_adapter
+    from fed_ddp.diffusion.lora import attach_lora, load_adapter, load_unet
     from fed_ddp.diffusion.models import load_pipeline, quiet_libraries
     from fed_ddp.evaluation import generate
     from fed_ddp.images import save_grid
@@ -179,8 +184,11 @@ def cmd_generate(args) -> int:
     except FileNotFoundError as e:
         return _fail(str(e))
     pipe = load_pipeline(args.base or info["base_model"], torch.device(args.device))
-    attach_lora(pipe.unet, LoraSection(**info["lora"]))
-    load_adapter(pipe.unet, args.checkpoint)
+    if info.get("method", "lora") == "full":  # the whole fine-tuned UNet replaces the base's
+        load_unet(pipe.unet, args.checkpoint)
+    else:
+        attach_lora(pipe.unet, LoraSection(**info["lora"]))
+        load_adapter(pipe.unet, args.checkpoint)
     imgs = generate(pipe, [args.prompt] * args.num_images, args.seed, args.steps, args.guidance_scale)
     save_grid(imgs[None], [args.prompt], args.out, cell=args.cell)
     print(f"wrote {args.out}")
@@ -224,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
     sub.choices["compare"].add_argument("--client", type=int, default=0, help="the local-only client")
     sub.choices["plan"].add_argument("--unet", default=None, help="UNet config: sd15, a config.json or a model dir")
-    g = sub.add_parser("generate", help="sample images from a checkpointed adapter")
+    sub.choices["plan"].add_argument("--wireless", action="store_true",
+                                     help="simulated cell: air time, compute time and energy per round, full vs LoRA")
+    g = sub.add_parser("generate", help="sample images from a checkpoint (adapter or full UNet)")
     g.add_argument("checkpoint", help="a checkpoints/round_NNNN or checkpoints/final folder")
     g.add_argument("--prompt", required=True)
     g.add_argument("--out", default="generated.png")

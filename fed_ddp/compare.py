@@ -26,7 +26,7 @@ import torch
 from fed_ddp.compression import layout_of
 from fed_ddp.config import RunConfig
 from fed_ddp.data.federated import FederatedData, build_federated_data, concat
-from fed_ddp.diffusion.lora import attach_lora, get_flat, set_flat
+from fed_ddp.diffusion.lora import get_flat, prepare_trainable, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
 from fed_ddp.protocol import Wire
 from fed_ddp.server import run_server
@@ -49,7 +49,7 @@ def compare(cfg: RunConfig, client: int = 0) -> dict:
     setup_logging("compare", 0, cfg.run.log_level)
     base = base_path(cfg.model)
     pipe = load_pipeline(base, torch.device("cpu"), cfg.model.revision)
-    attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
+    prepare_trainable(pipe.unet, cfg)
     init = get_flat(pipe.unet)
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fed_ddp.compression.config import CommSection
 from fed_ddp.errors import ConfigError, check, one_of, positive
 from fed_ddp.privacy.config import PrivacySection, check_privacy
+from fed_ddp.wireless.config import WirelessSection, check_wireless
 
 _check, _one_of, _positive = check, one_of, positive
 
@@ -235,6 +236,7 @@ class FedSection:
 
 @dataclass(kw_only=True)
 class TrainSection:
+    method: str = "lora"  # lora (peft adapters on lora.targets) / full (every UNet weight trained and exchanged: FedAvg of the whole denoiser)
     engine: str = "torch"  # local training engine: torch / deepspeed
     batch_size: int = 32  # micro-batch per rank (a client's batch per step = batch_size * ranks_per_client * accumulation)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -247,6 +249,7 @@ class TrainSection:
     device: str = "auto"  # auto (cuda:<local_rank> when available) / cpu
 
     def __post_init__(self):
+        _one_of("train.method", self.method, {"lora", "full"})
         _one_of("train.engine", self.engine, {"torch", "deepspeed"})
         _positive("train.batch_size", self.batch_size)
         _positive("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
@@ -322,6 +325,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     comm: CommSection = field(default_factory=CommSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    wireless: WirelessSection = field(default_factory=WirelessSection)
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
@@ -330,6 +334,7 @@ class RunConfig:
             _check(len(self.data.client_dirs) == self.fed.num_clients, "data.client_dirs",
                    self.data.client_dirs, f"needs one folder per client (fed.num_clients={self.fed.num_clients})")
         check_privacy(self.privacy, self.fed, self.comm)
+        check_wireless(self.wireless, self.fed, self.privacy)
 
     @property
     def world_size(self) -> int:

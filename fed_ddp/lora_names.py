@@ -1,6 +1,17 @@
-"""The one naming rule for adapter parameters (a leaf module: compression, diffusion and the server use it)."""
+"""The one naming rule for adapter parameters, and the one rule for what the flat vector holds (a leaf module:
+compression, diffusion and the server use it)."""
 
 
 def is_lora_name(name: str) -> bool:
     """peft names LoRA parameters ``...lora_A...`` / ``...lora_B...`` (and ``lora_embedding_*``)."""
     return "lora_" in name
+
+
+def trainable_named(module) -> list:
+    """(name, parameter) of what clients train and exchange, in named order: the layout of every flat vector.
+
+    The parameters that require grad and are LoRA-named; in a model without LoRA (``train.method=full``),
+    every parameter that requires grad (the whole UNet)."""
+    named = list(module.named_parameters())
+    has_lora = any(is_lora_name(n) for n, _ in named)
+    return [(n, p) for n, p in named if p.requires_grad and (is_lora_name(n) or not has_lora)]

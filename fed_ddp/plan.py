@@ -27,6 +27,8 @@ from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_TAIL_BYTES, Wire
 
 UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"
 BUILTIN_UNETS = {"sd15": "sd15_unet.json"}  # name -> file in UNET_CONFIGS
+# hub ids whose UNet config ships here (so `plan` needs no network for them): the same published config
+KNOWN_HUB_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15"}
 
 
 # -- the model, on the meta device ----------------------------------------------------------------------
@@ -49,6 +51,10 @@ def unet_config(cfg: RunConfig, unet: str | None = None) -> tuple[dict | None, s
         local = Path(cfg.model.pretrained).expanduser() / "unet" / "config.json"
         if local.is_file():
             return json.loads(local.read_text()), str(local)
+        if cfg.model.pretrained in KNOWN_HUB_IDS:
+            name = KNOWN_HUB_IDS[cfg.model.pretrained]
+            return (json.loads((UNET_CONFIGS / BUILTIN_UNETS[name]).read_text()),
+                    f"{cfg.model.pretrained} (its UNet config, shipped as {BUILTIN_UNETS[name]})")
         from diffusers import UNet2DConditionModel
 
         try:
@@ -114,14 +120,14 @@ class Plan:
 
 
 def make_plan(cfg: RunConfig, comm: CommConfig, unet: str | None = None) -> Plan:
-    from fed_ddp.diffusion.lora import attach_lora
+    from fed_ddp.diffusion.lora import prepare_trainable
     from fed_ddp.diffusion.models import quiet_libraries
 
     quiet_libraries()
     config, source = unet_config(cfg, unet)
     model = meta_unet(config)
     base = sum(p.numel() for p in model.parameters())
-    attach_lora(model, cfg.lora, seed=cfg.run.seed)
+    prepare_trainable(model, cfg)
     layout = layout_of(model)
     f = cfg.fed
     w = Wire(comm, layout, f.num_workers, privacy_fields=cfg.privacy.clips)  # the chains and sizes training will use
@@ -241,5 +247,11 @@ def main(args) -> int:
         privacy = plan_lines(cfg, plan.lora_parameters)
     except ValueError as e:  # an unreachable target epsilon, a count noise too small for z
         raise ConfigError("privacy", None, " ".join(str(e).split())) from None
-    print("\n".join([format_plan(plan, cfg.comm), *privacy]))
+    lines = [format_plan(plan, cfg.comm), *privacy]
+    if args.wireless:
+        from fed_ddp.wireless.plan import plan_lines as wireless_lines
+
+        config, _ = unet_config(cfg, args.unet)
+        lines += wireless_lines(cfg, config)
+    print("\n".join(lines))
     return 0

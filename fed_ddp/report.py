@@ -15,6 +15,8 @@ to ``--out``:
                           aggregation / evaluation / other, runs ordered by number of clients
     bytes.png             bytes per round up and down, per run, labelled by codec (and clients, rank)
     quality.png           val_loss per round, and gen_acc_clients (base, measured rounds, final) where present
+    wireless.png          runs with wireless.enabled: gen_acc_clients against *simulated* time and energy
+                          (sim_time_s, sim_energy_total_j at each round where accuracy was measured)
 
 Means are over the training rounds (1..R) found in metrics.jsonl; a round logged twice (a resumed run)
 counts once, its last line winning.
@@ -73,6 +75,15 @@ class Run:
     @property
     def name(self) -> str:
         return self.path.name
+
+    def sim_series(self, key: str, at: str) -> list[tuple[float, float]]:
+        """(simulated ``at`` so far, ``key``) at round 0 (nothing spent yet), at every training round that
+        measured ``key``, and at the final evaluation: for plots of accuracy against simulated time or energy."""
+        if not any("sim_time_s" in row for row in self.rounds.values()):
+            return []
+        spent = {r: row.get(at) for r, row in self.rounds.items()}
+        return [(0.0 if r == 0 else spent.get(r), v) for r, v in self.series(key)
+                if r == 0 or isinstance(spent.get(r), (int, float))]
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """(round, value) of a top-level metric over round 0, the training rounds and the final evaluation."""
@@ -138,7 +149,9 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
     columns = (["run"] + keys + ["lora_parameters", "rounds", "round_s"] + [f"{s}_s" for s in SPLIT]
                + ["bytes_up_per_round", "bytes_down_per_round", "up_vs_dense_lora", "val_loss_final",
                   "gen_acc_clients_base",
-                  "gen_acc_clients_final"])
+                  "gen_acc_clients_final"]
+               + (["sim_time_s", "sim_energy_j", "sim_stragglers"] if any(r.sim_series("val_loss", "sim_time_s")
+                                                                         for r in runs) else []))
     out = []
     for run in runs:
         rows = [run.rounds[r] for r in sorted(run.rounds)]
@@ -155,6 +168,11 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
              "val_loss_final": val[-1] if val else None,
              "gen_acc_clients_base": run.base.get("gen_acc_clients"),
              "gen_acc_clients_final": run.final.get("gen_acc_clients")}
+        if "sim_time_s" in columns:
+            sims = [row for row in rows if "sim_latency_s" in row]
+            d.update({"sim_time_s": sum(row["sim_latency_s"] for row in sims) if sims else None,
+                      "sim_energy_j": sum(row["sim_energy_j"] for row in sims) if sims else None,
+                      "sim_stragglers": sum(len(row["sim_stragglers"]) for row in sims) if sims else None})
         out.append(d)
     return columns, out
 
@@ -166,12 +184,14 @@ def _fmt(col: str, v) -> str:
         return show(col, v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
-    if col.startswith("bytes") or col in ("lora_parameters", "rounds") or col in ALWAYS:
+    if col.startswith("bytes") or col in ("lora_parameters", "rounds", "sim_stragglers") or col in ALWAYS:
         return f"{v:,.0f}" if isinstance(v, float) else f"{v:,}"
     if col == "up_vs_dense_lora":
         return f"{v:.2f}x"
     if col.startswith("gen_acc"):
         return f"{v:.1%}"
+    if col in ("sim_time_s", "sim_energy_j"):
+        return f"{v:,.1f}"
     if col.endswith("_s"):
         return f"{v:.3f}"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -252,6 +272,28 @@ def plot(runs: list[Run], columns: list[str], rows: list[dict], out: Path) -> li
     fig.savefig(out / "quality.png", dpi=120)
     plt.close(fig)
     written.append(out / "quality.png")
+
+    sim = [(i, r.sim_series("gen_acc_clients", "sim_time_s"), r.sim_series("gen_acc_clients", "sim_energy_total_j"))
+           for i, r in enumerate(runs)]
+    if any(t for _, t, _ in sim):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for i, t, e in sim:
+            if t:
+                axes[0].plot(*zip(*t), marker="o", label=labels[i])
+                axes[1].plot(*zip(*e), marker="o", label=labels[i])
+        axes[0].set(xlabel="simulated time (s, sim_time_s)", ylabel="gen_acc_clients",
+                    title="Accuracy vs simulated wall-clock time", ylim=(-0.02, 1.02))
+        axes[1].set(xlabel="simulated energy, all clients (J, sim_energy_total_j)", ylabel="gen_acc_clients",
+                    title="Accuracy vs simulated energy", ylim=(-0.02, 1.02))
+        for a in axes:
+            a.set_xscale("symlog", linthresh=1.0)
+            a.legend(fontsize=7)
+        fig.text(0.5, 0.005, "simulated (fed_ddp.wireless): cell and devices modelled, bytes and FLOPs real",
+                 ha="center", fontsize=7, color="gray")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.savefig(out / "wireless.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "wireless.png")
     return written
 
 

@@ -102,7 +102,11 @@ def check(cfg) -> None:
         return
     stored_path = run_dir / "config.yaml"
     if stored_path.is_file():
-        stored = OmegaConf.to_container(OmegaConf.load(stored_path))
+        from fed_ddp.config import RunConfig
+
+        # a key the stored config lacks came with a later version: the run used that key's default
+        stored = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(to_dict(RunConfig())),
+                                                        OmegaConf.load(stored_path)))
         diff = config_differences(stored, to_dict(cfg))
         if diff:
             shown = ", ".join(f"{k} ({was!r} -> {now!r})" for k, was, now in diff[:6])

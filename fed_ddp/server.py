@@ -58,8 +58,8 @@ class Server:
         self.down_state = ChainState(seed=server_codec(cfg.run.seed))  # downlink stochastic rounding
         self.unet_parameters = sum(getattr(p, "ds_numel", p.numel()) for n, p in pipe.unet.named_parameters()
                                    if not is_lora_name(n))  # the frozen base (ZeRO-3: full sizes, not shards)
-        self.info = {"base_model": base_model, "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-                                                        "targets": list(cfg.lora.targets)}}
+        self.info = {"base_model": base_model, "method": cfg.train.method,
+                     "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets)}}
         self.sizes = np.array([len(c) for c in data.clients])
         if len(self.sizes) != cfg.fed.num_clients:
             raise ValueError(f"data has {len(self.sizes)} clients, fed.num_clients={cfg.fed.num_clients}")
@@ -79,6 +79,21 @@ class Server:
         if self.setup is not None:
             log.info("privacy: %s", self.setup.describe())
         self.stopped_at: int | None = None  # the last round run when the privacy budget stopped training
+        self.wireless = self._wireless() if cfg.wireless.enabled else None
+
+    def _wireless(self):
+        """The simulated cell, with one local step's FLOPs counted on a meta copy of this UNet at the shapes of
+        this run's latents and text states."""
+        from fed_ddp.wireless import Wireless, unet_step_flops
+
+        val = self.evaluate.val_sets["val_loss"]
+        flops = unet_step_flops(self.cfg, dict(self.pipe.unet.config), tuple(val.latents.shape[1:]),
+                                tuple(val.embeds.shape[1:]))
+        ws = Wireless(self.cfg, flops, self.wire.up_nbytes, self.wire.down_bytes.total, self.wire.num_params)
+        log.info(ws.describe())
+        if warning := ws.deadline_warning(self.cfg.fed.local_steps):
+            log.warning(warning)
+        return ws
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -109,13 +124,18 @@ class Server:
         f = cfg.fed
         who = (f"all {f.num_clients}" if f.sampling == "all" else f"q={f.sample_rate} of {f.num_clients}"
                if f.sampling == "poisson" else f"{f.clients_per_round or f.num_clients} of {f.num_clients} ({f.sampling})")
-        log.info("LoRA: %d trainable parameters (%.1f KiB fp32 per adapter); clients per round: %s on %d workers; "
-                 "rounds %d..%d", num_params, num_params * 4 / 1024, who, self.workers, start, f.rounds)
+        log.info("%s: %d trained parameters (%.1f KiB fp32 per adapter); clients per round: %s on %d workers; "
+                 "rounds %d..%d", "full UNet" if cfg.train.method == "full" else "LoRA", num_params, num_params * 4 / 1024,
+                 who, self.workers, start, f.rounds)
         log.info("per client per round: up %s = %d B, down %s = %d B (dense fp32 LoRA: %d B)",
                  w.up.describe(), w.up_nbytes, w.down.describe(), w.down_bytes.total, 4 * num_params)
         if warning := f.idle_workers_warning():
             log.warning(warning)
         history, base_eval = self._history_before(start)  # a resume's summary covers the whole run
+        if self.wireless is not None and history:  # simulated time and energy go on from where they stopped
+            last = history[-1]
+            self.wireless.time_s = last.get("sim_time_s", 0.0) or 0.0
+            self.wireless.energy_j = last.get("sim_energy_total_j", 0.0) or 0.0
         if start == 1:
             t0 = time.perf_counter()
             base_eval = self.evaluate(0, accuracy=True)
@@ -162,7 +182,16 @@ class Server:
         t_round = time.perf_counter()
         plan = self.strategy.configure_round(rnd)
         chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace,
-                              self.privacy.sample_seed if self.privacy else None)
+                              self.privacy.sample_seed if self.privacy else None,
+                              pick=self.wireless.picker(rnd, self.last_played) if self.wireless else None)
+        sim = None
+        if self.wireless is not None:  # the simulated clocks of the scheduled clients; stragglers are not played
+            sim = self.wireless.simulate(rnd, chosen.sampled, plan.local_steps)
+            chosen = chosen.with_late(sim.late)
+            sim.late = list(chosen.late)
+            if sim.late:
+                log.info("round %d: %d client(s) would miss wireless.deadline_s=%g (simulated): %s", rnd,
+                         len(sim.late), cfg.wireless.deadline_s, sim.late)
         # secure aggregation: the simulated dropouts take part in the key exchange, then never send (the
         # protocol's hard case); otherwise they are left out of the table
         players = chosen.sampled if self.masked else chosen.playing
@@ -267,7 +296,7 @@ class Server:
         arrived = [u.client_id for u in updates] if outcome is None else list(outcome.survivors)
         row = {"round": rnd,
                "clients": {"reachable": chosen.reachable, "sampled": chosen.sampled, "dropped": chosen.dropped,
-                           "arrived": arrived, "rejected": {str(c): r for c, r in rejected.items()},
+                           **({"late": list(chosen.late)} if sim is not None else {}), "arrived": arrived, "rejected": {str(c): r for c, r in rejected.items()},
                            "per_worker": [len(r) for r in table]},
                "train_loss": {str(u.client_id): u.metrics["train_loss"] for u in shown},
                "train_loss_mean": float(np.average([u.metrics["train_loss"] for u in shown],
@@ -277,6 +306,8 @@ class Server:
                **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
                "comm": self._comm(stats, len(chosen.sampled), len(updates), outcome),
                "seconds": seconds, **agg_metrics, **({"privacy": private} if private else {})}
+        if sim is not None:
+            row.update(self.wireless.row(sim, chosen.playing, chosen.dropped))
         self.tracker.log(row, step=rnd)
         log.info("round %d: %s", rnd, _brief(row))
         if stats.parallel and stats.seconds > 0.5 * cfg.fed.timeout_s:
@@ -464,6 +495,8 @@ class Server:
             "final_eval_seconds": time.perf_counter() - t0,
             "privacy": self._privacy_summary(rounds, last),
         }
+        if self.wireless is not None:
+            summary["sim"] = self.wireless.summary(rounds)
         if last < f.rounds:
             summary["stopped_early"] = f"privacy budget: privacy.dp.max_epsilon={self.cfg.privacy.dp.max_epsilon}"
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

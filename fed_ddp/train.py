@@ -32,7 +32,7 @@ def pick_device(cfg: RunConfig, local_rank: int) -> torch.device:
 def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | None:
     from fed_ddp.compression import layout_of
     from fed_ddp.data.federated import build_federated_data
-    from fed_ddp.diffusion.lora import attach_lora
+    from fed_ddp.diffusion.lora import prepare_trainable
     from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
     from fed_ddp.engines import TorchEngine, build_engine
     from fed_ddp.protocol import HEAD_BYTES, Wire
@@ -45,7 +45,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     base = broadcast_text(base_path(cfg.model, show_progress=True) if topo.is_server else None, src=0,
                           device=device if dist.get_backend() == "nccl" else None)
     pipe = load_pipeline(base, device, cfg.model.revision)
-    attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
+    prepare_trainable(pipe.unet, cfg)
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
     # Every rank builds its engine in the same order: DeepSpeed's ZeRO-3 set-up has world-wide barriers.

@@ -1,8 +1,9 @@
 """A codec chain applied tensor by tensor to a flat adapter vector, with error feedback and byte counts.
 
-The flat vector is the concatenation of the LoRA parameters in ``layout`` order (``layout_of(unet)``,
-the order of ``fed_ddp.diffusion.lora.get_flat``). Each tensor is encoded on its own, so low-rank sees
-real matrices, top-k indices fit in 1-2 bytes, and scales never straddle two matrices::
+The flat vector is the concatenation of the trained parameters (LoRA's, or the whole UNet's with
+``train.method=full``) in ``layout`` order (``layout_of(unet)``, the order of ``fed_ddp.diffusion.lora.get_flat``).
+Each tensor is encoded on its own, so low-rank sees real matrices, top-k indices fit in 1-2 bytes, and scales
+never straddle two matrices::
 
     chain = uplink_chain(comm, layout_of(unet))          # [topk, int8], error feedback on
     state = ChainState(seed=...)                          # the client's, checkpointable
@@ -27,17 +28,17 @@ from fed_ddp.compression.base import ENCODER, TRANSFORM, Codec, PieceState, mix_
 from fed_ddp.compression.payload import ByteCount, Payload, from_bytes, to_bytes
 from fed_ddp.compression.registry import build_codecs
 from fed_ddp.compression.state import ChainState
-from fed_ddp.lora_names import is_lora_name
+from fed_ddp.lora_names import trainable_named
 
 RAW = "raw"
 Layout = list[tuple[str, tuple[int, ...]]]
 
 
 def layout_of(module: torch.nn.Module) -> Layout:
-    """(name, shape) of the trainable LoRA parameters, in flat-vector order (as ``lora.lora_parameters``)."""
+    """(name, shape) of the trained parameters (LoRA's, or the whole UNet's under ``train.method=full``), in
+    flat-vector order (``lora_names.trainable_named``, as ``lora.lora_parameters``)."""
     # ZeRO-3 leaves an empty shard in p.shape; the full shape is ds_shape
-    return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in module.named_parameters()
-            if p.requires_grad and is_lora_name(n)]
+    return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in trainable_named(module)]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""LoRA on the denoiser through peft: attach, read and write as one flat vector, export, import.
+"""LoRA on the denoiser through peft: attach, read and write as one flat vector, export, import; and the
+full fine-tuning baseline (``train.method=full``), where the flat vector is every UNet weight.
 
 Adapter state goes only through peft on the unwrapped UNet (``get_peft_model_state_dict`` /
 ``set_peft_model_state_dict``), and the export is the file diffusers' ``load_lora_weights`` reads:
@@ -16,9 +17,21 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from fed_ddp.config import LoraSection
-from fed_ddp.lora_names import is_lora_name
+from fed_ddp.lora_names import trainable_named
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+UNET_DIR = "unet"  # train.method=full: the whole UNet, diffusers format (UNet2DConditionModel.from_pretrained)
+
+
+def prepare_trainable(unet, cfg) -> None:
+    """Make ``unet`` trainable the way ``cfg.train.method`` says (``cfg``: a RunConfig): ``lora`` attaches
+    adapters on ``cfg.lora.targets``; ``full`` trains every UNet weight (fp32)."""
+    if cfg.train.method == "full":
+        unet.requires_grad_(True)
+        for p in unet.parameters():
+            p.data = p.data.float()
+    else:
+        attach_lora(unet, cfg.lora, seed=cfg.run.seed)
 
 
 def attach_lora(unet, cfg: LoraSection, seed: int = 0) -> None:
@@ -34,8 +47,9 @@ def attach_lora(unet, cfg: LoraSection, seed: int = 0) -> None:
 
 
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
-    """Trainable LoRA parameters in a fixed (named) order: the layout of every flat vector."""
-    return [p for n, p in unet.named_parameters() if p.requires_grad and is_lora_name(n)]
+    """The trained parameters in a fixed (named) order, the layout of every flat vector: the LoRA parameters,
+    or every UNet weight under ``train.method=full`` (``lora_names.trainable_named``)."""
+    return [p for _, p in trainable_named(unet)]
 
 
 def num_lora_parameters(unet) -> int:
@@ -43,17 +57,17 @@ def num_lora_parameters(unet) -> int:
 
 
 def get_flat(unet) -> torch.Tensor:
-    """All LoRA parameters as one fp32 vector (a copy)."""
+    """All trained parameters (``lora_parameters``) as one fp32 vector (a copy)."""
     return torch.cat([p.detach().reshape(-1).float() for p in lora_parameters(unet)])
 
 
 @torch.no_grad()
 def set_flat(unet, flat: torch.Tensor) -> None:
-    """Write a flat vector (as produced by ``get_flat``) back into the LoRA parameters, in place."""
+    """Write a flat vector (as produced by ``get_flat``) back into the trained parameters, in place."""
     params = lora_parameters(unet)
     n = sum(p.numel() for p in params)
     if flat.numel() != n:
-        raise ValueError(f"adapter vector has {flat.numel()} values, the model's LoRA has {n}")
+        raise ValueError(f"adapter vector has {flat.numel()} values, the model's trained parameters {n}")
     offset = 0
     for p in params:
         p.copy_(flat[offset:offset + p.numel()].view_as(p))
@@ -98,3 +112,23 @@ def adapter_config_of(path: str | Path) -> dict | None:
         meta = f.metadata() or {}
     raw = meta.get("lora_adapter_metadata")
     return json.loads(raw) if raw else None
+
+
+def export_unet(unet, out_dir: str | Path) -> Path:
+    """train.method=full: save the whole UNet in diffusers format, ``out_dir/unet`` (``from_pretrained`` loads it)."""
+    out = Path(out_dir) / UNET_DIR
+    unet.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def load_unet(unet, ckpt: str | Path) -> None:
+    """Load a checkpoint's full UNet (``export_unet``) into ``unet`` in place (its device and dtype kept)."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(ckpt) / UNET_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no {UNET_DIR}/ folder (a train.method=full checkpoint has one)")
+    try:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(path).state_dict())
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        raise ValueError(f"{path}: this UNet does not fit the base model's: {' '.join(str(e).split())[:300]}") from None

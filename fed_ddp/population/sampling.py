@@ -13,7 +13,8 @@ change who is sampled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,21 +85,32 @@ class RoundClients:
     sampled: list[int]  # chosen by the sampler among the reachable clients
     dropped: list[int]  # sampled, but fail to report (simulated: fed.dropout_rate)
     reachable: int  # how many clients were reachable
+    late: tuple[int, ...] = ()  # sampled, would miss the simulated deadline (wireless.deadline_s): not played
 
     @property
     def playing(self) -> list[int]:
-        lost = set(self.dropped)
+        lost = set(self.dropped) | set(self.late)
         return [c for c in self.sampled if c not in lost]
+
+    def with_late(self, late) -> RoundClients:
+        """The same round with the stragglers ``late`` left out too (those that did not fail anyway)."""
+        failed = set(self.dropped)
+        return replace(self, late=tuple(sorted(int(c) for c in late if c not in failed)))
 
 
 def select_round(fed, rnd: int, seed: int, sizes: np.ndarray, trace: np.ndarray | None = None,
-                 sample_seed: int | None = None) -> RoundClients:
+                 sample_seed: int | None = None, pick: Callable[[np.ndarray], np.ndarray] | None = None
+                 ) -> RoundClients:
     """The whole decision of round ``rnd`` from the ``fed`` config section. ``sample_seed``: the sampling
     stream's own seed (differential privacy keeps it secret: amplification by sampling needs an
-    adversary who does not know who was sampled); None = ``seed``."""
+    adversary who does not know who was sampled); None = ``seed``. ``pick``: a scheduler that chooses among
+    the reachable clients instead of the sampler (``wireless.scheduler``)."""
     n = fed.num_clients
     reach = available(rnd, seed, n, trace if trace is not None else float(fed.availability))
-    picked = sample(fed.sampling, rnd, seed if sample_seed is None else sample_seed, reach, m=fed.clients_per_round,
-                    q=fed.sample_rate, sizes=sizes)
+    if pick is not None:
+        picked = pick(reach)
+    else:
+        picked = sample(fed.sampling, rnd, seed if sample_seed is None else sample_seed, reach,
+                        m=fed.clients_per_round, q=fed.sample_rate, sizes=sizes)
     lost = dropouts(rnd, seed, picked, fed.dropout_rate)
     return RoundClients([int(c) for c in picked], [int(c) for c in lost], len(reach))
