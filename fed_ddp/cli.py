@@ -122,8 +122,9 @@ def print_bytes(s: dict, file=None) -> None:
     c = s["comm"]
     up, down = c["air"]["up"], c["air"]["down"]
     print(f"Bytes over the air: up {up['total']:,} in {up['messages']:,} client messages ({c['uplink']}), down "
-          f"{down['total']:,} to {down['messages']:,} clients ({c['downlink']}), for {s['lora_parameters']:,} LoRA "
-          f"parameters; uplink {up.get('vs_dense_lora', 0):.2f}x fewer than dense fp32 LoRA, "
+          f"{down['total']:,} to {down['messages']:,} clients ({c['downlink']}), for {s['lora_parameters']:,} "
+          f"{'UNet (train.method=full)' if s.get('method') == 'full' else 'LoRA'} parameters; uplink "
+          f"{up.get('vs_dense_lora', 0):.2f}x fewer than dense fp32 {'weights' if s.get('method') == 'full' else 'LoRA'}, "
           f"{up.get('vs_full_unet', 0):.1f}x fewer than the full UNet ({c['unet_parameters']:,} parameters)", file=file)
     print(f"Bytes in the cluster (collectives): up {s['bytes_up_total']:,} / down {s['bytes_down_total']:,} "
           f"over {s['workers']} worker(s)", file=file)

@@ -57,11 +57,12 @@ def compare(cfg: RunConfig, client: int = 0) -> dict:
     n, k = round(cfg.fed.expected_round_size), cfg.fed.local_steps
     single = dataclasses.replace(cfg.fed, num_clients=1, workers=1, clients_per_round=None, sampling="all",
                                  sample_rate=None, availability=1.0, dropout_rate=0.0, local_steps=n * k)
+    # the simulated cell models federated rounds: the pooled and the local-only trainer are not in it
+    alone = dataclasses.replace(cfg, fed=single, wireless=dataclasses.replace(cfg.wireless, enabled=False))
     arms = {
         "federated": (dataclasses.replace(cfg, fed=cfg.fed), data),
-        "centralized": (dataclasses.replace(cfg, fed=single),
-                        dataclasses.replace(data, clients=[concat(data.clients)])),
-        "local_only": (dataclasses.replace(cfg, fed=single), dataclasses.replace(data, clients=[data.clients[client]])),
+        "centralized": (alone, dataclasses.replace(data, clients=[concat(data.clients)])),
+        "local_only": (alone, dataclasses.replace(data, clients=[data.clients[client]])),
     }
     results = {}
     for name, (arm_cfg, arm_data) in arms.items():

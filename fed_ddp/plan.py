@@ -109,6 +109,7 @@ class Plan:
     client_cache: int = 0
     cluster_down: int = 0  # bytes the downlink broadcasts deliver per round (head + body, every worker)
     cluster_up: int = 0  # bytes the uplink gather moves per round (native gather: padded to the fullest worker)
+    method: str = "lora"  # train.method: what the flat vector holds
 
     @property
     def dense_lora_bytes(self) -> int:
@@ -141,7 +142,7 @@ def make_plan(cfg: RunConfig, comm: CommConfig, unet: str | None = None) -> Plan
                 Direction(w.up, w.up.wire_bytes, UP_TAIL_BYTES), Direction(w.down, w.down.wire_bytes, PLAN_BYTES),
                 per_round=m, workers=f.num_workers, sampling=f.sampling, state_bytes=state_bytes,
                 client_cache=f.client_cache, cluster_down=f.num_workers * (HEAD_BYTES + w.body_nbytes(slots)),
-                cluster_up=round(gather_up))
+                cluster_up=round(gather_up), method=cfg.train.method)
 
 
 def _ratio(dense: int, sent: int) -> str:
@@ -173,7 +174,8 @@ def _chain_line(d: Direction, comm: CommConfig) -> str:
 def format_plan(p: Plan, comm: CommConfig) -> str:
     lines = [
         f"UNet      {p.unet_source}, built on the meta device: {p.unet_parameters:,} parameters",
-        (f"LoRA      {p.lora_parameters:,} trainable parameters in {p.lora_tensors} tensors "
+        (f"{'trained' if p.method == 'full' else 'LoRA':10s}{p.lora_parameters:,} trainable parameters in "
+         f"{p.lora_tensors} tensors{' (train.method=full: every UNet weight)' if p.method == 'full' else ''} "
          f"({p.dense_lora_bytes:,} B as fp32)"),
         f"uplink    {_chain_line(p.up, comm)}",
         f"downlink  {_chain_line(p.down, comm)}",

@@ -76,10 +76,15 @@ class Run:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def has_sim(self) -> bool:
+        """A run of the simulated wireless cell (sim_* in its rounds)."""
+        return any("sim_time_s" in row for row in self.rounds.values())
+
     def sim_series(self, key: str, at: str) -> list[tuple[float, float]]:
         """(simulated ``at`` so far, ``key``) at round 0 (nothing spent yet), at every training round that
         measured ``key``, and at the final evaluation: for plots of accuracy against simulated time or energy."""
-        if not any("sim_time_s" in row for row in self.rounds.values()):
+        if not self.has_sim:
             return []
         spent = {r: row.get(at) for r, row in self.rounds.items()}
         return [(0.0 if r == 0 else spent.get(r), v) for r, v in self.series(key)
@@ -150,8 +155,7 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
                + ["bytes_up_per_round", "bytes_down_per_round", "up_vs_dense_lora", "val_loss_final",
                   "gen_acc_clients_base",
                   "gen_acc_clients_final"]
-               + (["sim_time_s", "sim_energy_j", "sim_stragglers"] if any(r.sim_series("val_loss", "sim_time_s")
-                                                                         for r in runs) else []))
+               + (["sim_time_s", "sim_energy_j", "sim_stragglers"] if any(r.has_sim for r in runs) else []))
     out = []
     for run in runs:
         rows = [run.rounds[r] for r in sorted(run.rounds)]

@@ -111,6 +111,8 @@ class Server:
             if "last_played" in state:
                 self.last_played = state["last_played"].numpy().astype(np.int32).copy()
             self.norm_ref = state.get("norm_ref")
+            if self.wireless is not None and "wireless" in state:  # simulated time, energy, schedule go on
+                self.wireless.load_state_dict(state["wireless"])
             if self.privacy is not None and state.get("privacy"):
                 self.privacy.load_state_dict(json.loads(state["privacy"]))
             log.info("resuming from %s (round %d done)", ckpt, state["round"])
@@ -132,10 +134,6 @@ class Server:
         if warning := f.idle_workers_warning():
             log.warning(warning)
         history, base_eval = self._history_before(start)  # a resume's summary covers the whole run
-        if self.wireless is not None and history:  # simulated time and energy go on from where they stopped
-            last = history[-1]
-            self.wireless.time_s = last.get("sim_time_s", 0.0) or 0.0
-            self.wireless.energy_j = last.get("sim_energy_total_j", 0.0) or 0.0
         if start == 1:
             t0 = time.perf_counter()
             base_eval = self.evaluate(0, accuracy=True)
@@ -183,12 +181,11 @@ class Server:
         plan = self.strategy.configure_round(rnd)
         chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace,
                               self.privacy.sample_seed if self.privacy else None,
-                              pick=self.wireless.picker(rnd, self.last_played) if self.wireless else None)
+                              pick=self.wireless.picker(rnd) if self.wireless else None)
         sim = None
         if self.wireless is not None:  # the simulated clocks of the scheduled clients; stragglers are not played
-            sim = self.wireless.simulate(rnd, chosen.sampled, plan.local_steps)
+            sim = self.wireless.simulate(rnd, chosen.sampled, plan.local_steps, chosen.dropped)
             chosen = chosen.with_late(sim.late)
-            sim.late = list(chosen.late)
             if sim.late:
                 log.info("round %d: %d client(s) would miss wireless.deadline_s=%g (simulated): %s", rnd,
                          len(sim.late), cfg.wireless.deadline_s, sim.late)
@@ -265,6 +262,7 @@ class Server:
                         rnd, len(chosen.sampled), len(chosen.dropped), len(rejected))
             if rejected and not private.get("bad_round"):  # every update was bad: as suspicious as a non-finite adapter
                 self._bad_round("without a usable update")
+        sim_row = self.wireless.row(sim, chosen.playing, chosen.dropped) if sim is not None else {}  # before the save
         t_eval = time.perf_counter()
         last = rnd == cfg.fed.rounds
         e = cfg.eval
@@ -306,8 +304,7 @@ class Server:
                **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
                "comm": self._comm(stats, len(chosen.sampled), len(updates), outcome),
                "seconds": seconds, **agg_metrics, **({"privacy": private} if private else {})}
-        if sim is not None:
-            row.update(self.wireless.row(sim, chosen.playing, chosen.dropped))
+        row.update(sim_row)
         self.tracker.log(row, step=rnd)
         log.info("round %d: %s", rnd, _brief(row))
         if stats.parallel and stats.seconds > 0.5 * cfg.fed.timeout_s:
@@ -392,7 +389,8 @@ class Server:
             save_checkpoint(self.run_dir / "checkpoints" / name, self.pipe.unet, global_flat, rnd,
                             self.strategy.state_dict(), self.info,
                             {"last_played": torch.from_numpy(self.last_played.copy()), "norm_ref": self.norm_ref,
-                             "privacy": json.dumps(self.privacy.state_dict()) if self.privacy else None})
+                             "privacy": json.dumps(self.privacy.state_dict()) if self.privacy else None,
+                             **({"wireless": self.wireless.state_dict()} if self.wireless else {})})
 
     def _comm(self, stats, receivers: int, senders: int, outcome=None) -> dict:
         """Bytes of this round, two ways never mixed.
@@ -481,7 +479,8 @@ class Server:
                          "empty_rounds": sum(1 for h in rounds if h.get("empty_round")),
                          "rejected_updates": sum(len(h["clients"].get("rejected", {})) for h in rounds),
                          "rejected_rounds": sum(1 for h in rounds if h.get("round_rejected"))},
-            "lora_parameters": int(global_flat.numel()),
+            "method": self.cfg.train.method,
+            "lora_parameters": int(global_flat.numel()),  # the trained parameters (train.method=full: the whole UNet)
             "images_per_prompt": self.cfg.eval.images_per_prompt,
             "classifier_test_accuracy": reference_classifier().test_accuracy,
             "base": {k: v for k, v in (base_eval or {}).items() if k != "seconds"},
@@ -534,5 +533,6 @@ def _copy_state(state: dict) -> dict:
 
 
 def _brief(row: dict) -> str:
-    keys = ("train_loss_mean", "val_loss", "val_loss_base", "gen_acc_clients", "gen_acc_base", "bytes_up")
+    keys = ("train_loss_mean", "val_loss", "val_loss_base", "gen_acc_clients", "gen_acc_base", "bytes_up", "sim_latency_s",
+            "sim_energy_j")
     return ", ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))

@@ -68,7 +68,9 @@ def public_row(row: dict) -> dict:
     """A round's row without what names or describes single clients (who was sampled, each one's loss,
     examples and time, the exact count of unclipped updates): what leaves the server under differential
     privacy. ``metrics.jsonl`` (the server's own log) keeps the full row."""
-    out = {k: v for k, v in row.items() if k not in PER_CLIENT}
+    # sim_*: the simulated cell is rebuilt from the config's seed, so any per-round figure of it (the broadcast
+    # rate is the weakest scheduled client's, the slowest client's split names its class) says who was sampled
+    out = {k: v for k, v in row.items() if k not in PER_CLIENT and not k.startswith("sim_")}
     if isinstance(out.get("privacy"), dict):
         out["privacy"] = {k: v for k, v in out["privacy"].items() if k != "unclipped"}
     return out

@@ -21,7 +21,7 @@ def finished_run(tiny_base, tmp_path_factory):
     # alpha != rank and a large lr: a lost adapter scale or lost LoRA tensors would change the image
     r = run_cli("run", str(ROOT / "configs" / "tiny_test.yaml"), f"model.pretrained={tiny_base}",
                 f"run.output_dir={out}", "run.name=e2e", "lora.rank=4", "lora.alpha=8", "train.lr=0.05",
-                "tracking.wandb.mode=offline")
+                "tracking.wandb.mode=offline", "wireless.enabled=true")
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "e2e", r
 
@@ -47,6 +47,8 @@ def test_run_directory(finished_run):
     assert summary["bytes_up_total"] == sum(by_round[r]["bytes_up"] for r in (1, 2))
     assert set(summary["final"]["gen_acc"]) == {str(d) for d in range(10)}
     assert "Generation accuracy" in proc.stdout
+    assert "Simulated wireless cell (not measured)" in proc.stdout  # the simulated cell rode along over gloo
+    assert summary["sim"]["time_s"] == pytest.approx(sum(by_round[r]["sim_latency_s"] for r in (1, 2)))
     cfg = (run_dir / "config.yaml").read_text()
     assert "alpha: 8.0" in cfg and "rank: 4" in cfg
     with Image.open(run_dir / "samples" / "round_0002.png") as im:
@@ -93,12 +95,16 @@ def test_resume_continues_from_the_latest_checkpoint(finished_run, tiny_base, tm
     shutil.rmtree(run_dir / "wandb", ignore_errors=True)
     r = run_cli("run", str(ROOT / "configs" / "tiny_test.yaml"), f"model.pretrained={tiny_base}",
                 f"run.output_dir={tmp_path}", "run.name=e2e", "lora.rank=4", "lora.alpha=8", "train.lr=0.05",
-                "fed.rounds=3", "run.resume=true")
+                "fed.rounds=3", "run.resume=true", "wireless.enabled=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr
     rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
               if "seconds" in json.loads(x)]
     assert rounds == [0, 1, 2, 3]  # the old rows kept, only round 3 trained
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sims = [x for x in rows if "sim_latency_s" in x]
+    assert [x["round"] for x in sims] == [1, 2, 3]  # simulated time goes on across the resume
+    assert sims[-1]["sim_time_s"] == pytest.approx(sum(x["sim_latency_s"] for x in sims))
     s2 = load_state(run_dir / "checkpoints" / "round_0002")
     s3 = load_state(run_dir / "checkpoints" / "round_0003")
     assert s3["round"] == 3 and not torch.equal(s2["global"], s3["global"])

@@ -89,8 +89,10 @@ def test_cell_is_deterministic_from_its_seed_and_draws_what_it_says():
     assert np.mean(a.fading(1)) == pytest.approx(1.0, abs=0.05)  # |h|^2 ~ Exp(1)
     shares = np.bincount(a.device_class, minlength=3) / 4000
     np.testing.assert_allclose(shares, [0.5, 0.3, 0.2], atol=0.03)
-    # the cell does not depend on the population size beyond its own devices
-    np.testing.assert_array_equal(Cell.build(w, 10, 7).distance_m, a.distance_m[:10])
+    # a cell of N devices is the first N devices of a larger one (each quantity has its own stream)
+    small = Cell.build(w, 10, 7)
+    for k in ("distance_m", "shadowing_db", "device_class"):
+        np.testing.assert_array_equal(getattr(small, k), getattr(a, k)[:10])
 
 
 def test_deadline_drops_exactly_the_clients_whose_time_exceeds_it():
@@ -256,3 +258,94 @@ def test_a_run_stored_before_a_config_group_existed_still_resumes(tmp_path):
     check(cfg)  # no error
     with pytest.raises(ConfigError, match="wireless.enabled"):
         check(load_config(TINY, [f"run.output_dir={tmp_path}", "run.resume=true", "wireless.enabled=true"]))
+
+
+def _ws(*overrides: str, n: int = 6) -> Wireless:
+    cfg = load_config(TINY, ["wireless.enabled=true", f"fed.num_clients={n}", *overrides])
+    return Wireless(cfg, step_flops=10 ** 11, up_bytes=300_000, down_bytes=200_000, num_params=75_000)
+
+
+def test_latency_and_energy_when_clients_are_late_or_lost():
+    ws = _ws("wireless.deadline_s=1000")
+    sim = ws.simulate(1, [0, 1, 2, 3], local_steps=5, failed=[3])
+    t = dict(zip(sim.clients, sim.total_s))
+    row = ws.row(sim, reported=[0, 1, 2], lost=[3])  # nobody late; client 3 failed: the server waits to the deadline
+    assert row["sim_clients"]["3"]["outcome"] == "lost" and row["sim_clients"]["3"]["energy_j"] == 0
+    split = row["sim_latency_split_s"]
+    assert split["download"] + split["compute"] + split["upload"] == pytest.approx(max(t[c] for c in (0, 1, 2)))
+    assert row["sim_latency_s"] == pytest.approx(1000 + split["aggregation"])
+    assert sum(split.values()) == pytest.approx(row["sim_latency_s"])
+    # everyone late: the round lasts exactly the deadline, nothing is aggregated, all energy until then is wasted
+    ws = _ws("wireless.deadline_s=1e-4")
+    sim = ws.simulate(2, [1, 4], local_steps=5)
+    assert sim.late == [1, 4]
+    row = ws.row(sim, reported=[], lost=[])
+    assert row["sim_latency_s"] == pytest.approx(1e-4) and row["sim_latency_split_s"]["aggregation"] == 0
+    assert sum(row["sim_latency_split_s"].values()) == pytest.approx(1e-4)
+    assert row["sim_energy_wasted_j"] == row["sim_energy_j"] == pytest.approx(
+        sum(energy_until(sim, i, 1e-4) for i in range(2)))
+    # without a deadline a failure is noticed at once, but the broadcast still took its time
+    ws = _ws()
+    sim = ws.simulate(3, [2, 5], local_steps=5, failed=[2, 5])
+    row = ws.row(sim, reported=[], lost=[2, 5])
+    assert sim.download_s > 0 and row["sim_latency_s"] == pytest.approx(sim.download_s) and row["sim_energy_j"] == 0
+
+
+def test_age_serves_stragglers_too_and_its_state_survives_a_checkpoint():
+    ws = _ws("wireless.scheduler=age", "fed.clients_per_round=2", "wireless.deadline_s=1e-4")
+    seen = []
+    for rnd in (1, 2, 3):
+        picked = ws.picker(rnd)(np.arange(6))
+        sim = ws.simulate(rnd, list(picked), local_steps=5)
+        assert sim.late == list(picked)  # everyone misses this deadline ...
+        seen.append(set(picked))
+    assert set().union(*seen) == set(range(6))  # ... and still the schedule rotates through all six
+    from fed_ddp.checkpoint import load_state, write_state
+
+    fresh = _ws("wireless.scheduler=age", "fed.clients_per_round=2", "wireless.deadline_s=1e-4")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        write_state(Path(d) / "s.safetensors", {"wireless": ws.state_dict()})
+        Path(d, "x").mkdir()
+        (Path(d) / "s.safetensors").rename(Path(d, "x", "server_state.safetensors"))
+        fresh.load_state_dict(load_state(Path(d, "x"))["wireless"])
+    np.testing.assert_array_equal(fresh.last_scheduled, ws.last_scheduled)
+    np.testing.assert_array_equal(fresh.picker(4)(np.arange(6)), ws.picker(4)(np.arange(6)))
+
+
+def test_under_dp_no_sim_figure_leaves_the_server():
+    from fed_ddp.tracking import public_row
+
+    row = {"round": 3, "val_loss": 0.2, "sim_latency_s": 1.0, "sim_rate_down_bps": 5e6, "sim_time_s": 9.0,
+           "sim_clients": {"4": {}}, "clients": {"sampled": [4]}}
+    assert public_row(row) == {"round": 3, "val_loss": 0.2}
+
+
+def test_plan_wireless_for_sd15_from_its_hub_id_without_network():
+    from conftest import ROOT, run_cli
+
+    r = run_cli("plan", str(ROOT / "configs" / "sd15_lora_deepspeed.yaml"), "--wireless")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "shipped as sd15_unet.json" in r.stdout  # the hub id mapped to the shipped config, nothing downloaded
+    full = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("full UNet (fp32)"))
+    assert "3.44 GB" in full  # 859,520,964 weights x 4 B
+    lora = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("LoRA r4 (fp32)"))
+    assert "3.19 MB" in lora and "1.93e+15" in full and "1.37e+15" in lora  # FLOPs of 100 steps of batch 8
+    assert "a LoRA step costs 71% of a full step's FLOPs" in r.stdout
+
+
+def test_report_plots_accuracy_against_simulated_time(tiny_base, tmp_path):
+    from fed_ddp.report import report
+
+    run = finished_run(tiny_base, tmp_path, "wl_report", "wireless.enabled=true", "eval.accuracy_every=1",
+                       "fed.rounds=2")
+    plain = finished_run(tiny_base, tmp_path, "plain", "fed.rounds=1")
+    done = report([run, plain], tmp_path / "rep")
+    assert tmp_path / "rep" / "wireless.png" in done["plots"]
+    rows = {r["run"]: r for r in done["rows"]}
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows["wl_report"]["sim_time_s"] == pytest.approx(sum(m.get("sim_latency_s", 0) for m in metrics))
+    assert rows["plain"]["sim_time_s"] is None
+    assert "wireless.png" not in {p.name for p in report([plain], tmp_path / "rep2")["plots"]}

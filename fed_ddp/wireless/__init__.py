@@ -5,8 +5,8 @@ of its local steps counted on the real model and batch. Everything it reports is
 ``sim_...``; measured wall time (``seconds``) is never mixed with it.
 
     ws  = Wireless(cfg, step_flops, up_bytes, down_bytes)   # the server builds one (wireless.enabled)
-    pick = ws.picker(rnd, last_played)                      # best_channel / age replace the sampler (else None)
-    sim = ws.simulate(rnd, scheduled, local_steps)          # clocks; sim.late = stragglers past the deadline
+    pick = ws.picker(rnd)                                   # best_channel / age replace the sampler (else None)
+    sim = ws.simulate(rnd, scheduled, local_steps, failed)  # clocks; sim.late = stragglers past the deadline
     row.update(ws.row(sim, reported, lost))                 # sim_* metrics of the round
 """
 
@@ -31,8 +31,21 @@ class Wireless:
         self.cell = Cell.build(self.w, cfg.fed.num_clients, self.seed)
         self.step_flops, self.up_bytes, self.down_bytes = int(step_flops), int(up_bytes), int(down_bytes)
         self.num_params = num_params
-        self.time_s = 0.0  # simulated time and energy so far (a resume restores them from metrics.jsonl)
+        self.time_s = 0.0  # simulated time and energy so far (checkpointed)
         self.energy_j = 0.0
+        # the round each client was last scheduled (age: a straggler cut by the deadline was served too, or the
+        # slowest devices would take every round's slots forever); checkpointed
+        self.last_scheduled = np.full(cfg.fed.num_clients, -1, dtype=np.int64)
+
+    def state_dict(self) -> dict:
+        import torch
+
+        return {"time_s": self.time_s, "energy_j": self.energy_j,
+                "last_scheduled": torch.from_numpy(self.last_scheduled.copy())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.time_s, self.energy_j = float(state["time_s"]), float(state["energy_j"])
+        self.last_scheduled = state["last_scheduled"].numpy().astype(np.int64).copy()
 
     def describe(self) -> str:
         w, c = self.w, self.cell
@@ -65,16 +78,21 @@ class Wireless:
                 f"{air[k] + compute[k]:.3g} s (compute {compute[k]:.3g} s + air {air[k]:.3g} s): every client may be "
                 "dropped")
 
-    def picker(self, rnd: int, last_played: np.ndarray):
+    def picker(self, rnd: int):
         """best_channel / age: a function (reachable ids -> scheduled ids) that replaces the sampler; random: None."""
         if self.w.scheduler == "random":
             return None
         m = self.cfg.fed.clients_per_round
-        return lambda reachable: schedule(self.w.scheduler, self.cell, rnd, reachable, m, last_played)
+        return lambda reachable: schedule(self.w.scheduler, self.cell, rnd, reachable, m, self.last_scheduled)
 
-    def simulate(self, rnd: int, scheduled: list[int], local_steps: int) -> RoundSim:
-        return simulate(self.cell, self.w, rnd, scheduled, 8 * self.up_bytes, 8 * self.down_bytes,
-                        float(self.step_flops) * local_steps)
+    def simulate(self, rnd: int, scheduled: list[int], local_steps: int, failed: list[int] = ()) -> RoundSim:
+        """The round's clocks; ``sim.late``: the stragglers among the clients that did not fail anyway."""
+        sim = simulate(self.cell, self.w, rnd, scheduled, 8 * self.up_bytes, 8 * self.down_bytes,
+                       float(self.step_flops) * local_steps)
+        lost = set(failed)
+        sim.late = [c for c in sim.late if c not in lost]
+        self.last_scheduled[list(scheduled)] = rnd
+        return sim
 
     def row(self, sim: RoundSim, reported: list[int], lost: list[int]) -> dict:
         """The round's sim_* metrics. ``reported``: clients whose message reached the server (kept or rejected:
@@ -93,18 +111,28 @@ class Wireless:
                 energy[c] = 0.0
         done = [index[c] for c in reported if c in index]
         slowest = max(done, key=lambda i: sim.total_s[i]) if done else None
-        waits = w.deadline_s is not None and (late or lost)
-        t_clients = (w.deadline_s if waits else float(sim.total_s[slowest]) if slowest is not None else 0.0)
+        # the server waits for the slowest client that reports; when one is missing and there is a deadline, it
+        # waits until the deadline (it cannot know the client will not come); without a deadline a failure is
+        # assumed to be noticed at once (the broadcast, at least, took its time)
+        ran = float(sim.total_s[slowest]) if slowest is not None else (sim.download_s if sim.clients else 0.0)
+        if w.deadline_s is not None and (late or lost):  # every client that reported finished before it
+            t_clients = w.deadline_s
+            ran = min(ran, t_clients)
+        else:
+            t_clients = ran
         aggregation = 2.0 * self.num_params * len(done) / (w.server_tflops * 1e12)
         latency = t_clients + aggregation
         self.time_s += latency
         self.energy_j += sum(energy.values())
-        split = ({"download": sim.download_s, "compute": float(sim.compute_s[slowest]),
-                  "upload": float(sim.upload_s[slowest])} if slowest is not None else {})
+        if slowest is not None:
+            split = {"download": sim.download_s, "compute": float(sim.compute_s[slowest]),
+                     "upload": float(sim.upload_s[slowest])}
+        else:
+            split = {"download": ran, "compute": 0.0, "upload": 0.0}
+        split.update({"waiting_for_deadline": t_clients - ran, "aggregation": aggregation})
         return {
             "sim_latency_s": latency,
-            "sim_latency_split_s": {**split, "waiting_for_deadline": t_clients - float(sim.total_s[slowest])
-                                    if slowest is not None and waits else 0.0, "aggregation": aggregation},
+            "sim_latency_split_s": split,
             "sim_energy_j": sum(energy.values()),
             "sim_energy_wasted_j": sum(energy[c] for c in late),
             "sim_stragglers": sorted(late),

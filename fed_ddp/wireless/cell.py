@@ -49,14 +49,18 @@ class Cell:
     @classmethod
     def build(cls, w, num_clients: int, seed: int) -> Cell:
         """Devices uniform in the annulus min_distance_m..radius_m (area-uniform: d = sqrt(U (R^2 - r^2) + r^2)),
-        classes drawn by ``share``, shadowing N(0, sigma^2) dB; all from one stream of ``seed``."""
-        rng = np.random.default_rng([seed, PLACEMENT])
+        classes drawn by ``share``, shadowing N(0, sigma^2) dB; each from its own stream of ``seed``, so the cell
+        of N devices is the first N devices of any larger cell."""
+        def rng(k: int) -> np.random.Generator:
+            return np.random.default_rng([seed, PLACEMENT, k])
+
         r0, r1 = w.min_distance_m, w.radius_m
-        d = np.sqrt(rng.random(num_clients) * (r1 ** 2 - r0 ** 2) + r0 ** 2)
-        shadow = rng.normal(0.0, w.shadowing_db, num_clients) if w.shadowing_db > 0 else np.zeros(num_clients)
+        d = np.sqrt(rng(0).random(num_clients) * (r1 ** 2 - r0 ** 2) + r0 ** 2)
+        shadow = rng(1).normal(0.0, w.shadowing_db, num_clients) if w.shadowing_db > 0 else np.zeros(num_clients)
         names = list(w.devices)
         share = np.array([float(w.devices[n]["share"]) for n in names])
-        kind = rng.choice(len(names), size=num_clients, p=share / share.sum())
+        kind = np.searchsorted(np.cumsum(share / share.sum()), rng(2).random(num_clients), side="right")
+        kind = np.minimum(kind, len(names) - 1)  # a draw at the top of the last interval (rounding)
         return cls(d, shadow, kind, names, seed)
 
     @property

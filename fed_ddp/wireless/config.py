@@ -10,7 +10,8 @@ SCHEDULERS = ("random", "best_channel", "age")
 
 
 def _default_devices() -> dict:
-    # sustained FLOP/s = a vendor's peak fp32 figure x an assumed 30 % utilisation in training (README: sources)
+    # sustained FLOP/s = a vendor's published peak fp32 figure x an assumed 30 % utilisation in training (README:
+    # "The wireless edge, simulated" names the devices each class stands for)
     return {"phone": {"share": 0.5, "tflops": 0.6, "watts": 5.0},
             "laptop": {"share": 0.3, "tflops": 4.5, "watts": 80.0},
             "edge_gpu": {"share": 0.2, "tflops": 9.0, "watts": 72.0}}
@@ -29,7 +30,7 @@ class WirelessSection:
     deadline_s: float | None = None  # drop the clients whose simulated round time would exceed it (null = none)
     scheduler: str = "random"  # random (fed.sampling) / best_channel (strongest channels this round) / age (least recently served first)
     server_tflops: float = 10.0  # base station's server: aggregation time = 2 FLOPs per value per kept client / this
-    devices: dict = field(default_factory=_default_devices)  # device classes: share of the population, sustained TFLOP/s, watts while training
+    devices: dict = field(default_factory=_default_devices)  # device classes {share, tflops (sustained), watts while training}; yours merge with these three (share 0 leaves one out)
     seed: int | None = None  # placement, device classes and fading; null = run.seed
 
     def __post_init__(self):
@@ -66,7 +67,7 @@ def check_wireless(w: WirelessSection, fed, privacy) -> None:
     if not w.enabled:
         return
     if w.scheduler != "random":
-        check(not (privacy.dp.noise_multiplier or privacy.dp.target_epsilon), "wireless.scheduler", w.scheduler,
+        check(not privacy.dp.enabled, "wireless.scheduler", w.scheduler,
               "differential privacy needs random (Poisson) sampling: a channel- or age-based choice of clients "
               "breaks amplification by sampling; use wireless.scheduler=random")
         check(fed.sampling == "uniform" and fed.clients_per_round is not None, "wireless.scheduler", w.scheduler,

@@ -5,8 +5,6 @@ the spread of air time, round time and energy. Everything but the bytes and FLOP
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from fed_ddp.wireless.cell import Cell
@@ -107,7 +105,7 @@ def format_rows(cfg, rows: list[dict]) -> str:
         (f"  {'variant':28s}{'up / client':>14s}{'FLOP / round':>14s}"
          + "".join(f"{'compute ' + k:>18s}" for k in classes)
          + f"{'upload med/p90':>22s}{'round med/p90':>22s}{'energy med':>12s}"
-         + (f"{'> ' + format(w.deadline_s, 'g') + ' s':>10s}" if w.deadline_s is not None else "")),
+         + (f"{'rounds > ' + format(w.deadline_s, 'g') + ' s':>18s}" if w.deadline_s is not None else "")),
     ]
     for r in rows:
         lines.append(
@@ -116,12 +114,12 @@ def format_rows(cfg, rows: list[dict]) -> str:
             + f"{_t(r['upload_s']['median']) + ' / ' + _t(r['upload_s']['p90']):>22s}"
             + f"{_t(r['round_s']['median']) + ' / ' + _t(r['round_s']['p90']):>22s}"
             + f"{r['energy_j']['median']:>10.3g} J"
-            + (f"{r['past_deadline']:>10.0%}" if "past_deadline" in r else ""))
+            + (f"{r['past_deadline']:>18.0%}" if "past_deadline" in r else ""))
     full, lora = rows[0], rows[1]
-    lines.append(f"  LoRA sends {full['up_bytes'] / lora['up_bytes']:,.0f}x fewer bytes than the full UNet; its median "
-                 f"upload is {full['upload_s']['median'] / lora['upload_s']['median']:,.0f}x shorter; a LoRA step "
-                 f"costs {lora['step_flops'] / full['step_flops']:.0%} of a full step's FLOPs (no weight gradients "
-                 "of the frozen base)")
+    lines.append(f"  LoRA sends {full['up_bytes'] / lora['up_bytes']:,.0f}x fewer bytes than the full UNet; the "
+                 f"90th-percentile client round is {full['round_s']['p90'] / lora['round_s']['p90']:,.1f}x shorter; a "
+                 f"LoRA step costs {lora['step_flops'] / full['step_flops']:.0%} of a full step's FLOPs (no weight "
+                 "gradients of the frozen base); 'rounds > deadline': share of client rounds past it")
     return "\n".join(lines)
 
 
@@ -134,13 +132,16 @@ def _bytes(b: int) -> str:
 
 def latent_shapes(cfg, unet_config: dict | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(latent shape, text-state shape) of one training example: the UNet's sample size and channels; 77 CLIP
-    tokens for a real model, the tiny tokenizer's length for the built-in base."""
+    tokens for a real model, the tiny tokenizer's length for the built-in base. With imagefolder data the
+    latents are ``data.resolution`` / 8 (Stable Diffusion's VAE), else the UNet's ``sample_size``."""
     if unet_config is None:
         from fed_ddp.diffusion import tiny
 
         return (tiny.LATENT, tiny.RESOLUTION, tiny.RESOLUTION), (tiny.MAX_TOKENS, tiny.HIDDEN)
     size = unet_config.get("sample_size", 64)
     size = size[0] if isinstance(size, (list, tuple)) else size
+    if cfg.data.source == "imagefolder":  # the images' size through a Stable Diffusion VAE (8x downsampling)
+        size = max(1, cfg.data.resolution // 8)
     cross = unet_config.get("cross_attention_dim", 768)
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     return (unet_config.get("in_channels", 4), size, size), (77, cross)
@@ -151,4 +152,5 @@ def plan_lines(cfg, unet_config: dict | None) -> list[str]:
     return format_rows(cfg, wireless_rows(cfg, unet_config, latent, embed)).splitlines() + [
         (f"  (one example: latents {latent}, text states {embed}; a client's batch {cfg.train.batch_size} x "
         f"{cfg.fed.ranks_per_client} rank(s) x {cfg.train.gradient_accumulation_steps} accumulation; "
-        f"ceil(E[m]) = {math.ceil(cfg.fed.expected_round_size)} per round)")]
+        f"m = {max(1, round(cfg.fed.expected_round_size))} per round; FLOPs of fp32 training without "
+        "gradient checkpointing's recompute, against fp32 device figures)")]
