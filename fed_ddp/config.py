@@ -136,7 +136,7 @@ class DataSection:
                            "folder has no metadata.jsonl (imagefolder layout: file_name, text)")
 
 
-STRATEGIES = ("fedavg", "fedadam", "fedprox")
+STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "ffa_lora", "flexlora")
 
 
 @dataclass(kw_only=True)
@@ -152,11 +152,12 @@ class FedSection:
     client_cache: int = 32  # per worker: clients whose encoded data and state stay in memory (LRU)
     rounds: int = 5  # federated rounds
     local_steps: int = 50  # optimizer steps per client per round
-    strategy: str = "fedavg"  # fedavg / fedadam / fedprox
-    server_lr: float = 1.0  # fedavg/fedprox: step along the mean delta; fedadam: eta
-    beta1: float = 0.9  # fedadam first moment decay
-    beta2: float = 0.99  # fedadam second moment decay
-    tau: float = 1e-3  # fedadam adaptivity (epsilon)
+    strategy: str = "fedavg"  # fedavg / fedprox / fedavgm (server momentum) / fedadam / fedadagrad / fedyogi (adaptive server optimizers) / ffa_lora (A frozen, B averaged: exact) / flexlora (products averaged, SVD to rank r)
+    server_lr: float = 1.0  # fedavg/fedprox: step along the mean delta; fedavgm: step along the velocity; fedadam/fedadagrad/fedyogi: eta
+    server_momentum: float = 0.9  # fedavgm: momentum beta of the server's velocity
+    beta1: float = 0.9  # fedadam/fedadagrad/fedyogi: first moment decay
+    beta2: float = 0.99  # fedadam/fedyogi: second moment decay (fedadagrad sums d² instead)
+    tau: float = 1e-3  # fedadam/fedadagrad/fedyogi: adaptivity (epsilon in eta*m/(sqrt(v)+tau))
     proximal_mu: float = 0.01  # fedprox: weight of (mu/2)*‖w - w_global‖² in the client loss
     aggregator: str = "mean"  # mean (sample-weighted) / median / trimmed_mean (coordinate-wise) / clipped_mean (to the median norm)
     trim_fraction: float = 0.2  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate
@@ -198,13 +199,15 @@ class FedSection:
         _positive("fed.client_cache", self.client_cache, zero_ok=True)
         _one_of("fed.strategy", self.strategy, set(STRATEGIES))
         _positive("fed.server_lr", self.server_lr)
-        for k in ("beta1", "beta2"):
+        for k in ("beta1", "beta2", "server_momentum"):
             _check(0 <= getattr(self, k) < 1, f"fed.{k}", getattr(self, k), "must be in [0, 1)")
         _positive("fed.tau", self.tau)
         _positive("fed.proximal_mu", self.proximal_mu, zero_ok=True)
         from fed_ddp.strategies.robust import AGGREGATORS
 
         _one_of("fed.aggregator", self.aggregator, set(AGGREGATORS))
+        _check(self.strategy != "flexlora" or self.aggregator == "mean", "fed.aggregator", self.aggregator,
+               "fed.strategy=flexlora averages the clients' LoRA products by weight: needs fed.aggregator=mean")
         _check(0 <= self.trim_fraction < 0.5, "fed.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
         _positive("fed.max_update_norm", self.max_update_norm, zero_ok=True)
         _positive("fed.norm_factor", self.norm_factor, zero_ok=True)
@@ -335,6 +338,11 @@ class RunConfig:
                    self.data.client_dirs, f"needs one folder per client (fed.num_clients={self.fed.num_clients})")
         check_privacy(self.privacy, self.fed, self.comm)
         check_wireless(self.wireless, self.fed, self.privacy)
+        _check(self.fed.strategy not in ("ffa_lora", "flexlora") or self.train.method == "lora", "fed.strategy",
+               self.fed.strategy, "aggregates LoRA factors: needs train.method=lora")
+        _check(self.fed.strategy != "flexlora" or not self.privacy.clips, "fed.strategy", self.fed.strategy,
+               "re-factorises the clients' own products: it cannot work on a clipped, noised or masked mean "
+               "(privacy); use fedavg or ffa_lora")
 
     @property
     def world_size(self) -> int:

@@ -36,7 +36,7 @@ from fed_ddp.privacy.engine import resolve as resolve_privacy
 from fed_ddp.privacy.masked import MaskedServer
 from fed_ddp.protocol import Wire
 from fed_ddp.seeds import server_codec
-from fed_ddp.strategies import ClientUpdate, Strategy, screen
+from fed_ddp.strategies import ClientUpdate, Strategy, lora_pairs, product_error, screen
 from fed_ddp.strategies.robust import lower_median
 
 log = logging.getLogger("fed_ddp.server")
@@ -80,6 +80,7 @@ class Server:
             log.info("privacy: %s", self.setup.describe())
         self.stopped_at: int | None = None  # the last round run when the privacy budget stopped training
         self.wireless = self._wireless() if cfg.wireless.enabled else None
+        self.pairs = lora_pairs(self.wire.layout)  # LoRA (A, B) layers: the aggregation error is reported per round
 
     def _wireless(self):
         """The simulated cell, with one local step's FLOPs counted on a meta copy of this UNet at the shapes of
@@ -244,6 +245,9 @@ class Server:
             log.warning("round %d: client %d rejected: %s", rnd, cid, reason)
         t_agg = time.perf_counter()
         agg_metrics: dict = {}
+        agg_error = {}
+        if self.pairs and self.privacy is None and len(inputs) >= 2:  # how far FedAvg of A and B is from B·A's
+            agg_error = {"lora_agg_error": product_error(self.pairs, global_flat, inputs)}
         if inputs:
             before = _copy_state(self.strategy.state_dict())
             new_global, agg_metrics = self.strategy.aggregate(rnd, global_flat, inputs)
@@ -262,6 +266,7 @@ class Server:
                         rnd, len(chosen.sampled), len(chosen.dropped), len(rejected))
             if rejected and not private.get("bad_round"):  # every update was bad: as suspicious as a non-finite adapter
                 self._bad_round("without a usable update")
+        agg_metrics.update(agg_error)
         sim_row = self.wireless.row(sim, chosen.playing, chosen.dropped) if sim is not None else {}  # before the save
         t_eval = time.perf_counter()
         last = rnd == cfg.fed.rounds
@@ -521,7 +526,8 @@ def run_server(cfg: RunConfig, pipe, scheduler, data: FederatedData, transport, 
         (run_dir / "partition.json").write_text(json.dumps(data.summary(), indent=2))
         tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
                               maybe_wandb(cfg, run_dir, to_dict(cfg)))
-        server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train), transport, tracker,
+        layout = wire.layout if wire is not None else layout_of(pipe.unet)
+        server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train, layout), transport, tracker,
                         base_model, engine=engine, wire=wire)
         return server.run()
     finally:

@@ -144,7 +144,7 @@ def test_sbatch_bad_config_fails_with_one_line(jobs):
     log = (out / f"fedbad-{job}.out").read_text()
     assert code == 2, log
     assert log.strip().splitlines() == [
-        "fed-ddp: config error: fed.strategy='fedmagic': must be one of ['fedadam', 'fedavg', 'fedprox']"]
+        "fed-ddp: config error: fed.strategy='fedmagic': must be one of ['fedadagrad', 'fedadam', 'fedavg', 'fedavgm', 'fedprox', 'fedyogi']"]
 
 
 def test_sweep_array_runs_every_grid_point(jobs):

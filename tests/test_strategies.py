@@ -1,5 +1,5 @@
-"""Server strategies (FedAvg, FedProx, FedAdam) and the flat-buffer protocol, checked against
-independent float64 numpy references."""
+"""Server strategies (FedAvg, FedProx, FedAvgM, FedAdam, FedAdagrad, FedYogi) and the flat-buffer protocol,
+checked against independent float64 numpy references."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_FIELDS, UP_TAIL_BYTES, W
 from fed_ddp.strategies import (
     REGISTRY,
     ClientUpdate,
+    FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedProx,
+    FedYogi,
     RoundPlan,
     build_strategy,
     register,
@@ -93,7 +96,7 @@ def test_client_with_zero_examples_has_no_influence():
     np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("cls", [FedAvg, FedProx, FedAdam])
+@pytest.mark.parametrize("cls", [FedAvg, FedProx, FedAdam, FedAvgM, FedAdagrad, FedYogi])
 def test_zero_total_examples_raises_value_error(cls):
     updates = _updates(3, [0, 0])
     with pytest.raises(ValueError, match="no examples"):
@@ -199,6 +202,221 @@ def test_fedadam_state_dict_of_fresh_strategy_loads_into_fresh_strategy():
     assert torch.equal(g1, g2)
 
 
+# ----------------------------------------------------------------------------- FedAvgM / FedAdagrad / FedYogi
+
+def _ref_fedavgm(global0: np.ndarray, deltas: list[np.ndarray], eta: float, beta: float) -> list[np.ndarray]:
+    """Independent numpy FedAvgM (Hsu et al. 2019): m = beta*m + d; w = w + eta*m, m starting at 0."""
+    w = global0.astype(np.float64).copy()
+    m = np.zeros_like(w)
+    out = []
+    for d in deltas:
+        m = beta * m + d
+        w = w + eta * m
+        out.append(w.copy())
+    return out
+
+
+def _ref_fedopt(global0: np.ndarray, deltas: list[np.ndarray], rule: str, eta: float, b1: float, b2: float,
+                tau: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Independent numpy FedAdagrad / FedYogi (Reddi et al. 2021, Algorithm 2, no bias correction, m = v = 0
+    at the start); returns (global, v) after every round."""
+    w = global0.astype(np.float64).copy()
+    m = np.zeros_like(w)
+    v = np.zeros_like(w)
+    out = []
+    for d in deltas:
+        m = b1 * m + (1 - b1) * d
+        if rule == "adagrad":
+            v = v + d ** 2
+        elif rule == "yogi":
+            v = v - (1 - b2) * d ** 2 * np.sign(v - d ** 2)
+        else:
+            raise AssertionError(rule)
+        w = w + eta * m / (np.sqrt(v) + tau)
+        out.append((w.copy(), v.copy()))
+    return out
+
+
+def _random_rounds(seed: int, n: int) -> list[list[ClientUpdate]]:
+    """n rounds of 2..5 clients with random deltas, scales and example counts."""
+    rng = np.random.default_rng(seed)
+    rounds = []
+    for r in range(n):
+        counts = [int(c) for c in rng.integers(1, 200, size=int(rng.integers(2, 6)))]
+        ups = _updates(seed * 100 + r, counts)
+        scale = float(rng.uniform(0.05, 3.0))  # the pseudo-gradient's size changes from round to round
+        rounds.append([ClientUpdate(u.client_id, u.delta * scale, u.num_examples) for u in ups])
+    return rounds
+
+
+STATEFUL = {  # strategy class, hyper-parameters, numpy reference of the global after every round
+    "fedavgm": (FedAvgM, {"server_lr": 0.3, "server_momentum": 0.7},
+                lambda g0, ds: _ref_fedavgm(g0, ds, 0.3, 0.7)),
+    "fedadagrad": (FedAdagrad, {"server_lr": 0.05, "beta1": 0.8, "tau": 1e-2},
+                   lambda g0, ds: [w for w, _ in _ref_fedopt(g0, ds, "adagrad", 0.05, 0.8, 0.0, 1e-2)]),
+    "fedyogi": (FedYogi, {"server_lr": 0.05, "beta1": 0.8, "beta2": 0.9, "tau": 1e-2},
+                lambda g0, ds: [w for w, _ in _ref_fedopt(g0, ds, "yogi", 0.05, 0.8, 0.9, 1e-2)]),
+}
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_stateful_strategy_rounds_match_numpy_reference(name):
+    cls, hp, ref_fn = STATEFUL[name]
+    strat = cls(local_steps=3, lr=1e-3, **hp)
+    rounds = _random_rounds(70, 6)
+    g0 = _global(8)
+    refs = ref_fn(g0.numpy(), [_ref_mean(u) for u in rounds])
+
+    g = g0
+    for r, (updates, ref) in enumerate(zip(rounds, refs)):
+        g_prev = g.double().numpy()
+        g, metrics = strat.aggregate(r, g, updates)
+        assert g.dtype == torch.float32 and g.shape == g0.shape
+        np.testing.assert_allclose(g.double().numpy(), ref, rtol=1e-5, atol=1e-5)
+        # the reported norm is that of the step actually taken
+        assert metrics["update_norm"] == pytest.approx(np.linalg.norm(ref - g_prev), rel=1e-4, abs=1e-6)
+
+    # sanity: neither FedAvg nor FedAdam with the same server_lr (the reference is not trivially equal to them)
+    deltas = [_ref_mean(u) for u in rounds]
+    fedavg_w = g0.double().numpy() + hp["server_lr"] * sum(deltas)
+    fedadam_w = _ref_fedadam(g0.numpy(), rounds, hp["server_lr"], hp.get("beta1", 0.9), hp.get("beta2", 0.99),
+                             hp.get("tau", 1e-3))[-1]
+    assert np.abs(refs[-1] - fedavg_w).max() > 1e-2
+    assert np.abs(refs[-1] - fedadam_w).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_stateful_strategy_combines_with_the_robust_aggregator(name):
+    """d is the robust combination when ``fed.aggregator`` asks for one (here the coordinate-wise median)."""
+    cls, hp, ref_fn = STATEFUL[name]
+    strat = cls(local_steps=1, lr=1e-3, aggregator="median", **hp)
+    rounds = [_updates(80 + r, [1, 500, 3, 7, 2]) for r in range(3)]  # odd count: one middle value
+    g = _global(4)
+    refs = ref_fn(g.numpy(), [np.median(np.stack([u.delta.numpy().astype(np.float64) for u in ups]), axis=0)
+                              for ups in rounds])
+    for r, updates in enumerate(rounds):
+        g, _ = strat.aggregate(r, g, updates)
+    np.testing.assert_allclose(g.double().numpy(), refs[-1], rtol=1e-5, atol=1e-5)
+    # the counts do not matter to the median: the weighted mean would have landed elsewhere
+    assert np.abs(ref_fn(_global(4).numpy(), [_ref_mean(u) for u in rounds])[-1] - refs[-1]).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_stateful_strategy_checkpoint_round_trip_continues_bit_identically(name, tmp_path):
+    """The server state goes through the real checkpoint file (write_state / load_state) mid-sequence."""
+    from fed_ddp.checkpoint import STATE, load_state, write_state
+
+    cls, hp, ref_fn = STATEFUL[name]
+    kw = {"local_steps": 2, "lr": 1e-3, **hp}
+    rounds = _random_rounds(90, 5)
+    a = cls(**kw)
+
+    # a fresh strategy's state (moments not yet allocated: None) survives the file too
+    write_state(tmp_path / STATE, {"round": 0, "strategy": a.state_dict()})
+    fresh = cls(**kw)
+    fresh.load_state_dict(load_state(tmp_path)["strategy"])
+
+    g = _global(9)
+    for r in range(3):
+        g, _ = a.aggregate(r, g, rounds[r])
+    state = a.state_dict()
+    assert state and all(isinstance(t, torch.Tensor) for t in state.values())
+    write_state(tmp_path / STATE, {"round": 3, "global": g, "strategy": state})
+    stored = load_state(tmp_path)
+
+    b = cls(**kw)
+    b.load_state_dict(stored["strategy"])
+    cold = cls(**kw)  # same hyper-parameters, no restored state
+    ga, gb, gc = g, stored["global"], g.clone()
+    for r in range(3, 5):
+        ga, _ = a.aggregate(r, ga, rounds[r])
+        gb, _ = b.aggregate(r, gb, rounds[r])
+        gc, _ = cold.aggregate(r, gc, rounds[r])
+    assert torch.equal(ga, gb)
+    for k, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[k]), k
+
+    ref = ref_fn(_global(9).numpy(), [_ref_mean(u) for u in rounds])[-1]
+    np.testing.assert_allclose(gb.double().numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert np.abs(gc.double().numpy() - ref).max() > 1e-4  # the state matters
+
+    gf, _ = fresh.aggregate(0, _global(9), rounds[0])
+    gn, _ = cls(**kw).aggregate(0, _global(9), rounds[0])
+    assert torch.equal(gf, gn)
+
+
+@pytest.mark.parametrize("server_lr", [1.0, 0.3])
+def test_fedavgm_with_zero_momentum_is_fedavg(server_lr):
+    m, avg = FedAvgM(local_steps=1, lr=1e-3, server_lr=server_lr, server_momentum=0.0), FedAvg(
+        local_steps=1, lr=1e-3, server_lr=server_lr)
+    gm = ga = _global(6)
+    for r, updates in enumerate(_random_rounds(100, 4)):
+        gm, _ = m.aggregate(r, gm, updates)
+        ga, _ = avg.aggregate(r, ga, updates)
+        assert torch.equal(gm, ga)
+
+
+def test_fedavgm_velocity_accumulates_a_constant_delta():
+    # the same d every round: m_t = (1 + beta + ... + beta^t) d, the step tends to server_lr/(1-beta) x d
+    beta, eta = 0.5, 1.0
+    d = torch.tensor([1.0, -2.0, 0.25])
+    strat = FedAvgM(local_steps=1, lr=1e-3, server_lr=eta, server_momentum=beta)
+    g = torch.zeros(3)
+    for r, factor in enumerate([1.0, 1.5, 1.75, 1.875]):
+        g_prev = g
+        g, _ = strat.aggregate(r, g, [ClientUpdate(0, d, 4)])
+        assert torch.equal(strat.state_dict()["m"], factor * d)
+        assert torch.equal(g - g_prev, eta * factor * d)
+
+
+def test_fedyogi_second_moment_differs_from_adam_where_the_sign_matters():
+    """b2 = 0.75, values exact in fp32. Round 1 (v = 0): Yogi's v is Adam's, 0.25*d^2. Round 2:
+    coordinate 0: v = 1 > d^2 = 0.25: Yogi subtracts 0.25*0.25 (0.9375), Adam decays to 0.8125;
+    coordinate 1: v = 0.0625 < d^2 = 4: Yogi adds 0.25*4 (1.0625), Adam moves to 1.046875;
+    coordinate 2: v = d^2 = 1: sign 0, both keep 1;  coordinate 3: d = 0 throughout: v stays 0, no step."""
+    kw = {"local_steps": 1, "lr": 1e-3, "server_lr": 0.1, "beta1": 0.5, "beta2": 0.75, "tau": 1e-3}
+    yogi, adam, adagrad = FedYogi(**kw), FedAdam(**kw), FedAdagrad(**kw)
+    d1 = torch.tensor([2.0, 0.5, 2.0, 0.0])
+    d2 = torch.tensor([0.5, 2.0, 1.0, 0.0])
+    gy = ga = gg = torch.zeros(4)
+    for r, d in enumerate([d1, d2]):
+        gy, _ = yogi.aggregate(r, gy, [ClientUpdate(0, d, 3)])
+        ga, _ = adam.aggregate(r, ga, [ClientUpdate(0, d, 3)])
+        gg, _ = adagrad.aggregate(r, gg, [ClientUpdate(0, d, 3)])
+        if r == 0:
+            assert torch.equal(yogi.state_dict()["v"], torch.tensor([1.0, 0.0625, 1.0, 0.0]))
+            assert torch.equal(yogi.state_dict()["v"], adam.state_dict()["v"])
+            assert torch.equal(gy, ga)
+    assert torch.equal(yogi.state_dict()["v"], torch.tensor([0.9375, 1.0625, 1.0, 0.0]))
+    assert torch.equal(adam.state_dict()["v"], torch.tensor([0.8125, 1.046875, 1.0, 0.0]))
+    assert torch.equal(adagrad.state_dict()["v"], torch.tensor([4.25, 4.25, 5.0, 0.0]))
+    for s in (yogi, adam, adagrad):
+        assert torch.equal(s.state_dict()["m"], torch.tensor([0.75, 1.125, 1.0, 0.0]))  # same m for all three
+    assert gy[3] == 0 and ga[3] == 0 and gg[3] == 0
+    assert torch.equal(gy[2], ga[2]) and not torch.equal(gy[:2], ga[:2])
+
+    # the independent reference agrees on v and w
+    (_, v1), (w2, v2) = _ref_fedopt(np.zeros(4), [d1.double().numpy(), d2.double().numpy()], "yogi", 0.1, 0.5,
+                                    0.75, 1e-3)
+    np.testing.assert_array_equal(v1, [1.0, 0.0625, 1.0, 0.0])
+    np.testing.assert_array_equal(v2, [0.9375, 1.0625, 1.0, 0.0])
+    np.testing.assert_allclose(gy.double().numpy(), w2, rtol=1e-6, atol=1e-7)
+
+
+def test_fedadagrad_ignores_beta2_and_never_forgets():
+    rounds = _random_rounds(110, 3)
+    out = []
+    for b2 in (0.0, 0.5, 0.99):
+        s = FedAdagrad(local_steps=1, lr=1e-3, server_lr=0.1, beta1=0.9, beta2=b2, tau=1e-3)
+        g = _global(1)
+        for r, updates in enumerate(rounds):
+            g, _ = s.aggregate(r, g, updates)
+        out.append((g, s.state_dict()["v"]))
+    assert all(torch.equal(g, out[0][0]) for g, _ in out)
+    # v is the running sum of d^2
+    np.testing.assert_allclose(out[0][1].double().numpy(), sum(_ref_mean(u) ** 2 for u in rounds), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- build_strategy / plans
 
 def test_fedprox_aggregates_like_fedavg_and_plans_carry_mu():
@@ -242,6 +460,37 @@ def test_build_fedadam_uses_configured_hyperparameters():
     for r in range(2):
         g, _ = strat.aggregate(r, g, rounds[r])
     ref = _ref_fedadam(_global(5).numpy(), rounds, 0.2, 0.5, 0.6, 0.05)[-1]
+    np.testing.assert_allclose(g.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,cls,rule", [("fedadagrad", FedAdagrad, "adagrad"), ("fedyogi", FedYogi, "yogi")])
+def test_build_adaptive_strategies_use_configured_hyperparameters(name, cls, rule):
+    cfg = load_config(None, [f"fed.strategy={name}", "fed.server_lr=0.2", "fed.beta1=0.5", "fed.beta2=0.6",
+                             "fed.tau=0.05", "fed.proximal_mu=0.3", "fed.server_momentum=0.4"])
+    strat = build_strategy(cfg.fed, cfg.train)
+    assert type(strat) is cls
+    assert (strat.server_lr, strat.beta1, strat.beta2, strat.tau) == (0.2, 0.5, 0.6, 0.05)
+    assert strat.configure_round(0).proximal_mu == 0.0
+    rounds = [_updates(55 + r, [3, 8]) for r in range(3)]
+    g = _global(5)
+    for r in range(3):
+        g, _ = strat.aggregate(r, g, rounds[r])
+    ref = _ref_fedopt(_global(5).numpy(), [_ref_mean(u) for u in rounds], rule, 0.2, 0.5, 0.6, 0.05)[-1][0]
+    np.testing.assert_allclose(g.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_build_fedavgm_uses_configured_momentum():
+    cfg = load_config(None, ["fed.strategy=fedavgm", "fed.server_lr=0.4", "fed.server_momentum=0.6",
+                             "fed.proximal_mu=0.3", "fed.beta1=0.1"])
+    strat = build_strategy(cfg.fed, cfg.train)
+    assert type(strat) is FedAvgM and strat.server_momentum == 0.6
+    assert strat.configure_round(0).proximal_mu == 0.0
+    assert load_config(None, ["fed.strategy=fedavgm"]).fed.server_momentum == 0.9  # the default
+    rounds = [_updates(65 + r, [9, 2, 4]) for r in range(3)]
+    g = _global(5)
+    for r in range(3):
+        g, _ = strat.aggregate(r, g, rounds[r])
+    ref = _ref_fedavgm(_global(5).numpy(), [_ref_mean(u) for u in rounds], 0.4, 0.6)[-1]
     np.testing.assert_allclose(g.double().numpy(), ref, rtol=1e-5, atol=1e-6)
 
 

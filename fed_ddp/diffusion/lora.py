@@ -25,13 +25,18 @@ UNET_DIR = "unet"  # train.method=full: the whole UNet, diffusers format (UNet2D
 
 def prepare_trainable(unet, cfg) -> None:
     """Make ``unet`` trainable the way ``cfg.train.method`` says (``cfg``: a RunConfig): ``lora`` attaches
-    adapters on ``cfg.lora.targets``; ``full`` trains every UNet weight (fp32)."""
+    adapters on ``cfg.lora.targets``; ``full`` trains every UNet weight (fp32). With ``fed.strategy=ffa_lora``
+    the A factors stay frozen at their shared initialisation (from ``run.seed``): only B is trained and sent."""
     if cfg.train.method == "full":
         unet.requires_grad_(True)
         for p in unet.parameters():
             p.data = p.data.float()
-    else:
-        attach_lora(unet, cfg.lora, seed=cfg.run.seed)
+        return
+    attach_lora(unet, cfg.lora, seed=cfg.run.seed)
+    if cfg.fed.strategy == "ffa_lora":
+        for name, p in unet.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
 
 
 def attach_lora(unet, cfg: LoraSection, seed: int = 0) -> None:
