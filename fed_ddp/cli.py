@@ -31,6 +31,14 @@ def _load(args):
     return load_config(files, overrides)
 
 
+def _load_with(args, extra: list[str]):
+    files, overrides = split_args([args.config, *args.overrides])
+    try:
+        return load_config(files, [*overrides, *extra])
+    except ConfigError as e:
+        raise ConfigError("--strategies", ",".join(x.split("=", 1)[1] for x in extra), str(e)) from None
+
+
 def cmd_run(args) -> int:
     cfg = _load(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # already launched: join
@@ -202,7 +210,12 @@ def cmd_compare(args) -> int:
     cfg = _load(args)
     if not 0 <= args.client < cfg.fed.num_clients:
         return _fail(f"--client={args.client}: must be in [0, {cfg.fed.num_clients - 1}] (fed.num_clients)")
-    compare(cfg, client=args.client)
+    strategies = [s for s in (args.strategies or "").split(",") if s]
+    for s in strategies:  # each arm's config is validated as a whole (e.g. flexlora needs fed.aggregator=mean)
+        _load_with(args, [f"fed.strategy={s}"])
+    if len(set(strategies)) < len(strategies):
+        return _fail(f"--strategies={args.strategies}: names a strategy twice")
+    compare(cfg, client=args.client, strategies=strategies or None)
     return 0
 
 
@@ -232,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="more YAML files (merged in order), then key=value overrides")
         s.set_defaults(fn=fn)
     sub.choices["compare"].add_argument("--client", type=int, default=0, help="the local-only client")
+    sub.choices["compare"].add_argument("--strategies", default=None,
+                                        help="one federated arm per strategy, e.g. fedavg,ffa_lora,flexlora")
     sub.choices["plan"].add_argument("--unet", default=None, help="UNet config: sd15, a config.json or a model dir")
     sub.choices["plan"].add_argument("--wireless", action="store_true",
                                      help="simulated cell: air time, compute time and energy per round, full vs LoRA")

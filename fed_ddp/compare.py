@@ -1,13 +1,15 @@
 """What federation buys: federated vs centralized vs local-only LoRA fine-tuning, at equal total local steps.
 
     fed-ddp compare configs/quickstart.yaml [key=value ...]
+    fed-ddp compare configs/quickstart.yaml --strategies fedavg,ffa_lora,flexlora,fedadam   # one federated arm each
 
 All three arms run in this one process through the in-memory transport, with the same base, data
 split, seeds, evaluation and server loop as ``fed-ddp run``:
 
 - federated:   m sampled clients x K local steps per round, aggregated by ``fed.strategy`` (a sequential
-               simulation of the multi-process run: same maths, clients one after another);
-- centralized: one trainer on the pooled data of all clients, m*K steps per round;
+               simulation of the multi-process run: same maths, clients one after another); with
+               ``--strategies`` one such arm per strategy, ``federated-<strategy>``;
+- centralized: one trainer on the pooled data of all clients, m*K steps per round (plain: fedavg);
 - local-only:  client ``--client`` (0) alone on its own data, m*K steps per round.
 
 m = the expected clients per round (all N by default), so every arm takes the same number of steps.
@@ -44,44 +46,50 @@ def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Te
     return run_server(cfg, pipe, scheduler, data, InMemoryTransport([worker.handle]), base, wire=wire)
 
 
-def compare(cfg: RunConfig, client: int = 0) -> dict:
+def compare(cfg: RunConfig, client: int = 0, strategies: list[str] | None = None) -> dict:
+    """Run the arms and print one table. ``strategies``: one federated arm per strategy (``fed.strategy``
+    otherwise), each from the same initial adapter; the centralized and local-only arms train plainly
+    (fedavg: the trainer's own steps)."""
     quiet_libraries()
     setup_logging("compare", 0, cfg.run.log_level)
     base = base_path(cfg.model)
     pipe = load_pipeline(base, torch.device("cpu"), cfg.model.revision)
     prepare_trainable(pipe.unet, cfg)
-    init = get_flat(pipe.unet)
+    start = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad or ".lora_" in n}
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
     root = f"{cfg.run.name}-compare"
     n, k = round(cfg.fed.expected_round_size), cfg.fed.local_steps
     single = dataclasses.replace(cfg.fed, num_clients=1, workers=1, clients_per_round=None, sampling="all",
-                                 sample_rate=None, availability=1.0, dropout_rate=0.0, local_steps=n * k)
+                                 sample_rate=None, availability=1.0, dropout_rate=0.0, local_steps=n * k,
+                                 strategy="fedavg", server_lr=1.0, aggregator="mean")
     # the simulated cell models federated rounds: the pooled and the local-only trainer are not in it
     alone = dataclasses.replace(cfg, fed=single, wireless=dataclasses.replace(cfg.wireless, enabled=False))
-    arms = {
-        "federated": (dataclasses.replace(cfg, fed=cfg.fed), data),
-        "centralized": (alone, dataclasses.replace(data, clients=[concat(data.clients)])),
-        "local_only": (alone, dataclasses.replace(data, clients=[data.clients[client]])),
-    }
+    federated = {"federated": cfg} if not strategies else {
+        f"federated-{s}": dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, strategy=s)) for s in strategies}
+    arms = {**{name: (c, data) for name, c in federated.items()},
+            "centralized": (alone, dataclasses.replace(data, clients=[concat(data.clients)])),
+            "local_only": (alone, dataclasses.replace(data, clients=[data.clients[client]]))}
     results = {}
     for name, (arm_cfg, arm_data) in arms.items():
         arm_cfg = dataclasses.replace(arm_cfg, run=dataclasses.replace(cfg.run, name=name, overwrite=not cfg.run.resume,
                                                                        output_dir=str(cfg.run.dir.parent / root)))
         print(f"\n== {name}: {arm_cfg.fed.num_clients} trainer(s) x {arm_cfg.fed.local_steps} steps x "
               f"{arm_cfg.fed.rounds} rounds on {sum(len(d) for d in arm_data.clients)} private examples", flush=True)
-        results[name] = run_arm(arm_cfg, pipe, scheduler, arm_data, init, base)
-    table = {name: {"total_local_steps": (n if name == "federated" else 1) * arms[name][0].fed.local_steps
-                    * cfg.fed.rounds,
+        results[name] = run_arm(arm_cfg, pipe, scheduler, arm_data, _start_arm(pipe.unet, start, arm_cfg), base)
+    table = {name: {"total_local_steps": (1 if name in ("centralized", "local_only") else n)
+                    * arms[name][0].fed.local_steps * cfg.fed.rounds,
                     "examples": sum(len(d) for d in arms[name][1].clients),
                     "gen_acc_clients": r["final"].get("gen_acc_clients"),
                     "gen_acc_base": r["final"].get("gen_acc_base"),
                     "val_loss": r["final"].get("val_loss"),
-                    "bytes_up_total": r["bytes_up_total"]}
+                    "bytes_up_total": r["bytes_up_total"],
+                    "air_up_total": r["comm"]["air"]["up"]["total"]}
              for name, r in results.items()}
-    table["base"] = {"gen_acc_clients": results["federated"]["base"].get("gen_acc_clients"),
-                     "gen_acc_base": results["federated"]["base"].get("gen_acc_base"),
-                     "val_loss": results["federated"]["base"].get("val_loss")}
+    first = results[next(iter(federated))]
+    table["base"] = {"gen_acc_clients": first["base"].get("gen_acc_clients"),
+                     "gen_acc_base": first["base"].get("gen_acc_base"),
+                     "val_loss": first["base"].get("val_loss")}
     out = cfg.run.dir.parent / root / "compare.json"
     out.write_text(json.dumps(table, indent=2))
     print_compare(table)
@@ -89,15 +97,34 @@ def compare(cfg: RunConfig, client: int = 0) -> dict:
     return table
 
 
+def _start_arm(unet, start: dict[str, torch.Tensor], cfg: RunConfig) -> torch.Tensor:
+    """Every arm starts from the same adapter; FFA-LoRA's arm trains B only (its flat vector holds no A)."""
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name in start:
+                p.copy_(start[name])
+                if ".lora_A." in name:
+                    p.requires_grad_(cfg.fed.strategy != "ffa_lora")
+    return get_flat(unet)
+
+
 def print_compare(table: dict) -> None:
-    print(f"\n{'':14s}{'steps':>8s}{'examples':>10s}{'acc, client concepts':>22s}{'acc, base concepts':>20s}"
-          f"{'val loss':>10s}")
-    for name in ("base", "federated", "centralized", "local_only"):
+    rows = ["base", *[k for k in table if k.startswith("federated")], "centralized", "local_only"]
+    width = max(14, *(len(r) + 2 for r in rows))
+    print(f"\n{'':{width}s}{'steps':>8s}{'examples':>10s}{'acc, client concepts':>22s}{'acc, base concepts':>20s}"
+          f"{'val loss':>10s}{'uplink bytes':>16s}")
+    central = table["centralized"].get("gen_acc_clients")
+    for name in rows:
         r = table[name]
 
         def pct(v):
             return f"{v:.1%}" if isinstance(v, float) else "-"
 
         steps = r.get("total_local_steps", 0)
-        print(f"{name:14s}{steps:8d}{r.get('examples', 0):10d}{pct(r['gen_acc_clients']):>22s}"
-              f"{pct(r['gen_acc_base']):>20s}{r['val_loss']:10.4f}")
+        print(f"{name:{width}s}{steps:8d}{r.get('examples', 0):10d}{pct(r['gen_acc_clients']):>22s}"
+              f"{pct(r['gen_acc_base']):>20s}{r['val_loss']:10.4f}{r.get('air_up_total', 0):16,}")
+    if isinstance(central, float) and central > 0:
+        for name in rows[1:-2]:
+            acc = table[name].get("gen_acc_clients")
+            if isinstance(acc, float):
+                print(f"{name}: {acc / central:.0%} of centralized on the client concepts")

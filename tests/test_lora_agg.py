@@ -166,3 +166,26 @@ def test_fedavg_run_reports_the_aggregation_error_flexlora_its_truncation(tiny_b
     run = finished_run(tiny_base, tmp_path, "flex", "fed.rounds=1", "fed.strategy=flexlora")
     row = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1]
     assert 0 <= row["truncation_error_mean"] <= row["truncation_error_max"] < 1
+
+
+def test_compare_runs_one_federated_arm_per_strategy(tiny_base, tmp_path, capsys):
+    from fed_ddp.compare import compare
+
+    cfg = load_config(TINY, [f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", "fed.rounds=1",
+                             "eval.images_per_prompt=2", "eval.inference_steps=2", "eval.sample_seeds=[0]"])
+    table = compare(cfg, strategies=["fedavg", "ffa_lora"])
+    assert set(table) == {"base", "federated-fedavg", "federated-ffa_lora", "centralized", "local_only"}
+    fedavg, ffa = table["federated-fedavg"], table["federated-ffa_lora"]
+    assert fedavg["total_local_steps"] == ffa["total_local_steps"] == table["centralized"]["total_local_steps"]
+    assert 0 < ffa["air_up_total"] < fedavg["air_up_total"]  # B only on the wire
+    assert fedavg["val_loss"] != ffa["val_loss"]
+    out = capsys.readouterr().out
+    assert "federated-ffa_lora" in out and "uplink bytes" in out
+
+
+def test_compare_refuses_a_bad_strategy_in_one_line(capsys):
+    from fed_ddp.cli import main
+
+    assert main(["compare", TINY, "--strategies", "fedavg,fedex"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--strategies='fedex'" in err and "fed.strategy" in err and "\n" not in err
