@@ -340,6 +340,10 @@ class RunConfig:
         check_wireless(self.wireless, self.fed, self.privacy)
         _check(self.fed.strategy not in ("ffa_lora", "flexlora") or self.train.method == "lora", "fed.strategy",
                self.fed.strategy, "aggregates LoRA factors: needs train.method=lora")
+        stateful = sorted(set(self.comm.uplink) & {"topk", "randomk", "blocktopk", "segtopk", "lowrank"})
+        _check(self.fed.strategy != "flexlora" or not stateful, "fed.strategy", self.fed.strategy,
+               f"re-factorises A and B every round, so the clients' error-feedback residuals of {stateful} would "
+               "land in another basis: use a stateless uplink (fp16, int8, int4) or fed.strategy=fedavg")
         _check(self.fed.strategy != "flexlora" or not self.privacy.clips, "fed.strategy", self.fed.strategy,
                "re-factorises the clients' own products: it cannot work on a clipped, noised or masked mean "
                "(privacy); use fedavg or ffa_lora")

@@ -122,6 +122,9 @@ def test_strategy_config_rules_are_one_line():
     with pytest.raises(ConfigError, match="cannot work on a clipped"):
         load_config(TINY, ["fed.strategy=flexlora", "privacy.dp.noise_multiplier=1.0", "fed.sampling=poisson",
                            "fed.sample_rate=0.5"])
+    with pytest.raises(ConfigError, match="error-feedback residuals"):
+        load_config(TINY, ["fed.strategy=flexlora", "comm.uplink=[topk,int8]"])
+    load_config(TINY, ["fed.strategy=flexlora", "comm.uplink=[int8]"])  # stateless codecs are fine
     cfg = load_config(TINY, ["fed.strategy=flexlora"])
     with pytest.raises(ValueError, match="needs the adapter's layout"):
         build_strategy(cfg.fed, cfg.train)
