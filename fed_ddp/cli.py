@@ -31,14 +31,6 @@ def _load(args):
     return load_config(files, overrides)
 
 
-def _load_with(args, extra: list[str]):
-    files, overrides = split_args([args.config, *args.overrides])
-    try:
-        return load_config(files, [*overrides, *extra])
-    except ConfigError as e:
-        raise ConfigError("--strategies", ",".join(x.split("=", 1)[1] for x in extra), str(e)) from None
-
-
 def cmd_run(args) -> int:
     cfg = _load(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # already launched: join
@@ -87,6 +79,10 @@ def cmd_run(args) -> int:
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
         print_table(s, list(cfg.data.digits), [d for d in cfg.model.tiny.digits if d not in cfg.data.digits])
+        if s.get("personal", {}).get("clients"):  # personal.mode: each client's digits, global vs personal
+            from fed_ddp.personal import table
+
+            print("\n" + table(s["personal"]))
         t = s["seconds_total"]
         print(f"\nTime over {s['rounds']} rounds: {t['round']:.1f} s = local training {t['local_training']:.1f}"
               f" + client overhead {t['client_overhead']:.1f}"
@@ -177,6 +173,17 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, ids = [], sorted(ids)
+    for i in ids:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -192,12 +199,31 @@ def cmd_generate(args) -> int:
         info = read_info(args.checkpoint)
     except FileNotFoundError as e:
         return _fail(str(e))
+    personal = None
+    if args.client is not None:  # the run's personal adapter of that client (fed_ddp.personal)
+        from fed_ddp.personal import client_dir, read_index
+
+        index = read_index(args.checkpoint)
+        if index is None or args.client not in index["clients"]:
+            return _fail(f"--client={args.client}: {args.checkpoint} has no personal adapter for client {args.client} "
+                         + ("(the run had personal.mode=none)" if index is None else
+                            f"(personal.mode={index['mode']}; clients with one: {_ranges(index['clients'])})"))
+        personal = (index["mode"], client_dir(args.checkpoint, args.client), index.get("rank"))
     pipe = load_pipeline(args.base or info["base_model"], torch.device(args.device))
     if info.get("method", "lora") == "full":  # the whole fine-tuned UNet replaces the base's
         load_unet(pipe.unet, args.checkpoint)
+    elif personal is not None and personal[0] == "finetune":  # the client's fine-tuned adapter replaces the global
+        attach_lora(pipe.unet, LoraSection(**info["lora"]))
+        load_adapter(pipe.unet, personal[1])
     else:
         attach_lora(pipe.unet, LoraSection(**info["lora"]))
         load_adapter(pipe.unet, args.checkpoint)
+        if personal is not None:  # split: global + personal, both active with weight 1
+            from fed_ddp.diffusion.lora import attach_personal
+            from fed_ddp.lora_names import PERSONAL
+
+            attach_personal(pipe.unet, LoraSection(**info["lora"]), personal[2])
+            load_adapter(pipe.unet, personal[1], adapter_name=PERSONAL)
     imgs = generate(pipe, [args.prompt] * args.num_images, args.seed, args.steps, args.guidance_scale)
     save_grid(imgs[None], [args.prompt], args.out, cell=args.cell)
     print(f"wrote {args.out}")
@@ -210,11 +236,13 @@ def cmd_compare(args) -> int:
     cfg = _load(args)
     if not 0 <= args.client < cfg.fed.num_clients:
         return _fail(f"--client={args.client}: must be in [0, {cfg.fed.num_clients - 1}] (fed.num_clients)")
+    from fed_ddp.compare import arm_config
+
     strategies = [s for s in (args.strategies or "").split(",") if s]
     for s in strategies:  # each arm's config is validated as a whole (e.g. flexlora needs fed.aggregator=mean)
-        _load_with(args, [f"fed.strategy={s}"])
+        arm_config(cfg, s)
     if len(set(strategies)) < len(strategies):
-        return _fail(f"--strategies={args.strategies}: names a strategy twice")
+        return _fail(f"--strategies={args.strategies}: names an arm twice")
     compare(cfg, client=args.client, strategies=strategies or None)
     return 0
 
@@ -246,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
     sub.choices["compare"].add_argument("--client", type=int, default=0, help="the local-only client")
     sub.choices["compare"].add_argument("--strategies", default=None,
-                                        help="one federated arm per strategy, e.g. fedavg,ffa_lora,flexlora")
+                                        help="one federated arm per strategy, e.g. fedavg,flexlora,fedyogi:server_lr=0.01 "
+                                             "(name:key=value sets fed.key for that arm)")
     sub.choices["plan"].add_argument("--unet", default=None, help="UNet config: sd15, a config.json or a model dir")
     sub.choices["plan"].add_argument("--wireless", action="store_true",
                                      help="simulated cell: air time, compute time and energy per round, full vs LoRA")
@@ -261,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base", default=None, help="base pipeline directory (default: the one the run used)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--cell", type=int, default=64, help="pixels per image in the PNG")
+    g.add_argument("--client", type=int, default=None,
+                   help="also load this client's personal adapter (a run with personal.mode=split or finetune)")
     g.set_defaults(fn=cmd_generate)
     r = sub.add_parser("report", help="plots and a table (md + csv) from finished run directories")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (config.yaml, metrics.jsonl)")

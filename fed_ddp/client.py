@@ -58,13 +58,14 @@ class LocalTrainer:
 
     def __init__(self, pipe, scheduler, data: CaptionedImages | EncodedSet, train_cfg, seed: int,
                  replay: CaptionedImages | EncodedSet | None = None, replay_fraction: float = 0.0, client_id: int = 0,
-                 engine=None, rank_in_client: int = 0, ranks_per_client: int = 1):
+                 engine=None, rank_in_client: int = 0, ranks_per_client: int = 1, personal_lr: float | None = None):
         from fed_ddp.engines import TorchEngine
 
         self.unet, self.scheduler, self.cfg = pipe.unet, scheduler, train_cfg
         self.engine = engine or TorchEngine(pipe.unet, train_cfg)
         self.device = self.unet.device
         self.seed, self.client_id = seed, client_id
+        self.personal_lr = personal_lr  # personal.mode=split: the personal adapter's lr (None: the round's)
         self.slot, self.ranks = rank_in_client, ranks_per_client
         own = data if isinstance(data, EncodedSet) else encode_set(pipe, data)
         self.num_examples = len(own)
@@ -94,7 +95,10 @@ class LocalTrainer:
         t0 = time.perf_counter()
         eng = self.engine
         eng.write_adapter(global_flat)
-        eng.begin_round(plan.lr)
+        if self.personal_lr is None:
+            eng.begin_round(plan.lr)
+        else:
+            eng.begin_round(plan.lr, self.personal_lr)
         params = lora_parameters(self.unet)
         anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else None
         seed = client_round(self.seed, plan.round, self.client_id)

@@ -1,7 +1,7 @@
 """What federation buys: federated vs centralized vs local-only LoRA fine-tuning, at equal total local steps.
 
     fed-ddp compare configs/quickstart.yaml [key=value ...]
-    fed-ddp compare configs/quickstart.yaml --strategies fedavg,ffa_lora,flexlora,fedadam   # one federated arm each
+    fed-ddp compare configs/quickstart.yaml --strategies fedavg,ffa_lora,flexlora,fedyogi:server_lr=0.01   # one arm each
 
 All three arms run in this one process through the in-memory transport, with the same base, data
 split, seeds, evaluation and server loop as ``fed-ddp run``:
@@ -41,7 +41,8 @@ def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Te
     """One arm: the production server loop and worker over the in-memory transport (one worker plays every
     sampled client in turn; a client's update does not depend on which worker plays it)."""
     set_flat(pipe.unet, init)
-    wire = Wire(cfg.comm, layout_of(pipe.unet), workers=1, privacy_fields=cfg.privacy.clips)
+    wire = Wire(cfg.comm, layout_of(pipe.unet), workers=1, privacy_fields=cfg.privacy.clips,
+                client_ranks=cfg.lora.client_ranks)
     worker = Worker(0, cfg, pipe, scheduler, data, wire)
     return run_server(cfg, pipe, scheduler, data, InMemoryTransport([worker.handle]), base, wire=wire)
 
@@ -65,8 +66,7 @@ def compare(cfg: RunConfig, client: int = 0, strategies: list[str] | None = None
                                  strategy="fedavg", server_lr=1.0, aggregator="mean")
     # the simulated cell models federated rounds: the pooled and the local-only trainer are not in it
     alone = dataclasses.replace(cfg, fed=single, wireless=dataclasses.replace(cfg.wireless, enabled=False))
-    federated = {"federated": cfg} if not strategies else {
-        f"federated-{s}": dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, strategy=s)) for s in strategies}
+    federated = {"federated": cfg} if not strategies else {f"federated-{s}": arm_config(cfg, s) for s in strategies}
     arms = {**{name: (c, data) for name, c in federated.items()},
             "centralized": (alone, dataclasses.replace(data, clients=[concat(data.clients)])),
             "local_only": (alone, dataclasses.replace(data, clients=[data.clients[client]]))}
@@ -95,6 +95,18 @@ def compare(cfg: RunConfig, client: int = 0, strategies: list[str] | None = None
     print_compare(table)
     print(f"\nwritten: {out}")
     return table
+
+
+def arm_config(cfg: RunConfig, spec: str) -> RunConfig:
+    """One federated arm from ``--strategies``: ``name`` or ``name:key=value[:key=value]`` with fed.* keys
+    (``fedyogi:server_lr=0.01``: each strategy at its own settings in one table)."""
+    from fed_ddp.config import ConfigError, load_config
+
+    name, *settings = spec.split(":")
+    try:
+        return load_config(None, [f"fed.strategy={name}", *(f"fed.{kv}" for kv in settings)], base=cfg)
+    except ConfigError as e:
+        raise ConfigError("--strategies", spec, str(e)) from None
 
 
 def _start_arm(unet, start: dict[str, torch.Tensor], cfg: RunConfig) -> torch.Tensor:

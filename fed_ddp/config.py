@@ -92,12 +92,33 @@ class LoraSection:
     alpha: float = 4.0  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # LoRA dropout
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # UNet module names
+    client_ranks: list[int] = field(default_factory=list)  # heterogeneous ranks: client c trains and sends rank client_ranks[c % len] <= rank (device classes in turn); empty = every client at rank
 
     def __post_init__(self):
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
         _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
         _check(bool(self.targets), "lora.targets", self.targets, "must name at least one module")
+        _check(all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.rank for k in self.client_ranks),
+               "lora.client_ranks", list(self.client_ranks),
+               f"every client rank must be an integer in [1, lora.rank={self.rank}] (the global adapter's rank)")
+
+
+def check_client_ranks(cfg) -> None:
+    """``lora.client_ranks`` against the settings that cannot use per-client ranks (one line each)."""
+    ranks = list(cfg.lora.client_ranks)
+    if not ranks:
+        return
+    _check(cfg.train.method == "lora", "lora.client_ranks", ranks,
+           f"per-client LoRA ranks need train.method=lora (not {cfg.train.method})")
+    _check(cfg.fed.strategy != "ffa_lora", "lora.client_ranks", ranks, "fed.strategy=ffa_lora freezes A and sends B "
+           "whole: use fedavg (zero-padding) or flexlora (SVD redistribution) with per-client ranks")
+    _check(cfg.fed.strategy != "scaffold", "lora.client_ranks", ranks, "fed.strategy=scaffold's control variates "
+           "cover the whole rank-r adapter: use fedavg (zero-padding) or flexlora (SVD redistribution)")
+    _check(not cfg.privacy.clips, "lora.client_ranks", ranks, "privacy (privacy.dp, privacy.secagg or clipping) "
+           "clips, noises and masks one message size for every client: set lora.client_ranks=[] or turn privacy off")
+    _check(not cfg.wireless.enabled, "lora.client_ranks", ranks, "the simulated cell (wireless.enabled) times one "
+           "message size for every client: set lora.client_ranks=[] or wireless.enabled=false")
 
 
 PARTITIONS = ("iid", "dirichlet", "shards")
@@ -136,7 +157,8 @@ class DataSection:
                            "folder has no metadata.jsonl (imagefolder layout: file_name, text)")
 
 
-STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "ffa_lora", "flexlora")
+STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "ffa_lora", "flexlora",
+              "scaffold")
 
 
 @dataclass(kw_only=True)
@@ -152,7 +174,7 @@ class FedSection:
     client_cache: int = 32  # per worker: clients whose encoded data and state stay in memory (LRU)
     rounds: int = 5  # federated rounds
     local_steps: int = 50  # optimizer steps per client per round
-    strategy: str = "fedavg"  # fedavg / fedprox / fedavgm (server momentum) / fedadam / fedadagrad / fedyogi (adaptive server optimizers) / ffa_lora (A frozen, B averaged: exact) / flexlora (products averaged, SVD to rank r)
+    strategy: str = "fedavg"  # fedavg / fedprox / fedavgm (server momentum) / fedadam / fedadagrad / fedyogi (adaptive server optimizers) / ffa_lora (A frozen, B averaged: exact) / flexlora (products averaged, SVD to rank r) / scaffold (control variates against client drift)
     server_lr: float = 1.0  # fedavg/fedprox: step along the mean delta; fedavgm: step along the velocity; fedadam/fedadagrad/fedyogi: eta
     server_momentum: float = 0.9  # fedavgm: momentum beta of the server's velocity
     beta1: float = 0.9  # fedadam/fedadagrad/fedyogi: first moment decay
@@ -206,6 +228,9 @@ class FedSection:
         from fed_ddp.strategies.robust import AGGREGATORS
 
         _one_of("fed.aggregator", self.aggregator, set(AGGREGATORS))
+        _check(self.strategy != "scaffold" or self.aggregator == "mean", "fed.aggregator", self.aggregator,
+               "fed.strategy=scaffold keeps the server's control variate the mean of the clients': needs "
+               "fed.aggregator=mean")
         _check(self.strategy != "flexlora" or self.aggregator == "mean", "fed.aggregator", self.aggregator,
                "fed.strategy=flexlora averages the clients' LoRA products by weight: needs fed.aggregator=mean")
         _check(0 <= self.trim_fraction < 0.5, "fed.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
@@ -299,6 +324,26 @@ class EvalSection:
         _positive("eval.guidance_scale", self.guidance_scale)
 
 
+PERSONAL_MODES = ("none", "split", "finetune")
+
+
+@dataclass(kw_only=True)
+class PersonalSection:
+    mode: str = "none"  # none / split (each client also trains a personal LoRA adapter, kept on the client, never sent) / finetune (local steps per client from the final global adapter)
+    rank: int | None = None  # split: the personal adapter's rank (on lora.targets, same scale alpha/r as the shared one); null = lora.rank
+    steps: int | None = None  # finetune: local steps per client after the last round; null = fed.local_steps
+    lr: float | None = None  # the personal adapter's AdamW learning rate; null = train.lr
+
+    def __post_init__(self):
+        _one_of("personal.mode", self.mode, set(PERSONAL_MODES))
+        if self.rank is not None:
+            _positive("personal.rank", self.rank)
+        if self.steps is not None:
+            _positive("personal.steps", self.steps)
+        if self.lr is not None:
+            _positive("personal.lr", self.lr, zero_ok=True)
+
+
 @dataclass(kw_only=True)
 class WandbSection:
     mode: str = "disabled"  # online / offline / disabled
@@ -329,6 +374,7 @@ class RunConfig:
     comm: CommSection = field(default_factory=CommSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     wireless: WirelessSection = field(default_factory=WirelessSection)
+    personal: PersonalSection = field(default_factory=PersonalSection)
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
@@ -338,6 +384,7 @@ class RunConfig:
                    self.data.client_dirs, f"needs one folder per client (fed.num_clients={self.fed.num_clients})")
         check_privacy(self.privacy, self.fed, self.comm)
         check_wireless(self.wireless, self.fed, self.privacy)
+        check_client_ranks(self)
         _check(self.fed.strategy not in ("ffa_lora", "flexlora") or self.train.method == "lora", "fed.strategy",
                self.fed.strategy, "aggregates LoRA factors: needs train.method=lora")
         stateful = sorted(set(self.comm.uplink) & {"topk", "randomk", "blocktopk", "segtopk", "lowrank"})
@@ -347,10 +394,45 @@ class RunConfig:
         _check(self.fed.strategy != "flexlora" or not self.privacy.clips, "fed.strategy", self.fed.strategy,
                "re-factorises the clients' own products: it cannot work on a clipped, noised or masked mean "
                "(privacy); use fedavg or ffa_lora")
+        check_personal(self)
+        check_scaffold(self)
 
     @property
     def world_size(self) -> int:
         return 1 + self.fed.num_workers * self.fed.ranks_per_client
+
+
+def check_scaffold(cfg: RunConfig) -> None:
+    """``fed.strategy=scaffold`` against the settings its control variates cannot work with (one line each)."""
+    if cfg.fed.strategy != "scaffold":
+        return
+    s = "scaffold"
+    _check(not cfg.privacy.clips, "fed.strategy", s, "control variates travel unclipped, unnoised and unmasked: "
+           "privacy (privacy.dp, privacy.secagg or clipping) does not compose with it; turn privacy off")
+    _check(cfg.train.engine == "torch", "fed.strategy", s, "corrects gradients by hooks on the torch engine's "
+           f"parameters: needs train.engine=torch (not {cfg.train.engine})")
+    _check(cfg.fed.ranks_per_client == 1, "fed.strategy", s, "a client's control variate is the mean gradient it "
+           f"saw, one rank's: needs fed.ranks_per_client=1 (not {cfg.fed.ranks_per_client})")
+    _check(not cfg.lora.client_ranks, "lora.client_ranks", list(cfg.lora.client_ranks),
+           "fed.strategy=scaffold sends control variates of the whole adapter: set lora.client_ranks=[]")
+    _check(cfg.personal.mode != "split", "personal.mode", cfg.personal.mode, "fed.strategy=scaffold corrects the "
+           "gradients of the shared adapter only: use personal.mode=none or finetune")
+
+
+def check_personal(cfg: RunConfig) -> None:
+    """``personal.mode`` against the settings that cannot carry a personal adapter (one line each)."""
+    mode = cfg.personal.mode
+    if mode == "none":
+        return
+    _check(cfg.train.method == "lora", "personal.mode", mode, "personal adapters are LoRA adapters: needs "
+           f"train.method=lora (not {cfg.train.method})")
+    _check(cfg.train.engine == "torch", "personal.mode", mode, "needs train.engine=torch (the personal adapter has "
+           "an optimizer of its own, outside DeepSpeed's)")
+    if mode == "split":
+        _check(cfg.fed.ranks_per_client == 1, "personal.mode", mode, "split needs fed.ranks_per_client=1 (the "
+               "personal adapter is trained and stored by one rank per client)")
+        _check(not cfg.privacy.secagg, "personal.mode", mode, "split does not run with privacy.secagg (its rounds "
+               "carry no client state); use differential privacy without secure aggregation, or personal.mode=finetune")
 
 
 def _format_omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
@@ -367,14 +449,14 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
 
 
 def load_config(path: str | os.PathLike | list | tuple | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Merge defaults <- YAML file(s), in order <- ``key=value`` overrides, and validate.
+                overrides: list[str] | tuple[str, ...] = (), base: RunConfig | None = None) -> RunConfig:
+    """Merge defaults (or ``base``, a config) <- YAML file(s), in order <- ``key=value`` overrides, and validate.
 
     Raises ConfigError (one line: key, value, what is allowed).
     """
     paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
     try:
-        cfg = OmegaConf.structured(RunConfig)
+        cfg = OmegaConf.structured(RunConfig if base is None else base)
         for p in map(Path, paths):
             if not p.is_file():
                 raise ConfigError("config", str(p), "file does not exist")

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from fed_ddp.diffusion.lora import get_flat, lora_parameters, set_flat
+from fed_ddp.lora_names import is_lora_name, personal_named
 
 
 class TorchEngine:
@@ -27,6 +28,7 @@ class TorchEngine:
     def __init__(self, unet, train_cfg, dp_group=None):
         self.unet, self.cfg, self.group = unet, train_cfg, dp_group
         self.params = lora_parameters(unet)
+        self.personal = [p for _, p in personal_named(unet)]  # personal.mode=split: trained here, never exchanged
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.model = unet
         self.opt = None
@@ -42,8 +44,12 @@ class TorchEngine:
     def gathered(self):
         yield
 
-    def begin_round(self, lr: float) -> None:
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=self.cfg.weight_decay)
+    def begin_round(self, lr: float, personal_lr: float | None = None) -> None:
+        """A fresh AdamW; the personal adapter (if any) is a second parameter group at ``personal_lr`` (None: lr)."""
+        groups = [{"params": self.params}]
+        if self.personal:
+            groups.append({"params": self.personal, "lr": lr if personal_lr is None else personal_lr})
+        self.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.cfg.weight_decay)
         self.opt.zero_grad(set_to_none=True)
         self._micro = 0
 
@@ -62,8 +68,10 @@ class TorchEngine:
             for p in self.params:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
-        if self.cfg.max_grad_norm > 0:
+        if self.cfg.max_grad_norm > 0:  # each adapter on its own: the personal one never rescales the shared one
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            if self.personal:
+                torch.nn.utils.clip_grad_norm_(self.personal, self.cfg.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -111,6 +119,9 @@ class DeepSpeedEngine:
         self._ds = deepspeed
         self.unet, self.cfg = unet, train_cfg
         self.params = lora_parameters(unet)
+        # what an export reads: every LoRA tensor, the frozen ones too (FFA-LoRA's A under ZeRO-3)
+        self.exported = [p for n, p in unet.named_parameters() if is_lora_name(n)] if train_cfg.method != "full" \
+            else list(unet.parameters())
         self.config = deepspeed_config(train_cfg, ds_cfg, device_type, mpu.get_data_parallel_world_size())
         self.stage = ds_cfg.zero_stage
         if self.stage == 3:
@@ -121,9 +132,11 @@ class DeepSpeedEngine:
 
     @contextlib.contextmanager
     def gathered(self, write: bool = False):
-        """Full LoRA tensors inside the block (ZeRO-3: gathered; on exit, rank 0's writes are re-partitioned)."""
+        """Full LoRA tensors inside the block (ZeRO-3: gathered, frozen ones included, for exports; on exit, rank
+        0's writes to the trained ones are re-partitioned)."""
         if self.stage == 3:
-            with self._ds.zero.GatheredParameters(self.params, modifier_rank=0 if write else None):
+            with self._ds.zero.GatheredParameters(self.params if write else self.exported,
+                                                  modifier_rank=0 if write else None):
                 yield
         else:
             yield

@@ -18,7 +18,8 @@ knows when each client last played), so a missing file is an error, never a sile
 file left by an interrupted round is never picked up. Every size is a function of the config, the
 adapter layout and the head only, never of the data: the
 body's size follows from ``slots``, and worker w's uplink is exactly (clients in its row) x
-``up_nbytes``, so both ends know every buffer's length before anything moves and no size travels.
+``up_nbytes`` (with ``lora.client_ranks``: the sum of its clients' ``up_nbytes_of``, which follow each
+client's rank), so both ends know every buffer's length before anything moves and no size travels.
 Counts travel as fp32, exact up to 2**24 (16.7 M examples per client).
 
 Byte accounting (``Wire``): per client and round, ``down_bytes`` = what a client needs over the air
@@ -35,8 +36,10 @@ from dataclasses import dataclass
 import torch
 
 from fed_ddp.compression import ByteCount, ChainState, CodecChain, downlink_chain, uplink_chain
+from fed_ddp.lora_ranks import SubLayout, client_rank
 from fed_ddp.seeds import client_codec
 from fed_ddp.strategies import ClientUpdate, RoundPlan
+from fed_ddp.strategies.scaffold import control_layout
 
 HEAD_FIELDS = ("kind", "round", "local_steps", "lr", "proximal_mu", "slots")
 ROUND, STOP = 0, 1  # head kinds; secure aggregation adds its steps (fed_ddp.privacy.masked: 2..5)
@@ -74,10 +77,16 @@ class Wire:
     """Packs and unpacks the round's buffers with the configured codec chains.
 
     ``layout`` is the adapter's (name, shape) list in flat-vector order (``compression.layout_of``);
-    ``workers`` the number of rows of the assignment table.
+    ``workers`` the number of rows of the assignment table. ``client_ranks`` (``lora.client_ranks``; empty:
+    every client sends the whole adapter): client c sends only its rank's sub-layout
+    (``fed_ddp.lora_ranks``) through an uplink chain of its own size, so message sizes are per client.
     """
 
-    def __init__(self, comm, layout, workers: int = 1, privacy_fields: bool = False):
+    def __init__(self, comm, layout, workers: int = 1, privacy_fields: bool = False, client_ranks=()):
+        self.client_ranks = [int(r) for r in client_ranks or ()]
+        self.subs = {r: SubLayout(layout, r) for r in sorted(set(self.client_ranks))}
+        self.up_by_rank = {r: uplink_chain(comm, s.layout) for r, s in self.subs.items()}
+        self.up_bytes_by_rank = {r: c.wire_bytes + ByteCount(0, UP_TAIL_BYTES) for r, c in self.up_by_rank.items()}
         self.up: CodecChain = uplink_chain(comm, layout)
         self.down: CodecChain = downlink_chain(comm, layout)
         self.layout, self.workers = list(layout), int(workers)
@@ -144,39 +153,109 @@ class Wire:
 
     def up_sizes(self, table: list[list[int]]) -> list[int]:
         """Bytes each worker sends this round, by worker index."""
-        return [len(row) * self.up_nbytes for row in table]
+        if not self.client_ranks:
+            return [len(row) * self.up_nbytes for row in table]
+        return [sum(self.up_nbytes_of(c) for c in row) for row in table]
+
+    # -- heterogeneous ranks: per-client sizes (the uniform ones when lora.client_ranks is empty) -------
+    def rank_of(self, client: int) -> int | None:
+        """Client ``client``'s LoRA rank (None: every client sends the whole adapter)."""
+        return client_rank(self.client_ranks, client) if self.client_ranks else None
+
+    def up_bytes_of(self, client: int) -> ByteCount:
+        """One message of ``client``."""
+        if not self.client_ranks:
+            return self.up_bytes
+        return self.up_bytes_by_rank[self.rank_of(client)]
+
+    def up_nbytes_of(self, client: int) -> int:
+        return self.up_bytes_of(client).total if self.client_ranks else self.up_nbytes
+
+    def up_bytes_for(self, clients: list[int]) -> ByteCount:
+        """All of ``clients``' messages (one each)."""
+        if not self.client_ranks:
+            return self.up_bytes * len(clients)
+        return sum((self.up_bytes_of(c) for c in clients), ByteCount())
+
+    def start_of(self, client: int, global_flat: torch.Tensor) -> torch.Tensor:
+        """The adapter ``client`` trains from: the global one, its components beyond the client's rank zeroed."""
+        return global_flat if not self.client_ranks else self.subs[self.rank_of(client)].start(global_flat)
 
     # -- a client's message -----------------------------------------------------------------------
     def pack_uplink(self, client_id: int, delta: torch.Tensor, state: ChainState | None, num_examples: int,
                     metrics: dict[str, float]) -> torch.Tensor:
         """Encode ``delta`` (updating the client's error-feedback ``state``) and append its id and fields."""
-        return self.with_fields(self.encode_delta(delta, state), client_id, num_examples, metrics)
+        return self.with_fields(self.encode_delta(delta, state, client_id), client_id, num_examples, metrics)
 
-    def encode_delta(self, delta: torch.Tensor, state: ChainState | None) -> torch.Tensor:
-        return self.up.encode(delta.detach().float().cpu(), state).to_bytes()
+    def encode_delta(self, delta: torch.Tensor, state: ChainState | None, client: int | None = None) -> torch.Tensor:
+        """The codec message of a full-size ``delta``; heterogeneous ranks: of ``client``'s components only."""
+        delta = delta.detach().float().cpu()
+        if not self.client_ranks:
+            return self.up.encode(delta, state).to_bytes()
+        r = self.rank_of(client)
+        return self.up_by_rank[r].encode(self.subs[r].take(delta), state).to_bytes()
 
     def with_fields(self, msg: torch.Tensor, client_id: int, num_examples: int, metrics: dict[str, float]
                     ) -> torch.Tensor:
         cid = torch.tensor([client_id], dtype=torch.int32).view(torch.uint8)
         return torch.cat([msg, cid, _f32_bytes([num_examples] + [metrics[k] for k in UP_FIELDS[1:]])])
 
-    def unpack_uplink(self, buf: torch.Tensor) -> ClientUpdate:
-        self._check(buf, self.up_nbytes, "uplink message")
+    def unpack_uplink(self, buf: torch.Tensor, client: int | None = None,
+                      global_flat: torch.Tensor | None = None) -> ClientUpdate:
+        """A client's message -> its update. Heterogeneous ranks: ``client`` (whose slot the message came in)
+        names its sub-layout, and its delta comes back full size against ``global_flat`` (``SubLayout.expand``)."""
+        if self.client_ranks and (client is None or global_flat is None):
+            raise ValueError("heterogeneous ranks: unpack_uplink needs the slot's client and the global adapter")
+        self._check(buf, self.up_nbytes_of(client), "uplink message")
         tail = buf[-UP_TAIL_BYTES:]
         cid = int(tail[:4].clone().view(torch.int32).item())
         fields = dict(zip(UP_FIELDS, _f32(tail[4:])))
         n = fields.pop("num_examples")
         if not math.isfinite(n):  # round(inf) would raise OverflowError: refuse it as a bad message
             raise ValueError(f"uplink message: num_examples={n}")
-        delta = self.up.decode(self.up.from_bytes(buf[:-UP_TAIL_BYTES]))
+        if not self.client_ranks:
+            delta = self.up.decode(self.up.from_bytes(buf[:-UP_TAIL_BYTES]))
+        else:
+            r = self.rank_of(client)
+            chain = self.up_by_rank[r]
+            delta = self.subs[r].expand(chain.decode(chain.from_bytes(buf[:-UP_TAIL_BYTES])), global_flat.float().cpu())
         return ClientUpdate(cid, delta, round(n), fields)
 
-    def split_uplink(self, buf: torch.Tensor, count: int) -> list[torch.Tensor]:
-        """A worker's uplink buffer -> its ``count`` client messages."""
-        self._check(buf, count * self.up_nbytes, "worker uplink")
-        return [buf[i * self.up_nbytes:(i + 1) * self.up_nbytes] for i in range(count)]
+    def split_uplink(self, buf: torch.Tensor, clients: int | list[int]) -> list[torch.Tensor]:
+        """A worker's uplink buffer -> its clients' messages (``clients``: their ids in table order, or their
+        count when every message has the same size)."""
+        if isinstance(clients, int):
+            if self.client_ranks:
+                raise ValueError("heterogeneous ranks: split_uplink needs the clients' ids, not their count")
+            clients = [0] * clients
+        sizes = [self.up_nbytes_of(c) for c in clients]
+        self._check(buf, sum(sizes), "worker uplink")
+        return list(buf.split(sizes)) if sizes else []
 
     @staticmethod
     def _check(buf: torch.Tensor, want: int, what: str) -> None:
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != want:
             raise ValueError(f"{what} buffer: expected {want} uint8 bytes, got {buf.dtype} {tuple(buf.shape)}")
+
+
+class ControlWire(Wire):
+    """The wire of ``fed.strategy=scaffold``: every message is one flat vector over the adapter's layout followed
+    by the control variates' (``strategies.scaffold.control_layout``): downlink [global, c], uplink [Δx_i, Δc_i].
+    The codec chains (and so every byte count) cover both halves; ``layout`` and ``num_params`` stay the
+    adapter's, and clients keep state every round they play (their c_i)."""
+
+    def __init__(self, comm, layout, workers: int = 1):
+        super().__init__(comm, control_layout(layout), workers)
+        self.layout = list(layout)
+        self.num_params = self.up.numel // 2
+        self.keeps_state = True
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A message vector -> (its adapter half, its control half)."""
+        return flat[:self.num_params], flat[self.num_params:]
+
+    def unpack_uplink(self, buf: torch.Tensor, client: int | None = None,
+                      global_flat: torch.Tensor | None = None) -> ClientUpdate:
+        u = super().unpack_uplink(buf)
+        u.delta, u.control = self.split(u.delta)
+        return u

@@ -39,3 +39,8 @@ AVAILABILITY, SAMPLING, DROPOUT = 1, 2, 3
 
 def round_rng(run_seed: int, rnd: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([run_seed, rnd, purpose])
+
+
+def client_personal(run_seed: int, client_id: int) -> int:
+    """Initial personal adapter of ``client_id`` (personal.mode=split), drawn the first time it plays."""
+    return int(np.random.SeedSequence([run_seed, client_id, 4]).generate_state(1, np.uint64)[0] >> 1)

@@ -34,7 +34,7 @@ from fed_ddp.population import assign, read_trace, select_round
 from fed_ddp.privacy.engine import ServerPrivacy, pack_fields, round_trip
 from fed_ddp.privacy.engine import resolve as resolve_privacy
 from fed_ddp.privacy.masked import MaskedServer
-from fed_ddp.protocol import Wire
+from fed_ddp.protocol import ControlWire, Wire
 from fed_ddp.seeds import server_codec
 from fed_ddp.strategies import ClientUpdate, Strategy, lora_pairs, product_error, screen
 from fed_ddp.strategies.robust import lower_median
@@ -52,14 +52,18 @@ class Server:
         self.strategy, self.transport, self.tracker = strategy, transport, tracker
         self.run_dir = cfg.run.dir
         self.workers = transport.num_workers
-        self.wire = wire or Wire(cfg.comm, layout_of(pipe.unet), self.workers, privacy_fields=cfg.privacy.clips)
+        self.wire = wire or Wire(cfg.comm, layout_of(pipe.unet), self.workers, privacy_fields=cfg.privacy.clips,
+                                 client_ranks=cfg.lora.client_ranks)
         if self.wire.workers != self.workers:
             raise ValueError(f"wire built for {self.wire.workers} workers, transport has {self.workers}")
+        if strategy.controls and not isinstance(self.wire, ControlWire):  # scaffold: c and Δc_i travel too
+            self.wire = ControlWire(cfg.comm, self.wire.layout, self.workers)
         self.down_state = ChainState(seed=server_codec(cfg.run.seed))  # downlink stochastic rounding
         self.unet_parameters = sum(getattr(p, "ds_numel", p.numel()) for n, p in pipe.unet.named_parameters()
                                    if not is_lora_name(n))  # the frozen base (ZeRO-3: full sizes, not shards)
         self.info = {"base_model": base_model, "method": cfg.train.method,
-                     "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets)}}
+                     "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
+                              **({"client_ranks": list(cfg.lora.client_ranks)} if cfg.lora.client_ranks else {})}}
         self.sizes = np.array([len(c) for c in data.clients])
         if len(self.sizes) != cfg.fed.num_clients:
             raise ValueError(f"data has {len(self.sizes)} clients, fed.num_clients={cfg.fed.num_clients}")
@@ -81,6 +85,7 @@ class Server:
         self.stopped_at: int | None = None  # the last round run when the privacy budget stopped training
         self.wireless = self._wireless() if cfg.wireless.enabled else None
         self.pairs = lora_pairs(self.wire.layout)  # LoRA (A, B) layers: the aggregation error is reported per round
+        self.frozen = _frozen_digest(pipe.unet)  # FFA-LoRA: the A factors every client holds, never sent
 
     def _wireless(self):
         """The simulated cell, with one local step's FLOPs counted on a meta copy of this UNet at the shapes of
@@ -106,6 +111,9 @@ class Server:
         if ckpt is not None:
             state = load_state(ckpt)
             global_flat, start = state["global"], state["round"] + 1
+            if state.get("frozen_lora", self.frozen) != self.frozen:
+                raise RuntimeError(f"{ckpt}: the frozen LoRA factors differ from this run's (FFA-LoRA's A comes from "
+                                   "run.seed and the lora section: were they changed?); resume with the original config")
             self.strategy.load_state_dict(state["strategy"])
             self.engine.write_adapter(global_flat)
             self.down_state.step = start - 1
@@ -132,6 +140,10 @@ class Server:
                  who, self.workers, start, f.rounds)
         log.info("per client per round: up %s = %d B, down %s = %d B (dense fp32 LoRA: %d B)",
                  w.up.describe(), w.up_nbytes, w.down.describe(), w.down_bytes.total, 4 * num_params)
+        if w.client_ranks:
+            log.info("LoRA ranks per client: client c trains rank %s[c %% %d] (global rank %d); up per client per round "
+                     "by rank: %s", w.client_ranks, len(w.client_ranks), cfg.lora.rank,
+                     ", ".join(f"r={r}: {b.total} B" for r, b in w.up_bytes_by_rank.items()))
         if warning := f.idle_workers_warning():
             log.warning(warning)
         history, base_eval = self._history_before(start)  # a resume's summary covers the whole run
@@ -196,13 +208,14 @@ class Server:
         table = assign(players, self.workers)
         slots = max(len(r) for r in table)
         head = w.pack_head(plan, slots)
-        rounds = {c: int(self.last_played[c]) for c in players if w.keeps_state and self.last_played[c] > 0}
+        keeps = w.keeps_state or cfg.personal.mode == "split"  # codec state or a personal adapter in the store
+        rounds = {c: int(self.last_played[c]) for c in players if keeps and self.last_played[c] > 0}
         clip = self.privacy.clip if self.privacy else 0.0
         noise_std = self.setup.client_noise_std(clip) if self.setup else 0.0
         fields = pack_fields(clip, noise_std) if w.fields_bytes else None
         if fields is not None:  # exactly what the clients read (fp32): the fixed-point range follows from it
             clip, noise_std = round_trip(clip, noise_std)
-        body = w.pack_body(table, global_flat, self.down_state, rounds, fields)
+        body = w.pack_body(table, self.strategy.downlink(global_flat), self.down_state, rounds, fields)
         updates: list[ClientUpdate] = []
         per_worker: list[list[ClientUpdate]] = []
         rejected: dict[int, str] = {}
@@ -217,9 +230,9 @@ class Server:
             ups, stats = self._exchange(head, body, w.up_sizes(table), slots, training=True)
             for row, buf in zip(table, ups):
                 mine = []
-                for cid, msg in zip(row, w.split_uplink(buf, len(row))):
+                for cid, msg in zip(row, w.split_uplink(buf, row)):
                     try:  # a message is untrusted: a decoder error excludes its client, never ends the run
-                        u = w.unpack_uplink(msg)
+                        u = w.unpack_uplink(msg, cid, global_flat)  # lora.client_ranks: expanded to full size
                     except (ValueError, RuntimeError, IndexError, ArithmeticError) as e:
                         rejected[cid] = f"undecodable message: {' '.join(str(e).split())[:200]}"
                         continue
@@ -307,7 +320,7 @@ class Server:
                "num_examples": {str(u.client_id): u.num_examples for u in shown},
                "train_seconds": {str(u.client_id): u.metrics["train_seconds"] for u in shown},
                **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
-               "comm": self._comm(stats, len(chosen.sampled), len(updates), outcome),
+               "comm": self._comm(stats, len(chosen.sampled), [u.client_id for u in updates], outcome),
                "seconds": seconds, **agg_metrics, **({"privacy": private} if private else {})}
         row.update(sim_row)
         self.tracker.log(row, step=rnd)
@@ -395,24 +408,30 @@ class Server:
                             self.strategy.state_dict(), self.info,
                             {"last_played": torch.from_numpy(self.last_played.copy()), "norm_ref": self.norm_ref,
                              "privacy": json.dumps(self.privacy.state_dict()) if self.privacy else None,
+                             "frozen_lora": self.frozen,
                              **({"wireless": self.wireless.state_dict()} if self.wireless else {})})
 
-    def _comm(self, stats, receivers: int, senders: int, outcome=None) -> dict:
+    def _comm(self, stats, receivers: int, senders: list[int], outcome=None) -> dict:
         """Bytes of this round, two ways never mixed.
 
         air: per client, what the base station's link carries: every sampled client receives the plan
-        and the global adapter, every client that reports sends one message (payload = codec values,
-        metadata = codec side information + protocol fields), with ratios against sending the same
+        and the global adapter, every client that reports (``senders``) sends one message (payload = codec
+        values, metadata = codec side information + protocol fields; with ``lora.client_ranks`` its size
+        follows its rank, and ``by_rank`` splits the messages by rank), with ratios against sending the same
         messages as dense fp32 LoRA and as the full UNet. cluster: what the collectives moved between
         ranks (downlink head + body to every worker; uplink gather, padding and size exchange included).
         """
         w = self.wire
         air = {}
         if outcome is None:
-            for name, per_client, n in (("up", w.up_bytes, senders), ("down", w.down_bytes, receivers)):
-                total = per_client.total * n
-                air[name] = {"messages": n, "payload": per_client.payload * n, "metadata": per_client.metadata * n,
-                             "total": total, **(self._ratios(total, n) if total else {})}
+            for name, sent, n in (("up", w.up_bytes_for(senders), len(senders)),
+                                  ("down", w.down_bytes * receivers, receivers)):
+                air[name] = {"messages": n, "payload": sent.payload, "metadata": sent.metadata,
+                             "total": sent.total, **(self._ratios(sent.total, n) if sent.total else {})}
+            if w.client_ranks:
+                ranks = [w.rank_of(c) for c in senders]
+                air["up"]["by_rank"] = {str(r): {"messages": ranks.count(r), "total": ranks.count(r) * b.total}
+                                        for r, b in w.up_bytes_by_rank.items()}
         else:  # secure aggregation: every step's messages, counted per client as they went
             for name, total, n in (("up", outcome.air_up, len(outcome.roster)), ("down", outcome.air_down, receivers)):
                 air[name] = {"messages": n, "payload": total, "metadata": 0, "total": total,
@@ -439,6 +458,17 @@ class Server:
                 tot.update(self._ratios(tot["total"], tot["messages"]))
             out["air"][d] = tot
             out["cluster"][d] = {"moved": sum(h["comm"]["cluster"][d]["moved"] for h in rounds)}
+        if w.client_ranks:  # bytes per rank class: one message, and all of the run's
+            n = self.cfg.fed.num_clients
+            out["client_ranks"] = w.client_ranks
+            out["rank_classes"] = {
+                str(r): {"clients": sum(1 for c in range(n) if w.rank_of(c) == r),
+                         "up_per_client_round": {"payload": b.payload, "metadata": b.metadata, "total": b.total},
+                         "messages": sum(h["comm"]["air"]["up"].get("by_rank", {}).get(str(r), {}).get("messages", 0)
+                                         for h in rounds),
+                         "up_total": sum(h["comm"]["air"]["up"].get("by_rank", {}).get(str(r), {}).get("total", 0)
+                                         for h in rounds)}
+                for r, b in w.up_bytes_by_rank.items()}
         return out
 
     def _privacy_summary(self, rounds: list[dict], last: int) -> dict:
@@ -501,6 +531,10 @@ class Server:
         }
         if self.wireless is not None:
             summary["sim"] = self.wireless.summary(rounds)
+        if self.cfg.personal.mode != "none":  # personal adapters next to the final checkpoint, global vs personal
+            from fed_ddp.personal import personalize
+
+            summary["personal"] = personalize(self, global_flat, final)
         if last < f.rounds:
             summary["stopped_early"] = f"privacy budget: privacy.dp.max_epsilon={self.cfg.privacy.dp.max_epsilon}"
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -532,6 +566,20 @@ def run_server(cfg: RunConfig, pipe, scheduler, data: FederatedData, transport, 
         return server.run()
     finally:
         lock.release()
+
+
+def _frozen_digest(unet) -> str | None:
+    """SHA-256 of the LoRA tensors that are frozen and never travel (FFA-LoRA's A), None when there are none."""
+    import hashlib
+
+    frozen = [(n, p) for n, p in unet.named_parameters() if is_lora_name(n) and not p.requires_grad]
+    if not frozen:
+        return None
+    h = hashlib.sha256()
+    for n, p in frozen:
+        h.update(n.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _copy_state(state: dict) -> dict:

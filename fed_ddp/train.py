@@ -54,7 +54,8 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
         TorchEngine(pipe.unet, cfg.train)
     wid = topo.worker_id
     # every buffer size is known from here on
-    wire = Wire(cfg.comm, layout_of(pipe.unet), topo.num_workers, privacy_fields=cfg.privacy.clips)
+    wire = Wire(cfg.comm, layout_of(pipe.unet), topo.num_workers, privacy_fields=cfg.privacy.clips,
+                client_ranks=cfg.lora.client_ranks)
     transport = CollectiveTransport(server_rank=0, group=topo.groups.leaders,
                                     device=device if dist.get_backend() == "nccl" else None,
                                     client_group=topo.groups.client,

@@ -41,8 +41,8 @@ def chaos_round(self, rnd, global_flat):
 _play = Worker.play
 
 
-def chaos_play(self, client, plan, global_flat, state_round=-1, privacy=None):
-    msg = _play(self, client, plan, global_flat, state_round, privacy)
+def chaos_play(self, client, plan, *args, **kw):
+    msg = _play(self, client, plan, *args, **kw)
     _die(plan.round)
     return msg
 

@@ -26,6 +26,10 @@ RUNS = {
     "zero2": ["fed.ranks_per_client=2", "train.batch_size=4", "train.engine=deepspeed", "deepspeed.zero_stage=2"],
     "zero3": ["fed.ranks_per_client=2", "train.batch_size=4", "train.engine=deepspeed", "deepspeed.zero_stage=3"],
 }
+# FFA-LoRA under ZeRO-3 with every parameter partitioned (tiny tensors are otherwise kept whole): the frozen A
+# must still be exported in full
+FFA_ZERO3 = ["fed.ranks_per_client=2", "train.batch_size=4", "train.engine=deepspeed", "deepspeed.zero_stage=3",
+             "fed.strategy=ffa_lora", "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=0"]
 REL_TOL = 1e-3  # of how far the round moved the adapter; fp32 on CPU, only reduction orders differ
 
 
@@ -34,7 +38,7 @@ def runs(tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("ds")
     env = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = {}
-    for name, extra in RUNS.items():
+    for name, extra in {**RUNS, "zero3_ffa": FFA_ZERO3}.items():
         spy = out / f"spy_{name}"
         spy.mkdir()
         nproc = 1 + 2 * (2 if "fed.ranks_per_client=2" in extra else 1)
@@ -81,3 +85,22 @@ def test_zero3_server_receives_full_lora_tensors(runs):
     assert ours.keys() == ref.keys()
     for k in ref:
         assert ours[k].shape == ref[k].shape and ours[k].numel() > 0, k
+
+
+def test_zero3_exports_ffa_loras_frozen_a_in_full(runs, tiny_base):
+    from safetensors.torch import load_file
+
+    from fed_ddp.config import load_config
+    from fed_ddp.diffusion.lora import prepare_trainable
+    from fed_ddp.diffusion.models import load_pipeline
+
+    final = load_file(str(runs["zero3_ffa"][2] / "checkpoints" / "final" / "pytorch_lora_weights.safetensors"))
+    cfg = load_config(ROOT / "configs" / "tiny_test.yaml", ["fed.strategy=ffa_lora"])
+    pipe = load_pipeline(str(tiny_base), torch.device("cpu"))
+    prepare_trainable(pipe.unet, cfg)
+    fresh = {"unet." + n.replace(".default", ""): p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert final.keys() == fresh.keys()
+    for k, v in fresh.items():
+        if ".lora_A." in k:  # the shared initialisation, whole
+            assert torch.equal(final[k], v), k
+    assert all(final[k].abs().sum() > 0 for k in fresh if ".lora_B." in k)

@@ -65,6 +65,11 @@ def test_pairs_follow_peft_names_and_offsets():
                                                                 slice(58, 64))
     assert lora_pairs([("l.lora_B.default.weight", (5, 2))]) == []  # FFA-LoRA's layout: no A travels
     assert lora_pairs([("conv_in.weight", (4, 4))]) == []  # full fine-tuning
+    from fed_ddp.strategies import FfaLora
+
+    with pytest.raises(ValueError, match="holds A factors"):  # an unprepared UNet would make FFA-LoRA inexact
+        FfaLora(local_steps=1, lr=1.0, layout=LAYOUT)
+    FfaLora(local_steps=1, lr=1.0, layout=[("l.lora_B.default.weight", (5, 2))])
 
 
 def test_naive_error_is_nonzero_and_matches_numpy():
@@ -110,8 +115,28 @@ def test_flexlora_is_exact_at_full_rank_and_reports_its_truncation():
         u_, s, vh = np.linalg.svd(exact, full_matrices=False)
         best = (u_[:, :2] * s[:2]) @ vh[:2]
         np.testing.assert_allclose(_np_product(new.double().numpy(), k), best, atol=1e-4)
-        tails.append(np.sqrt((s[2:] ** 2).sum() / (s ** 2).sum()))
+        moved = np.linalg.norm(exact - _np_product(g.double().numpy(), k))  # relative to the round's update
+        tails.append(np.sqrt((s[2:] ** 2).sum()) / moved)
+        # A keeps the old A's RMS row norm, with orthogonal rows
+        a_old, a_new = _split(g.double().numpy())[2 * k], _split(new.double().numpy())[2 * k]
+        rows_old, rows_new = a_old.reshape(2, -1), a_new.reshape(2, -1)
+        c = np.sqrt((rows_old ** 2).sum(1).mean())
+        np.testing.assert_allclose(rows_new @ rows_new.T, c * c * np.eye(2), atol=1e-6 * c * c)  # fp32 result
     assert m["truncation_error_max"] == pytest.approx(max(tails), rel=1e-5) and max(tails) > 0.01
+
+
+def test_flexlora_pads_layers_narrower_than_the_rank():
+    # in = 1 < r = 2: one direction; the spare component gets B = 0 and a non-zero A, the product stays exact
+    layout = [("x.lora_A.default.weight", (2, 1)), ("x.lora_B.default.weight", (3, 2))]
+    rng = np.random.default_rng(4)
+    g = torch.from_numpy(rng.normal(size=8))
+    ups = [ClientUpdate(i, torch.from_numpy(rng.normal(size=8)), 1) for i in range(3)]
+    new, m = FlexLora(local_steps=1, lr=1.0, layout=layout).aggregate(1, g, ups)
+    x = new.numpy()
+    exact = sum(((g.numpy() + u.delta.numpy())[2:].reshape(3, 2) @ (g.numpy() + u.delta.numpy())[:2].reshape(2, 1))
+                for u in ups) / 3
+    np.testing.assert_allclose(x[2:].reshape(3, 2) @ x[:2].reshape(2, 1), exact, atol=1e-10)
+    assert np.all(x[2:].reshape(3, 2)[:, 1] == 0) and np.all(x[:2] != 0) and m["truncation_error_max"] < 1e-12
 
 
 def test_strategy_config_rules_are_one_line():
@@ -158,6 +183,16 @@ def test_ffa_lora_run_sends_b_only_keeps_a_and_exports_for_diffusers(tiny_base, 
     assert summary["lora_parameters"] == b_only < sum(p.numel() for n, p in ref.unet.named_parameters()
                                                       if "lora_" in n)
     ref.load_lora_weights(str(run / "checkpoints" / "final"))  # diffusers reads it
+    # a resume whose frozen A would differ from the one the clients trained against is refused
+    import fed_ddp.server
+
+    real = fed_ddp.server._frozen_digest
+    fed_ddp.server._frozen_digest = lambda unet: "0" * 64
+    try:
+        with pytest.raises(RuntimeError, match="frozen LoRA factors differ"):
+            finished_run(tiny_base, tmp_path, "ffa", "fed.strategy=ffa_lora", "run.resume=true", "fed.rounds=3")
+    finally:
+        fed_ddp.server._frozen_digest = real
 
 
 def test_fedavg_run_reports_the_aggregation_error_flexlora_its_truncation(tiny_base, tmp_path):
@@ -177,7 +212,7 @@ def test_compare_runs_one_federated_arm_per_strategy(tiny_base, tmp_path, capsys
     cfg = load_config(TINY, [f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", "fed.rounds=1",
                              "eval.images_per_prompt=2", "eval.inference_steps=2", "eval.sample_seeds=[0]"])
     table = compare(cfg, strategies=["fedavg", "ffa_lora"])
-    assert set(table) == {"base", "federated-fedavg", "federated-ffa_lora", "centralized", "local_only"}
+    assert list(table) == ["federated-fedavg", "federated-ffa_lora", "centralized", "local_only", "base"]
     fedavg, ffa = table["federated-fedavg"], table["federated-ffa_lora"]
     assert fedavg["total_local_steps"] == ffa["total_local_steps"] == table["centralized"]["total_local_steps"]
     assert 0 < ffa["air_up_total"] < fedavg["air_up_total"]  # B only on the wire
@@ -192,3 +227,17 @@ def test_compare_refuses_a_bad_strategy_in_one_line(capsys):
     assert main(["compare", TINY, "--strategies", "fedavg,fedex"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--strategies='fedex'" in err and "fed.strategy" in err and "\n" not in err
+    assert main(["compare", TINY, "--strategies", "fedavg,fedyogi:server_lr=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--strategies='fedyogi:server_lr=-1'" in err and "fed.server_lr" in err and "\n" not in err
+    assert main(["compare", TINY, "--strategies", "fedavg,fedavg"]) == 2
+    assert "names an arm twice" in capsys.readouterr().err
+
+
+def test_compare_arms_take_their_own_settings():
+    from fed_ddp.compare import arm_config
+
+    cfg = load_config(TINY)
+    arm = arm_config(cfg, "fedyogi:server_lr=0.01:beta1=0.5")
+    assert (arm.fed.strategy, arm.fed.server_lr, arm.fed.beta1) == ("fedyogi", 0.01, 0.5)
+    assert (arm.fed.local_steps, arm.train.lr, arm.run.name) == (cfg.fed.local_steps, cfg.train.lr, cfg.run.name)

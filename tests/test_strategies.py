@@ -601,3 +601,95 @@ def test_uplink_round_trip_feeds_aggregation():
     new, _ = FedAvg(local_steps=1, lr=1e-3).aggregate(0, g, wire)
     ref = g.double().numpy() + _ref_mean(originals)
     np.testing.assert_allclose(new.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- SCAFFOLD
+
+def test_scaffold_server_update_matches_numpy_over_partial_rounds():
+    """x moves by server_lr x the sample-weighted mean delta; c by |S|/N x the plain mean of the Δc_i, so with
+    every c_i starting at zero, c stays the mean of all N clients' c_i (also when only some play each round)."""
+    from fed_ddp.strategies import Scaffold
+
+    n_clients, lr = 6, 0.7
+    rng = np.random.default_rng(11)
+    s = Scaffold(local_steps=3, lr=1e-3, server_lr=lr, num_clients=n_clients)
+    x = _global(5)
+    x_ref = x.double().numpy().copy()
+    c_ref = np.zeros(P)
+    c_i = np.zeros((n_clients, P))  # what each client keeps, in numpy only
+    for rnd, players in enumerate([[0, 2, 5], [1, 2], list(range(n_clients)), [4]], start=1):
+        updates, deltas, dcs, counts = [], [], [], []
+        for cid in players:
+            delta = rng.normal(size=P).astype(np.float32)
+            new_ci = rng.normal(size=P).astype(np.float32)  # c_i+: a client's mean gradient
+            dc = (new_ci - c_i[cid]).astype(np.float32)
+            c_i[cid] = c_i[cid] + dc.astype(np.float64)
+            n = int(rng.integers(1, 200))
+            updates.append(ClientUpdate(cid, torch.from_numpy(delta), n, control=torch.from_numpy(dc)))
+            deltas.append(delta.astype(np.float64))
+            dcs.append(dc.astype(np.float64))
+            counts.append(n)
+        if rnd == 1:
+            assert torch.equal(s.downlink(x)[P:], torch.zeros(P))  # c starts at zero and travels after x
+        x, metrics = s.aggregate(rnd, x, updates)
+        w = np.array(counts, dtype=np.float64)
+        x_ref = x_ref + lr * (w[:, None] * np.stack(deltas)).sum(0) / w.sum()
+        c_ref = c_ref + len(players) / n_clients * np.stack(dcs).mean(0)
+        np.testing.assert_allclose(x.double().numpy(), x_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s.c.double().numpy(), c_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s.c.double().numpy(), c_i.mean(0), rtol=1e-5, atol=1e-6)
+        down = s.downlink(x)
+        assert torch.equal(down[:P], x) and torch.equal(down[P:], s.c)
+        assert metrics["control_norm"] == pytest.approx(float(np.linalg.norm(c_ref)), rel=1e-5)
+    # c is strategy state: a fresh strategy loaded from state_dict continues identically
+    again = Scaffold(local_steps=3, lr=1e-3, server_lr=lr, num_clients=n_clients)
+    again.load_state_dict({k: v.clone() for k, v in s.state_dict().items()})
+    last = [ClientUpdate(3, torch.ones(P), 5, control=torch.full((P,), 0.5))]
+    a, _ = s.aggregate(9, x, last)
+    b, _ = again.aggregate(9, x, last)
+    assert torch.equal(a, b) and torch.equal(s.c, again.c)
+
+
+def test_scaffold_refuses_updates_without_control_and_robust_aggregators():
+    from fed_ddp.strategies import Scaffold
+
+    s = Scaffold(local_steps=1, lr=1e-3, num_clients=3)
+    with pytest.raises(ValueError, match=r"clients \[1\] sent no control variate"):
+        s.aggregate(1, _global(), [ClientUpdate(0, torch.zeros(P), 1, control=torch.zeros(P)),
+                                   ClientUpdate(1, torch.zeros(P), 1)])
+    with pytest.raises(ValueError, match="fed.aggregator=mean"):
+        Scaffold(local_steps=1, lr=1e-3, num_clients=3, aggregator="median")
+
+
+def test_screen_rejects_a_non_finite_control_variate():
+    from fed_ddp.strategies import screen
+
+    bad = torch.zeros(P)
+    bad[3] = float("nan")
+    ups = [ClientUpdate(0, torch.zeros(P), 1, control=torch.zeros(P)), ClientUpdate(1, torch.zeros(P), 1, control=bad)]
+    kept, why = screen(ups, P)
+    assert [u.client_id for u in kept] == [0] and "control variate" in why[1]
+
+
+def test_control_wire_carries_twice_the_values_through_the_codecs():
+    """scaffold's wire: [global, c] down and [Δx_i, Δc_i] up as one vector over the layout plus the prefixed
+    control tensors: dense fp32 bytes are exactly twice the adapter's, and the codecs run on the controls too."""
+    from fed_ddp.protocol import ControlWire
+
+    wire = ControlWire(CommSection(), [("w", (P,))], workers=3)
+    assert wire.num_params == P and wire.layout == [("w", (P,))] and wire.keeps_state
+    assert wire.up_nbytes == 8 * P + UP_TAIL_BYTES and wire.down_bytes.total == 8 * P + PLAN_BYTES
+    assert wire.up_bytes.payload == 2 * DENSE.up_bytes.payload and wire.up_bytes.metadata == DENSE.up_bytes.metadata
+    g, c = _global(1), _global(2)
+    body = wire.pack_body([[4], [], [7]], torch.cat([g, c]))
+    assert body.numel() == wire.body_nbytes(1) == 8 * 3 + 8 * P
+    _, got = wire.unpack_body(body, 1)
+    assert [torch.equal(a, b) for a, b in zip(wire.split(got), (g, c))] == [True, True]
+    delta, dc = _global(3), _global(4)
+    metrics = {"train_loss": 0.5, "train_seconds": 1.0, "client_seconds": 2.0}
+    up = wire.unpack_uplink(wire.pack_uplink(7, torch.cat([delta, dc]), None, 11, metrics))
+    assert up.client_id == 7 and torch.equal(up.delta, delta) and torch.equal(up.control, dc)
+    q = ControlWire(CommSection(uplink=["int8"], downlink=["fp16"], min_numel=0), [("w", (P,))])
+    plain = Wire(CommSection(uplink=["int8"], downlink=["fp16"], min_numel=0), [("w", (P,))])
+    assert q.up_bytes.payload == 2 * plain.up_bytes.payload and q.down_bytes.payload == 2 * plain.down_bytes.payload
+    assert [n for n, _ in q.up.layout] == ["w", "scaffold_c|w"]

@@ -17,7 +17,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from fed_ddp.config import LoraSection
-from fed_ddp.lora_names import trainable_named
+from fed_ddp.lora_names import PERSONAL, is_personal_name, personal_named, trainable_named
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_DIR = "unet"  # train.method=full: the whole UNet, diffusers format (UNet2DConditionModel.from_pretrained)
@@ -26,16 +26,19 @@ UNET_DIR = "unet"  # train.method=full: the whole UNet, diffusers format (UNet2D
 def prepare_trainable(unet, cfg) -> None:
     """Make ``unet`` trainable the way ``cfg.train.method`` says (``cfg``: a RunConfig): ``lora`` attaches
     adapters on ``cfg.lora.targets``; ``full`` trains every UNet weight (fp32). With ``fed.strategy=ffa_lora``
-    the A factors stay frozen at their shared initialisation (from ``run.seed``): only B is trained and sent."""
+    the A factors stay frozen at their shared initialisation (from ``run.seed``): only B is trained and sent.
+    With ``personal.mode=split`` a second adapter, ``personal``, is attached and active next to the shared one."""
     if cfg.train.method == "full":
         unet.requires_grad_(True)
         for p in unet.parameters():
             p.data = p.data.float()
         return
     attach_lora(unet, cfg.lora, seed=cfg.run.seed)
-    if cfg.fed.strategy == "ffa_lora":
+    if cfg.personal.mode == "split":
+        attach_personal(unet, cfg.lora, cfg.personal.rank)
+    if cfg.fed.strategy == "ffa_lora":  # the shared adapter's A only: a personal adapter is never averaged
         for name, p in unet.named_parameters():
-            if ".lora_A." in name:
+            if ".lora_A." in name and not is_personal_name(name):
                 p.requires_grad_(False)
 
 
@@ -49,6 +52,70 @@ def attach_lora(unet, cfg: LoraSection, seed: int = 0) -> None:
         p.data = p.data.float()
     if not lora_parameters(unet):
         raise ValueError(f"lora.targets={list(cfg.targets)}: matched no module of the UNet")
+
+
+def attach_personal(unet, cfg: LoraSection, rank: int | None = None) -> None:
+    """Add the personal adapter (peft adapter ``personal``) on ``cfg.targets`` at ``rank`` (None: ``cfg.rank``), at
+    the shared adapter's scale alpha/r and without dropout (so the shared adapter's dropout draws stay as they
+    are), and make both adapters active with weight 1. Its initial values are replaced per client
+    (``init_personal``); the global random stream is left untouched."""
+    rank = rank or cfg.rank
+    with torch.random.fork_rng(devices=[]):
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=cfg.alpha * rank / cfg.rank, lora_dropout=0.0,
+                                    target_modules=list(cfg.targets), init_lora_weights="gaussian"),
+                         adapter_name=PERSONAL)
+    unet.set_adapters(["default", PERSONAL], [1.0, 1.0])  # both active and trainable
+    for _, p in personal_named(unet):
+        p.data = p.data.float()
+
+
+@torch.no_grad()
+def init_personal(unet, seed: int) -> dict[str, torch.Tensor]:
+    """Re-initialise the personal adapter as peft does (A gaussian, B = 0) from ``seed``; its tensors (copies)."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in unet.modules():
+            if isinstance(module, LoraLayer) and PERSONAL in module.lora_A:
+                module.reset_lora_parameters(PERSONAL, "gaussian")
+    return personal_state(unet)
+
+
+def personal_state(unet) -> dict[str, torch.Tensor]:
+    """The personal adapter's tensors by parameter name (CPU copies)."""
+    return {n: p.detach().cpu().clone() for n, p in personal_named(unet)}
+
+
+@torch.no_grad()
+def set_personal(unet, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``personal_state`` tensors back into the personal adapter (every one of its parameters)."""
+    named = personal_named(unet)
+    if set(tensors) != {n for n, _ in named}:
+        raise ValueError(f"personal adapter state has {len(tensors)} tensors, the model's personal adapter {len(named)}")
+    for n, p in named:
+        p.copy_(tensors[n])
+
+
+@torch.no_grad()
+def clear_personal(unet) -> None:
+    """Zero the personal adapter's B factors: the model is then the shared adapter alone, exactly."""
+    for n, p in personal_named(unet):
+        if ".lora_B." in n:
+            p.zero_()
+
+
+def export_personal(unet, out_dir: str | Path) -> Path:
+    """Save the personal adapter as a diffusers LoRA file of its own
+    (``pipe.load_lora_weights(out_dir, adapter_name=...)`` loads it next to the shared one)."""
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=PERSONAL),
+        unet_lora_adapter_metadata=unet.peft_config[PERSONAL].to_dict(), weight_name=WEIGHT_NAME)
+    return out_dir / WEIGHT_NAME
 
 
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
@@ -91,13 +158,14 @@ def export_adapter(unet, out_dir: str | Path) -> Path:
     return out_dir / WEIGHT_NAME
 
 
-def load_adapter(unet, path: str | Path) -> None:
-    """Load an exported adapter file (or a directory holding one) into a UNet that has LoRA attached."""
+def load_adapter(unet, path: str | Path, adapter_name: str = "default") -> None:
+    """Load an exported adapter file (or a directory holding one) into a UNet that has LoRA attached
+    (into its adapter ``adapter_name``)."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHT_NAME
     state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
-    result = set_peft_model_state_dict(unet, state)
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
         raise ValueError(f"{path}: {len(unexpected)} adapter tensors do not fit this model "

@@ -9,6 +9,7 @@ from fed_ddp.strategies.fedavgm import FedAvgM
 from fed_ddp.strategies.fedopt import FedAdagrad, FedYogi
 from fed_ddp.strategies.lora_agg import FfaLora, FlexLora, lora_pairs, product_error
 from fed_ddp.strategies.robust import AGGREGATORS, combine, screen
+from fed_ddp.strategies.scaffold import Scaffold
 
 REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -27,6 +28,7 @@ register("fedadagrad", FedAdagrad)
 register("fedyogi", FedYogi)
 register("ffa_lora", FfaLora)
 register("flexlora", FlexLora)
+register("scaffold", Scaffold)
 
 
 def build_strategy(fed, train, layout=None) -> Strategy:
@@ -41,7 +43,9 @@ def build_strategy(fed, train, layout=None) -> Strategy:
         kw.update(beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
     elif fed.strategy == "fedavgm":
         kw.update(server_momentum=fed.server_momentum)
-    elif fed.strategy == "flexlora":
+    elif fed.strategy == "scaffold":
+        kw.update(num_clients=fed.num_clients)
+    elif fed.strategy in ("flexlora", "ffa_lora"):
         kw.update(layout=layout)
     return REGISTRY[fed.strategy](**kw)
 
@@ -59,6 +63,7 @@ __all__ = [
     "FfaLora",
     "FlexLora",
     "RoundPlan",
+    "Scaffold",
     "Strategy",
     "build_strategy",
     "combine",

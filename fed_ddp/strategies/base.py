@@ -20,12 +20,14 @@ class RoundPlan:
 
 @dataclass
 class ClientUpdate:
-    """What one client sent: its adapter delta (local - global), sample count and metrics."""
+    """What one client sent: its adapter delta (local - global), sample count and metrics (scaffold: and the
+    change of its control variate, ``control``)."""
 
     client_id: int
     delta: torch.Tensor
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    control: torch.Tensor | None = None
 
 
 def weighted_mean(updates: list[ClientUpdate]) -> torch.Tensor:
@@ -42,6 +44,8 @@ def weighted_mean(updates: list[ClientUpdate]) -> torch.Tensor:
 class Strategy(ABC):
     """A server strategy: plans rounds, aggregates client deltas, owns the server state."""
 
+    controls = False  # scaffold: control variates travel with the adapter (``protocol.ControlWire``)
+
     def __init__(self, local_steps: int, lr: float, proximal_mu: float = 0.0, server_lr: float = 1.0,
                  aggregator: str = "mean", trim_fraction: float = 0.2):
         self.local_steps, self.lr, self.proximal_mu, self.server_lr = local_steps, lr, proximal_mu, server_lr
@@ -52,6 +56,10 @@ class Strategy(ABC):
         from fed_ddp.strategies.robust import combine
 
         return combine(updates, self.aggregator, self.trim_fraction)
+
+    def downlink(self, global_state: torch.Tensor) -> torch.Tensor:
+        """The flat vector every client receives: the global adapter (scaffold: followed by the control c)."""
+        return global_state
 
     def configure_round(self, rnd: int) -> RoundPlan:
         return RoundPlan(round=rnd, local_steps=self.local_steps, lr=self.lr, proximal_mu=self.proximal_mu)

@@ -8,8 +8,10 @@ the aggregation error (Sun et al. 2024, FFA-LoRA; Bai et al. 2024, FlexLoRA):
     error = ||mean(B)·mean(A) − mean(B_i·A_i)||_F / ||mean(B_i·A_i) − B·A||_F     (relative to the round's update)
 
 ``FlexLora`` aggregates the products exactly and re-factorises their weighted mean by truncated SVD back to
-rank r (exact whenever that mean has rank <= r), reporting the truncation error; FFA-LoRA (A frozen at the
-shared initialisation, only B trained and sent) is exact by construction.
+rank r (exact whenever that mean has rank <= r), reporting the truncation error (what the SVD dropped, relative
+to the round's update, like the error above); FFA-LoRA (A frozen at the shared initialisation, only B trained
+and sent) is exact by construction. Both errors and the SVD work on the factors (QR of the stacked factors, then
+an SVD of a (clients·r) x (clients·r) matrix), never on the (out x in) products, so they cost little at SD size.
 """
 
 from __future__ import annotations
@@ -49,11 +51,30 @@ def lora_pairs(layout) -> list[Pair]:
     return out
 
 
+def factors(flat: torch.Tensor, p: Pair) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of one layer as (out x r) and (r x in·k·k) matrices, in fp64."""
+    return flat[p.b].double().reshape(p.b_shape[0], -1), flat[p.a].double().reshape(p.a_shape[0], -1)
+
+
 def product(flat: torch.Tensor, p: Pair) -> torch.Tensor:
-    """B·A of one layer as an (out, in·k·k) matrix, in fp64."""
-    b = flat[p.b].double().reshape(p.b_shape[0], -1)
-    a = flat[p.a].double().reshape(p.a_shape[0], -1)
+    """B·A of one layer as an (out, in·k·k) matrix, in fp64 (dense: for tests and small layers)."""
+    b, a = factors(flat, p)
     return b @ a
+
+
+def _low_rank(terms: list[tuple[float, torch.Tensor, torch.Tensor]]):
+    """Σ c·B·A over ``terms`` as Q_left · M · Q_right^T with orthonormal Q's and a small (k x k) M, k = Σ ranks:
+    norms and SVDs of sums of LoRA products at the cost of the factors, never the (out x in) matrix."""
+    left = torch.cat([c * b for c, b, _ in terms], dim=1)  # out x k
+    right = torch.cat([a for _, _, a in terms], dim=0)  # k x in
+    q_l, r_l = torch.linalg.qr(left)
+    q_r, r_r = torch.linalg.qr(right.T)
+    return q_l, r_l @ r_r.T, q_r
+
+
+def _norm(terms) -> float:
+    """||Σ c·B·A||_F (orthogonal factors do not change the Frobenius norm)."""
+    return float(torch.linalg.matrix_norm(_low_rank(terms)[1]))
 
 
 def _weights(updates: list[ClientUpdate]) -> list[float]:
@@ -71,24 +92,34 @@ def product_error(pairs: list[Pair], global_flat: torch.Tensor, updates: list[Cl
     mean_flat = sum(wi * x for wi, x in zip(w, local))
     errors = []
     for p in pairs:
-        exact = sum(wi * product(x, p) for wi, x in zip(w, local))
-        moved = torch.linalg.matrix_norm(exact - product(global_flat, p))
+        clients = [(wi, *factors(x, p)) for wi, x in zip(w, local)]
+        moved = _norm([*clients, (-1.0, *factors(global_flat, p))])
         if moved > 0:
-            errors.append(float(torch.linalg.matrix_norm(product(mean_flat, p) - exact) / moved))
+            naive = _norm([(1.0, *factors(mean_flat, p)), *[(-wi, b, a) for wi, b, a in clients]])
+            errors.append(naive / moved)
     return {"mean": sum(errors) / len(errors), "max": max(errors)} if errors else {"mean": 0.0, "max": 0.0}
 
 
-def refactor(matrix: torch.Tensor, p: Pair) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Truncated SVD of an (out, in) matrix to rank r = A's rows, split evenly: B = U·sqrt(S), A = sqrt(S)·V^T
-    (reshaped to the layer's shapes); returns (A values, B values, relative truncation error)."""
+def refactor(terms, p: Pair, scale: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The rank-r truncated SVD U·S·V^T of Σ c·B·A (r = A's rows) as new factors A = scale·V^T (rows of norm
+    ``scale``, like a fresh LoRA init, so B's gradients keep their size) and B = U·S/scale, reshaped to the
+    layer's shapes; returns (A values, B values, ||what the truncation dropped||_F)."""
     r = p.a_shape[0]
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = s[:r].sqrt()
-    b = u[:, :r] * root
-    a = root[:, None] * vh[:r]
-    total = float(s.square().sum())
-    lost = float(s[r:].square().sum())
-    return a.reshape(-1), b.reshape(-1), (lost / total) ** 0.5 if total > 0 else 0.0
+    q_l, m, q_r = _low_rank(terms)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, vh = q_l @ u, vh @ q_r.T  # out x k', k' x in: the singular vectors of the full sum
+    lost = float(s[r:].square().sum().sqrt())
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    if len(s) < r:  # fewer directions than the rank: the spare components start like peft's (B = 0, A random)
+        g = torch.Generator().manual_seed(len(s))
+        extra = torch.randn(r - len(s), vh.shape[1], generator=g, dtype=vh.dtype)
+        if vh.shape[1] >= r:  # orthogonal to the kept directions where there is room
+            extra = extra - (extra @ vh.T) @ vh
+        extra = extra / extra.norm(dim=1, keepdim=True)
+        vh = torch.cat([vh, extra])
+        u = torch.cat([u, torch.zeros(u.shape[0], r - len(s), dtype=u.dtype)], dim=1)
+        s = torch.cat([s, torch.zeros(r - len(s), dtype=s.dtype)])
+    return (scale * vh).reshape(-1), (u * (s / scale)).reshape(-1), lost
 
 
 class FfaLora(FedAvg):
@@ -97,11 +128,20 @@ class FfaLora(FedAvg):
     square layers, 3.3x fewer on the quickstart, whose conv layers' A is the larger factor)
     and FedAvg on B is exact: mean(B_i)·A = mean(B_i·A)."""
 
+    def __init__(self, *args, layout=None, **kw):
+        super().__init__(*args, **kw)
+        if layout is not None and lora_pairs(layout):
+            raise ValueError("fed.strategy=ffa_lora: the trained vector holds A factors (the UNet was not prepared "
+                             "with diffusion.lora.prepare_trainable): FedAvg of A and B would not be exact")
+
 
 class FlexLora(FedAvg):
     """FlexLoRA-style exact aggregation (Bai et al. 2024, arXiv 2402.11505): every LoRA layer's new factors are
-    the rank-r truncated SVD of  B·A + server_lr·(mean_i(B_i·A_i) − B·A)  (sample-weighted); tensors outside
-    (A, B) pairs move by FedAvg. Needs ``fed.aggregator=mean`` and the adapter's layout."""
+    the rank-r truncated SVD U·S·V^T of  B·A + server_lr·(mean_i(B_i·A_i) − B·A)  (sample-weighted), split as
+    A = c·V^T, B = U·S/c with c the current A's row norm: A keeps the scale of peft's init round after round
+    (an even split sqrt(S) would shrink A, and B's gradients with it, while the update is small), and directions
+    with no energy yet keep a non-zero A so that they can still learn. Tensors outside (A, B) pairs move by
+    FedAvg. Needs ``fed.aggregator=mean`` and the adapter's layout."""
 
     def __init__(self, *args, layout=None, **kw):
         super().__init__(*args, **kw)
@@ -119,11 +159,14 @@ class FlexLora(FedAvg):
         local = [global_state.double() + u.delta.double() for u in updates]
         truncation = []
         for p in self.pairs:
-            before = product(global_state, p)
-            target = before + self.server_lr * (sum(wi * product(x, p) for wi, x in zip(w, local)) - before)
-            a, b, err = refactor(target, p)
+            b0, a0 = factors(global_state, p)
+            # the new product: B·A + server_lr·(mean_i B_i·A_i − B·A), as a sum of low-rank terms
+            terms = [(1.0 - self.server_lr, b0, a0), *[(self.server_lr * wi, *factors(x, p)) for wi, x in zip(w, local)]]
+            scale = float(a0.norm(dim=1).square().mean().sqrt()) or 3 ** -0.5  # keep A's row norm (peft init: ~0.58)
+            a, b, lost = refactor(terms, p, scale)
             new[p.a], new[p.b] = a, b
-            truncation.append(err)
+            moved = _norm(terms[1:] + [(-self.server_lr, b0, a0)])  # the round's change of B·A
+            truncation.append(lost / moved if moved > 0 else 0.0)
         out = new.to(global_state.dtype)
         return out, {"update_norm": float((out - global_state).norm()),
                      "truncation_error_mean": sum(truncation) / len(truncation),

@@ -41,6 +41,8 @@ def screen(updates: list[ClientUpdate], numel: int, sizes=None, max_norm: float 
             rejected[u.client_id] = f"delta has {d.numel()} values, the adapter {numel}"
         elif not bool(torch.isfinite(d).all()):
             rejected[u.client_id] = f"delta has {int((~torch.isfinite(d)).sum())} non-finite values"
+        elif u.control is not None and (u.control.shape != d.shape or not bool(torch.isfinite(u.control).all())):
+            rejected[u.client_id] = "control variate (scaffold) has the wrong size or non-finite values"
         elif not all(math.isfinite(v) for v in u.metrics.values()):
             rejected[u.client_id] = "metrics are not finite"
         elif u.num_examples < 1:

@@ -1,0 +1,107 @@
+"""SCAFFOLD (Karimireddy et al. 2020, "Stochastic Controlled Averaging for Federated Learning", arXiv 1910.06378).
+
+Control variates against client drift. The server keeps c, client i keeps c_i (in the client state store,
+zero before it first plays); a round sends [x, c] down and [Δx_i, Δc_i] up, as one flat vector each over the
+adapter's layout followed by the same tensors again under names prefixed ``scaffold_c|`` (``protocol.ControlWire``),
+so the configured codecs and the byte accounting cover the control variates too (twice the values). Client:
+
+    every local step's gradient g is replaced by g + (c - c_i)           (``corrected_gradients``: hooks)
+    c_i+ = the mean raw gradient g over its K local steps                 (SCAFFOLD's option I, for free)
+    sends Δx_i = y_i - x and Δc_i = c_i+ - c_i, keeps c_i+
+
+Server (|S| clients reported, N = fed.num_clients; c starts at zero and is saved with checkpoints):
+
+    x = x + server_lr * mean_S(Δx_i)         (sample-weighted, as FedAvg)
+    c = c + |S|/N * mean_S(Δc_i)             (uniform: c stays the mean of all N c_i)
+
+Option I, not the paper's option II c_i+ = c_i - c + (x - y_i)/(K·lr): the clients step with AdamW, whose
+steps are not lr x gradient, so (x - y_i)/(K·lr) is not in gradient units; the mean gradient a client saw is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fed_ddp.strategies.base import ClientUpdate
+from fed_ddp.strategies.fedavg import FedAvg
+
+CONTROL_PREFIX = "scaffold_c|"  # the control variates' tensor names on the wire
+CLIENT_CONTROL = "scaffold|c_i"  # the client's control variate in its state file
+
+
+def control_layout(layout) -> list[tuple[str, tuple[int, ...]]]:
+    """The adapter's layout followed by the control variates' (same shapes, prefixed names)."""
+    layout = list(layout)
+    return layout + [(CONTROL_PREFIX + name, tuple(shape)) for name, shape in layout]
+
+
+class Scaffold(FedAvg):
+    controls = True  # clients receive c with the global adapter and send Δc_i with their delta
+
+    def __init__(self, *args, num_clients: int, **kw):
+        super().__init__(*args, **kw)
+        if self.aggregator != "mean":
+            raise ValueError(f"fed.aggregator={self.aggregator!r}: fed.strategy=scaffold needs fed.aggregator=mean")
+        self.num_clients = int(num_clients)
+        self.c: torch.Tensor | None = None
+
+    def control(self, global_state: torch.Tensor) -> torch.Tensor:
+        """The server's control variate c (zeros before the first round)."""
+        if self.c is None:
+            self.c = torch.zeros_like(global_state)
+        return self.c
+
+    def downlink(self, global_state: torch.Tensor) -> torch.Tensor:
+        return torch.cat([global_state, self.control(global_state)])
+
+    def aggregate(self, rnd: int, global_state: torch.Tensor, updates: list[ClientUpdate]):
+        bad = [u.client_id for u in updates if u.control is None or u.control.shape != global_state.shape]
+        if bad:
+            raise ValueError(f"scaffold: clients {bad} sent no control variate of the adapter's size")
+        d = self.combine(updates)
+        dc = torch.stack([u.control.double() for u in updates]).mean(dim=0)
+        c = self.control(global_state)
+        self.c = (c.double() + len(updates) / self.num_clients * dc).to(c.dtype)
+        step = self.server_lr * d
+        return global_state + step, {"update_norm": float(step.norm()), "control_norm": float(self.c.norm())}
+
+    def state_dict(self) -> dict:
+        return {"c": self.c}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.c = state.get("c")
+
+
+@contextlib.contextmanager
+def corrected_gradients(params: list[torch.Tensor], correction: torch.Tensor, accumulation: int = 1):
+    """Inside the block, every backward pass adds ``correction`` (= c - c_i, flat in ``params`` order) /
+    ``accumulation`` to the gradients of ``params``, so each optimizer step of ``accumulation`` micro-batches
+    sees the gradient + (c - c_i) before clipping and AdamW; yields the flat sum (fp64) of the raw gradients the
+    hooks saw: divided by the number of optimizer steps, the client's mean raw gradient (c_i+).
+
+    Hooks rather than a linear term <params, c - c_i> in the loss: the same hook reads the raw gradient that
+    c_i+ needs (no second backward, no subtraction of the correction afterwards) and adds the correction exactly.
+    """
+    raw = torch.zeros(correction.numel(), dtype=torch.float64)
+    handles, offset = [], 0
+    for p in params:
+        part = slice(offset, offset + p.numel())
+        v = (correction[part] / accumulation).view_as(p)
+
+        def hook(g, part=part, v=v):
+            raw[part] += g.detach().reshape(-1).double().cpu()
+            return g + v.to(device=g.device, dtype=g.dtype)
+
+        handles.append(p.register_hook(hook))
+        offset += p.numel()
+    if offset != correction.numel():
+        for h in handles:
+            h.remove()
+        raise ValueError(f"control variate has {correction.numel()} values, the trained parameters {offset}")
+    try:
+        yield raw
+    finally:
+        for h in handles:
+            h.remove()
