@@ -26,10 +26,11 @@ import json
 import torch
 
 from fed_ddp.compression import layout_of
-from fed_ddp.config import RunConfig
+from fed_ddp.config import ConfigError, RunConfig
 from fed_ddp.data.federated import FederatedData, build_federated_data, concat
 from fed_ddp.diffusion.lora import get_flat, prepare_trainable, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
+from fed_ddp.lora_ranks import client_rank
 from fed_ddp.protocol import Wire
 from fed_ddp.server import run_server
 from fed_ddp.tracking import setup_logging
@@ -51,6 +52,9 @@ def compare(cfg: RunConfig, client: int = 0, strategies: list[str] | None = None
     """Run the arms and print one table. ``strategies``: one federated arm per strategy (``fed.strategy``
     otherwise), each from the same initial adapter; the centralized and local-only arms train plainly
     (fedavg: the trainer's own steps)."""
+    if cfg.personal.mode != "none":
+        raise ConfigError("personal.mode", cfg.personal.mode, "fed-ddp compare measures global models: set "
+                          "personal.mode=none (fed-ddp run reports each client's personal vs global accuracy)")
     quiet_libraries()
     setup_logging("compare", 0, cfg.run.log_level)
     base = base_path(cfg.model)
@@ -66,9 +70,13 @@ def compare(cfg: RunConfig, client: int = 0, strategies: list[str] | None = None
                                  strategy="fedavg", server_lr=1.0, aggregator="mean")
     # the simulated cell models federated rounds: the pooled and the local-only trainer are not in it
     alone = dataclasses.replace(cfg, fed=single, wireless=dataclasses.replace(cfg.wireless, enabled=False))
-    federated = {"federated": cfg} if not strategies else {f"federated-{s}": arm_config(cfg, s) for s in strategies}
+    # lora.client_ranks: the pooled trainer at the global rank, the local-only client at its own
+    own = [client_rank(cfg.lora.client_ranks, client)] if cfg.lora.client_ranks else []
+    pooled = dataclasses.replace(alone, lora=dataclasses.replace(cfg.lora, client_ranks=[]))
+    alone = dataclasses.replace(alone, lora=dataclasses.replace(cfg.lora, client_ranks=own))
+    federated = {"federated": cfg} if not strategies else {arm_name(s): arm_config(cfg, s) for s in strategies}
     arms = {**{name: (c, data) for name, c in federated.items()},
-            "centralized": (alone, dataclasses.replace(data, clients=[concat(data.clients)])),
+            "centralized": (pooled, dataclasses.replace(data, clients=[concat(data.clients)])),
             "local_only": (alone, dataclasses.replace(data, clients=[data.clients[client]]))}
     results = {}
     for name, (arm_cfg, arm_data) in arms.items():
@@ -97,16 +105,31 @@ def compare(cfg: RunConfig, client: int = 0, strategies: list[str] | None = None
     return table
 
 
+ARM_KEYS = ("server_lr", "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "aggregator", "trim_fraction")
+
+
+def arm_name(spec: str) -> str:
+    """The arm's name and run folder: ``federated-fedyogi+server_lr=0.01`` for ``fedyogi:server_lr=0.01``."""
+    return "federated-" + spec.replace(":", "+")
+
+
 def arm_config(cfg: RunConfig, spec: str) -> RunConfig:
-    """One federated arm from ``--strategies``: ``name`` or ``name:key=value[:key=value]`` with fed.* keys
-    (``fedyogi:server_lr=0.01``: each strategy at its own settings in one table)."""
-    from fed_ddp.config import ConfigError, load_config
+    """One federated arm from ``--strategies``: ``name`` or ``name:key=value[:key=value]`` with the strategy's
+    fed.* hyper-parameters (``ARM_KEYS``; ``fedyogi:server_lr=0.01``: each strategy at its own settings in one
+    table); everything that sets the number of steps stays the same for every arm."""
+    from fed_ddp.config import load_config
 
     name, *settings = spec.split(":")
+    for kv in settings:
+        if kv.split("=", 1)[0] not in ARM_KEYS or "=" not in kv:
+            raise ConfigError("--strategies", spec, f"{kv!r}: an arm may set only {', '.join(ARM_KEYS)} "
+                              "(as name:key=value); every arm takes the same clients, rounds and steps")
     try:
-        return load_config(None, [f"fed.strategy={name}", *(f"fed.{kv}" for kv in settings)], base=cfg)
+        arm = load_config(None, [f"fed.strategy={name}", *(f"fed.{kv}" for kv in settings)], base=cfg)
+        dataclasses.replace(arm.run, name=arm_name(spec))  # a valid run folder name
     except ConfigError as e:
         raise ConfigError("--strategies", spec, str(e)) from None
+    return arm
 
 
 def _start_arm(unet, start: dict[str, torch.Tensor], cfg: RunConfig) -> torch.Tensor:

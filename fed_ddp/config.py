@@ -119,6 +119,10 @@ def check_client_ranks(cfg) -> None:
            "clips, noises and masks one message size for every client: set lora.client_ranks=[] or turn privacy off")
     _check(not cfg.wireless.enabled, "lora.client_ranks", ranks, "the simulated cell (wireless.enabled) times one "
            "message size for every client: set lora.client_ranks=[] or wireless.enabled=false")
+    _check(cfg.fed.aggregator == "mean", "lora.client_ranks", ranks, f"fed.aggregator={cfg.fed.aggregator} would "
+           "vote the components a low-rank client lacks down to zero (its zero-padded adapter): needs fed.aggregator=mean")
+    _check(cfg.personal.mode == "none", "lora.client_ranks", ranks, "per-client ranks with a personal adapter "
+           f"(personal.mode={cfg.personal.mode}) are not supported yet: set personal.mode=none")
 
 
 PARTITIONS = ("iid", "dirichlet", "shards")
@@ -413,10 +417,6 @@ def check_scaffold(cfg: RunConfig) -> None:
            f"parameters: needs train.engine=torch (not {cfg.train.engine})")
     _check(cfg.fed.ranks_per_client == 1, "fed.strategy", s, "a client's control variate is the mean gradient it "
            f"saw, one rank's: needs fed.ranks_per_client=1 (not {cfg.fed.ranks_per_client})")
-    _check(not cfg.lora.client_ranks, "lora.client_ranks", list(cfg.lora.client_ranks),
-           "fed.strategy=scaffold sends control variates of the whole adapter: set lora.client_ranks=[]")
-    _check(cfg.personal.mode != "split", "personal.mode", cfg.personal.mode, "fed.strategy=scaffold corrects the "
-           "gradients of the shared adapter only: use personal.mode=none or finetune")
 
 
 def check_personal(cfg: RunConfig) -> None:

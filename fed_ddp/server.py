@@ -242,7 +242,8 @@ class Server:
                     mine.append(u)
                 per_worker.append(mine)
                 updates.extend(mine)
-        self.last_played[chosen.playing] = rnd
+        if not self.strategy.controls:  # scaffold: only once the client's update is applied (below)
+            self.last_played[chosen.playing] = rnd
         updates.sort(key=lambda u: u.client_id)  # aggregation order: by client id, whoever played it
         f = cfg.fed
         private: dict = {}
@@ -264,13 +265,18 @@ class Server:
         if inputs:
             before = _copy_state(self.strategy.state_dict())
             new_global, agg_metrics = self.strategy.aggregate(rnd, global_flat, inputs)
-            if bool(torch.isfinite(new_global).all()):
+            state = self.strategy.state_dict().values()  # server moments, control variates: as final as the adapter
+            if bool(torch.isfinite(new_global).all()) and all(
+                    bool(torch.isfinite(v).all()) for v in state if isinstance(v, torch.Tensor)):
                 global_flat, self.bad_rounds = new_global, 0
                 self.engine.write_adapter(global_flat)
+                if self.strategy.controls:  # a client's saved c_i counts once its Δc_i is in c; else its older one
+                    self.last_played[[u.client_id for u in inputs]] = rnd
             else:  # keep the previous adapter (and the strategy's state): a bad round never reaches a checkpoint
                 self.strategy.load_state_dict(before)
                 agg_metrics = {"round_rejected": True}
-                log.warning("round %d: the new global adapter is not finite: round rejected, previous adapter kept "
+                log.warning("round %d: the new global adapter (or the strategy's state) is not finite: round rejected, "
+                            "previous adapter kept "
                             "(%d in a row, fed.max_bad_rounds=%d)", rnd, self.bad_rounds + 1, f.max_bad_rounds)
                 self._bad_round("gave a non-finite global adapter", ": lower train.lr or use a robust fed.aggregator")
         else:

@@ -126,7 +126,7 @@ class Worker:
         params = self.trainer(client).engine.params
         with corrected_gradients(params, control - c_i, self.cfg.train.gradient_accumulation_steps) as raw:
             delta, metrics = self.fit(client, plan, global_flat)
-        c_new = (raw / plan.local_steps).to(control.dtype)
+        c_new = (raw.cpu() / plan.local_steps).to(control.dtype)
         return torch.cat([delta, c_new - c_i]), metrics, c_new
 
     def fit(self, client: int, plan: RoundPlan, global_flat: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -167,7 +167,8 @@ class Worker:
                 tensors.update({PERSONAL_KEY + k: v for k, v in personal.items()})
             if c_new is not None:  # scaffold: c_i+, kept on the client
                 tensors[CLIENT_CONTROL] = c_new
-            self.store.save(client, plan.round, tensors, meta)
+            # scaffold: the server points at the file this state came from until its update is applied
+            self.store.save(client, plan.round, tensors, meta, keep=state_round if c_new is not None else None)
         metrics["client_seconds"] = time.perf_counter() - t0  # data, state, training, encoding, saving
         return self.wire.with_fields(msg, client, self.trainer(client).num_examples, metrics)
 

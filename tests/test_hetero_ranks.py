@@ -179,7 +179,9 @@ def test_config_errors_are_one_line():
              (["lora.client_ranks=[2,4]", "privacy.dp.noise_multiplier=1.0", "fed.sampling=poisson",
                "fed.sample_rate=0.5"], "privacy"),
              (["lora.client_ranks=[2,4]", "privacy.dp.clip_norm=1.0"], "privacy"),
-             (["lora.client_ranks=[2,4]", "wireless.enabled=true"], "wireless.enabled")]
+             (["lora.client_ranks=[2,4]", "wireless.enabled=true"], "wireless.enabled"),
+             (["lora.client_ranks=[2,4]", "fed.aggregator=median"], "fed.aggregator=median"),
+             (["lora.client_ranks=[2,4]", "personal.mode=split"], "personal.mode=split")]
     for overrides, pattern in cases:
         with pytest.raises(ConfigError, match=pattern) as e:
             load_config(TINY, overrides)

@@ -235,9 +235,13 @@ def test_compare_refuses_a_bad_strategy_in_one_line(capsys):
 
 
 def test_compare_arms_take_their_own_settings():
-    from fed_ddp.compare import arm_config
+    from fed_ddp.compare import arm_config, arm_name
 
     cfg = load_config(TINY)
     arm = arm_config(cfg, "fedyogi:server_lr=0.01:beta1=0.5")
     assert (arm.fed.strategy, arm.fed.server_lr, arm.fed.beta1) == ("fedyogi", 0.01, 0.5)
     assert (arm.fed.local_steps, arm.train.lr, arm.run.name) == (cfg.fed.local_steps, cfg.train.lr, cfg.run.name)
+    assert arm_name("fedyogi:server_lr=0.01") == "federated-fedyogi+server_lr=0.01"  # a valid run folder
+    for bad in ("fedavg:rounds=3", "fedavg:num_clients=8", "fedavg:server_lr"):  # the step count is every arm's
+        with pytest.raises(ConfigError, match="may set only"):
+            arm_config(cfg, bad)

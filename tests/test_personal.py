@@ -301,3 +301,27 @@ def test_what_split_accepts():
             assert not any(p.requires_grad for n, p in unet.named_parameters() if ".lora_A.default." in n)
             assert all(p.requires_grad for _, p in personal_named(unet))
     assert layouts[0] == layouts[1] and all(".lora_B." in n for n, _ in layouts[0])
+
+
+def test_scaffold_with_a_personal_adapter(tiny_base, tmp_path):
+    """scaffold + split: the control variates correct the shared adapter only; each client's state file holds its
+    c_i next to its personal adapter, and c stays the mean of the clients' c_i."""
+    from fed_ddp.checkpoint import load_state
+    from fed_ddp.population import ClientStateStore
+    from fed_ddp.strategies.scaffold import CLIENT_CONTROL
+
+    run, summary, sent = _run(tiny_base, tmp_path, "scaffold", "personal.mode=split", "personal.lr=0.05",
+                              "fed.strategy=scaffold")
+    final = load_state(run / "checkpoints" / "final")
+    n = final["global"].numel()
+    from fed_ddp.protocol import UP_TAIL_BYTES
+
+    assert [len(buf) for buf in sent] == [8 * n + UP_TAIL_BYTES] * 4  # one client a round: [dx, dc], shared only
+    store, total = ClientStateStore(run / "clients", 0), torch.zeros(n, dtype=torch.float64)
+    for c in range(2):
+        _, tensors, _ = store.load(c, max_round=10**6)
+        assert tensors[CLIENT_CONTROL].shape == (n,)
+        assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.startswith("personal|") and ".lora_B." in k)
+        total += tensors[CLIENT_CONTROL].double()
+    torch.testing.assert_close(final["strategy"]["c"].double(), total / 2, rtol=0, atol=1e-6)
+    assert set(summary["personal"]["clients"]) == {"0", "1"}

@@ -141,7 +141,6 @@ def test_scaffold_run_resumes_bit_for_bit_with_exact_bytes(tiny_base, tmp_path):
     ("train.engine=deepspeed", ["fed.strategy", "scaffold", "train.engine=torch"]),
     ("fed.ranks_per_client=2", ["fed.strategy", "scaffold", "fed.ranks_per_client=1"]),
     ("lora.client_ranks=[1,2]", ["lora.client_ranks", "scaffold"]),
-    ("personal.mode=split", ["personal.mode", "split", "scaffold"]),
 ])
 def test_unsupported_combinations_are_refused(override, needles):
     with pytest.raises(ConfigError) as e:
@@ -170,3 +169,35 @@ def test_plan_counts_the_control_variates():
     assert sc.down.message.total == 2 * plain.down.message.total
     assert plain.state_bytes == 4 * plain.lora_parameters  # int8's error-feedback residual
     assert sc.state_bytes == 2 * plain.state_bytes + 4 * plain.lora_parameters  # a residual for each half, and c_i
+
+
+def test_a_poisoned_control_variate_is_rejected_and_c_stays_the_mean(tiny_base, tmp_path, monkeypatch):
+    """A client whose Δc_i is absurd is rejected by the norm screen (c would be poisoned for the rest of the
+    run); it continues from its last applied c_i, and c stays exactly the mean of the c_i the server counted."""
+    from inproc_runs import finished_run
+
+    from fed_ddp.population import ClientStateStore
+    from fed_ddp.worker import Worker
+
+    real = Worker.fit_scaffold
+
+    def poisoned(self, client, plan, global_flat, control, state_round):
+        up, metrics, c_new = real(self, client, plan, global_flat, control, state_round)
+        if client == 1 and plan.round == 2:
+            n = control.numel()
+            up, c_new = up.clone(), c_new + 1e30
+            up[n:] += 1e30
+        return up, metrics, c_new
+
+    monkeypatch.setattr(Worker, "fit_scaffold", poisoned)
+    run = finished_run(tiny_base, tmp_path, "poison", "fed.strategy=scaffold", "fed.num_clients=3", "fed.rounds=3")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rejected = {r["round"]: r["clients"].get("rejected", {}) for r in rows if r.get("clients")}
+    assert list(rejected[2]) == ["1"] and "control variate" in rejected[2]["1"] and not rejected[3]
+    final = load_state(run / "checkpoints" / "final")
+    c, last = final["strategy"]["c"].double(), final["last_played"].tolist()
+    assert last == [3, 3, 3] and bool(torch.isfinite(c).all())
+    store = ClientStateStore(run / "clients", 0)
+    total = sum(store.load_round(k, last[k])[0][CLIENT_CONTROL].double() for k in range(3))
+    torch.testing.assert_close(c, total / 3, rtol=0, atol=1e-6)
+    assert store.rounds(1) == [1, 3]  # round 2's poisoned state was never counted: round 3 went on from round 1's

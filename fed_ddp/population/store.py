@@ -68,8 +68,10 @@ class ClientStateStore:
             self._cache.move_to_end(client)
         return {k: v.clone() for k, v in hit[1].items()}, dict(hit[2])
 
-    def save(self, client: int, rnd: int, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> Path:
-        """Write atomically (temporary file, then rename), then drop all but this and the previous file."""
+    def save(self, client: int, rnd: int, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None,
+             keep: int | None = None) -> Path:
+        """Write atomically (temporary file, then rename), then drop all but this and the previous file (``keep``:
+        the round of the file this state continued from, kept instead: the server may point at it again)."""
         folder = self.folder(client)
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"round_{rnd:04d}.safetensors"
@@ -79,7 +81,7 @@ class ClientStateStore:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, final)
         older = [r for r in self.rounds(client) if r < rnd]
-        for r in older[:-1]:
+        for r in (older[:-1] if keep is None or keep < 0 else [r for r in older if r != keep]):
             (folder / f"round_{r:04d}.safetensors").unlink(missing_ok=True)
         self._remember(client, (rnd, {k: v.clone() for k, v in tensors.items()}, meta))
         return final

@@ -60,6 +60,14 @@ def screen(updates: list[ClientUpdate], numel: int, sizes=None, max_norm: float 
             if n > bound:
                 rejected[u.client_id] = f"norm {n:.4g} > {norm_factor:g} x the round's median norm ({bound:.4g})"
                 kept.remove(u)
+    if norm_factor > 0 and len(kept) >= 2 and kept[0].control is not None:  # scaffold: Δc_i by the same rule
+        norms = [float(u.control.double().norm()) for u in kept]
+        bound = norm_factor * lower_median(norms)
+        for u, n in zip(list(kept), norms):
+            if n > bound:
+                rejected[u.client_id] = (f"control variate norm {n:.4g} > {norm_factor:g} x the round's median "
+                                         f"({bound:.4g})")
+                kept.remove(u)
     return kept, rejected
 
 

@@ -6,7 +6,7 @@ adapter's layout followed by the same tensors again under names prefixed ``scaff
 so the configured codecs and the byte accounting cover the control variates too (twice the values). Client:
 
     every local step's gradient g is replaced by g + (c - c_i)           (``corrected_gradients``: hooks)
-    c_i+ = the mean raw gradient g over its K local steps                 (SCAFFOLD's option I, for free)
+    c_i+ = the mean raw gradient g over its K local steps                 (what option II computes under SGD)
     sends Δx_i = y_i - x and Δc_i = c_i+ - c_i, keeps c_i+
 
 Server (|S| clients reported, N = fed.num_clients; c starts at zero and is saved with checkpoints):
@@ -14,8 +14,9 @@ Server (|S| clients reported, N = fed.num_clients; c starts at zero and is saved
     x = x + server_lr * mean_S(Δx_i)         (sample-weighted, as FedAvg)
     c = c + |S|/N * mean_S(Δc_i)             (uniform: c stays the mean of all N c_i)
 
-Option I, not the paper's option II c_i+ = c_i - c + (x - y_i)/(K·lr): the clients step with AdamW, whose
-steps are not lr x gradient, so (x - y_i)/(K·lr) is not in gradient units; the mean gradient a client saw is.
+Under plain SGD the paper's option II, c_i+ = c_i - c + (x - y_i)/(K·lr), is exactly the mean raw gradient along
+the client's trajectory (its steps are lr x (g + c - c_i)). The clients here step with AdamW, whose steps are not
+lr x gradient, so that formula would not be in gradient units: the hooks read the mean raw gradient directly.
 """
 
 from __future__ import annotations
@@ -84,15 +85,16 @@ def corrected_gradients(params: list[torch.Tensor], correction: torch.Tensor, ac
     Hooks rather than a linear term <params, c - c_i> in the loss: the same hook reads the raw gradient that
     c_i+ needs (no second backward, no subtraction of the correction afterwards) and adds the correction exactly.
     """
-    raw = torch.zeros(correction.numel(), dtype=torch.float64)
+    device = params[0].device if params else torch.device("cpu")
+    raw = torch.zeros(correction.numel(), dtype=torch.float64, device=device)  # on the device: no copies per step
     handles, offset = [], 0
     for p in params:
         part = slice(offset, offset + p.numel())
-        v = (correction[part] / accumulation).view_as(p)
+        v = (correction[part] / accumulation).view_as(p).to(device=p.device, dtype=p.dtype)
 
         def hook(g, part=part, v=v):
-            raw[part] += g.detach().reshape(-1).double().cpu()
-            return g + v.to(device=g.device, dtype=g.dtype)
+            raw[part] += g.detach().reshape(-1).double()
+            return g + v.to(dtype=g.dtype)
 
         handles.append(p.register_hook(hook))
         offset += p.numel()
