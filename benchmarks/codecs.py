@@ -51,7 +51,8 @@ def run(name: str, overrides: list[str], out: Path, extra: list[str], force: boo
     if force or not summary.is_file():
         cmd = [str(ROOT / ".venv" / "bin" / "fed-ddp") if (ROOT / ".venv" / "bin" / "fed-ddp").exists() else "fed-ddp",
                "run", str(ROOT / "configs" / "quickstart.yaml"), f"run.output_dir={out}", f"run.name={slug(name)}",
-               "comm.min_numel=0", "tracking.progress=false", "run.overwrite=true", *overrides, *extra]
+               "comm.min_numel=0", "tracking.progress=false", "run.overwrite=true", "fed.strategy=fedavg",  # the measured
+               *overrides, *extra]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(summary.read_text())

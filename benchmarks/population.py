@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = 12_000
-SETTINGS = ["fed.clients_per_round=8", "fed.workers=2", "fed.rounds=4", "fed.local_steps=20", "fed.client_cache=16",
+SETTINGS = ["fed.strategy=fedavg", "fed.clients_per_round=8", "fed.workers=2", "fed.rounds=4", "fed.local_steps=20", "fed.client_cache=16",
             "data.source=imagefolder", "data.partition=iid", "data.label_field=label", "data.replay_fraction=0",
             "data.resolution=8", "comm.uplink=[topk,int8]", "comm.topk_fraction=0.1", "eval.every=1000",
             "eval.images_per_prompt=2", "eval.inference_steps=2", "eval.sample_seeds=[0]", "tracking.progress=false",

@@ -185,7 +185,7 @@ def secagg_bytes(out: Path) -> list[str]:
 
 # -- secure aggregation: round time on the quickstart model ------------------------------------------------------
 def secagg_time(out: Path) -> list[str]:
-    common = ["fed.num_clients=10", "fed.sampling=all", "fed.workers=2", "fed.rounds=3", "comm.uplink=[int8]",
+    common = ["fed.strategy=fedavg", "fed.num_clients=10", "fed.sampling=all", "fed.workers=2", "fed.rounds=3", "comm.uplink=[int8]",
               "eval.every=100", "eval.images_per_prompt=4", "tracking.progress=false",
               f"run.output_dir={out}", "run.overwrite=true"]
     res = {}

@@ -77,7 +77,7 @@ def test_plan_bytes_equal_a_real_encode_of_the_real_tiny_model():
     from fed_ddp.diffusion.lora import attach_lora
     from fed_ddp.diffusion.tiny import build_unet
 
-    cfg, comm = load_run_and_comm(QUICKSTART, ["comm.uplink=[topk,int4]", "comm.min_numel=200",
+    cfg, comm = load_run_and_comm(QUICKSTART, ["fed.strategy=fedavg", "comm.uplink=[topk,int4]", "comm.min_numel=200",
                                                "comm.downlink=[int8]"])
     plan = make_plan(cfg, comm)
     assert plan.lora_parameters == 79_616 and plan.unet_source.startswith("built-in tiny")
@@ -148,7 +148,8 @@ def test_plan_population_memory_flat_in_n_disk_and_cluster_bytes():
 
     texts = {}
     for n in (100, 100_000):
-        cfg, comm = load_run_and_comm(QUICKSTART, [f"fed.num_clients={n}", "fed.clients_per_round=10", "fed.workers=4",
+        cfg, comm = load_run_and_comm(QUICKSTART, ["fed.strategy=fedavg", f"fed.num_clients={n}", "fed.clients_per_round=10",
+                                                   "fed.workers=4",
                                                    "comm.uplink=[topk,int8]", "fed.rounds=20"])
         plan = make_plan(cfg, comm)
         texts[n] = format_plan(plan, comm)
