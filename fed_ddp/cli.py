@@ -121,6 +121,13 @@ def print_table(summary: dict, client_digits: list[int], base_digits: list[int],
         print(f"  {name:26s}{bv:8.1%}{fv:11.1%}", file=file)
 
 
+def _times(ratio: float) -> str:
+    """'3.2x fewer than' for a ratio above 1, '2.00x more than' below (scaffold sends twice the values)."""
+    if ratio >= 1 or ratio <= 0:
+        return f"{ratio:.2f}x fewer than" if ratio < 10 else f"{ratio:.1f}x fewer than"
+    return f"{1 / ratio:.2f}x more than"
+
+
 def print_bytes(s: dict, file=None) -> None:
     """The closing byte lines: over the air (per client) and in the cluster (collectives), never mixed."""
     c = s["comm"]
@@ -128,8 +135,8 @@ def print_bytes(s: dict, file=None) -> None:
     print(f"Bytes over the air: up {up['total']:,} in {up['messages']:,} client messages ({c['uplink']}), down "
           f"{down['total']:,} to {down['messages']:,} clients ({c['downlink']}), for {s['lora_parameters']:,} "
           f"{'UNet (train.method=full)' if s.get('method') == 'full' else 'LoRA'} parameters; uplink "
-          f"{up.get('vs_dense_lora', 0):.2f}x fewer than dense fp32 {'weights' if s.get('method') == 'full' else 'LoRA'}, "
-          f"{up.get('vs_full_unet', 0):.1f}x fewer than the full UNet ({c['unet_parameters']:,} parameters)", file=file)
+          f"{_times(up.get('vs_dense_lora', 0))} dense fp32 {'weights' if s.get('method') == 'full' else 'LoRA'}, "
+          f"{_times(up.get('vs_full_unet', 0))} the full UNet ({c['unet_parameters']:,} parameters)", file=file)
     print(f"Bytes in the cluster (collectives): up {s['bytes_up_total']:,} / down {s['bytes_down_total']:,} "
           f"over {s['workers']} worker(s)", file=file)
 
