@@ -163,3 +163,13 @@ def test_plan_population_memory_flat_in_n_disk_and_cluster_bytes():
     assert mem[0] == mem[1]  # nothing held in memory grows with N
     disk = [re.search(r"about ([\d,]+) clients", texts[n]).group(1) for n in (100, 100_000)]
     assert disk == ["88", "200"]  # 100 (1 - 0.9^20) and 100000 (1 - 0.9999^20)
+
+
+def test_options_go_anywhere_on_the_line(capsys):
+    """The README's `fed-ddp plan configs/quickstart.yaml --unet sd15 lora.rank=4 ...`: overrides after an option."""
+    from fed_ddp.cli import main
+
+    assert main(["plan", QUICKSTART, "--unet", "sd15", "lora.rank=4", "lora.targets=[to_q,to_k,to_v,to_out.0]"]) == 0
+    assert "797,184 trainable parameters" in capsys.readouterr().out  # SD v1.5, rank 4 on the attention projections
+    with pytest.raises(SystemExit):
+        main(["plan", QUICKSTART, "--unet", "sd15", "--bogus"])
