@@ -31,7 +31,7 @@ from fed_ddp.data.federated import FederatedData, build_federated_data, concat
 from fed_ddp.diffusion.lora import get_flat, prepare_trainable, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
 from fed_ddp.lora_ranks import client_rank
-from fed_ddp.protocol import Wire
+from fed_ddp.protocol import wire_for
 from fed_ddp.server import run_server
 from fed_ddp.tracking import setup_logging
 from fed_ddp.transport import InMemoryTransport
@@ -42,8 +42,7 @@ def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Te
     """One arm: the production server loop and worker over the in-memory transport (one worker plays every
     sampled client in turn; a client's update does not depend on which worker plays it)."""
     set_flat(pipe.unet, init)
-    wire = Wire(cfg.comm, layout_of(pipe.unet), workers=1, privacy_fields=cfg.privacy.clips,
-                client_ranks=cfg.lora.client_ranks)
+    wire = wire_for(cfg, layout_of(pipe.unet), workers=1)
     worker = Worker(0, cfg, pipe, scheduler, data, wire)
     return run_server(cfg, pipe, scheduler, data, InMemoryTransport([worker.handle]), base, wire=wire)
 

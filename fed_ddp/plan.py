@@ -23,7 +23,7 @@ import torch
 
 from fed_ddp.compression import ByteCount, ChainState, CodecChain, CommConfig, layout_of
 from fed_ddp.config import ConfigError, RunConfig, load_config
-from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_TAIL_BYTES, ControlWire, Wire
+from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_TAIL_BYTES, ControlWire, wire_for
 
 UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"
 BUILTIN_UNETS = {"sd15": "sd15_unet.json"}  # name -> file in UNET_CONFIGS
@@ -131,14 +131,12 @@ def make_plan(cfg: RunConfig, comm: CommConfig, unet: str | None = None) -> Plan
     prepare_trainable(model, cfg)
     layout = layout_of(model)
     f = cfg.fed
-    w = Wire(comm, layout, f.num_workers, privacy_fields=cfg.privacy.clips)  # the chains and sizes training will use
-    if f.strategy == "scaffold":  # the control variates travel with the adapter, and each client keeps its c_i
-        w = ControlWire(comm, layout, f.num_workers)
+    w = wire_for(cfg, layout, f.num_workers, comm)  # the chains and sizes training will use
     state = ChainState()
     w.up.encode(torch.zeros(w.up.numel), state)  # a real encode fills the state a client keeps, at real sizes
     state_bytes = sum(t.numel() * t.element_size() for t in state.to_tensors()[0].values())
-    if f.strategy == "scaffold":
-        state_bytes += 4 * w.num_params  # c_i, fp32
+    if isinstance(w, ControlWire):  # scaffold: each client also keeps its c_i
+        state_bytes += 4 * w.num_params  # fp32
     m = f.expected_round_size
     slots = math.ceil(m / f.num_workers)
     gather_up = (f.num_workers * slots if comm.gather == "gather" else m) * w.up_nbytes

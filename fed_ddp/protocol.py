@@ -169,7 +169,7 @@ class Wire:
         return self.up_bytes_by_rank[self.rank_of(client)]
 
     def up_nbytes_of(self, client: int) -> int:
-        return self.up_bytes_of(client).total if self.client_ranks else self.up_nbytes
+        return self.up_bytes_of(client).total
 
     def up_bytes_for(self, clients: list[int]) -> ByteCount:
         """All of ``clients``' messages (one each)."""
@@ -236,6 +236,18 @@ class Wire:
     def _check(buf: torch.Tensor, want: int, what: str) -> None:
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != want:
             raise ValueError(f"{what} buffer: expected {want} uint8 bytes, got {buf.dtype} {tuple(buf.shape)}")
+
+
+def wire_for(cfg, layout, workers: int, comm=None) -> Wire:
+    """The wire a run of ``cfg`` uses (``comm``: its codec section, ``cfg.comm`` by default): scaffold's
+    ``ControlWire`` (the control variates travel with the adapter), else the plain one with the privacy fields
+    and per-client ranks the config asks for."""
+    from fed_ddp.strategies import REGISTRY
+
+    comm = cfg.comm if comm is None else comm
+    if REGISTRY[cfg.fed.strategy].controls:
+        return ControlWire(comm, layout, workers)
+    return Wire(comm, layout, workers, privacy_fields=cfg.privacy.clips, client_ranks=cfg.lora.client_ranks)
 
 
 class ControlWire(Wire):

@@ -34,7 +34,7 @@ from fed_ddp.population import assign, read_trace, select_round
 from fed_ddp.privacy.engine import ServerPrivacy, pack_fields, round_trip
 from fed_ddp.privacy.engine import resolve as resolve_privacy
 from fed_ddp.privacy.masked import MaskedServer
-from fed_ddp.protocol import ControlWire, Wire
+from fed_ddp.protocol import ControlWire, Wire, wire_for
 from fed_ddp.seeds import server_codec
 from fed_ddp.strategies import ClientUpdate, Strategy, lora_pairs, product_error, screen
 from fed_ddp.strategies.robust import lower_median
@@ -52,12 +52,11 @@ class Server:
         self.strategy, self.transport, self.tracker = strategy, transport, tracker
         self.run_dir = cfg.run.dir
         self.workers = transport.num_workers
-        self.wire = wire or Wire(cfg.comm, layout_of(pipe.unet), self.workers, privacy_fields=cfg.privacy.clips,
-                                 client_ranks=cfg.lora.client_ranks)
+        self.wire = wire or wire_for(cfg, layout_of(pipe.unet), self.workers)
         if self.wire.workers != self.workers:
             raise ValueError(f"wire built for {self.wire.workers} workers, transport has {self.workers}")
-        if strategy.controls and not isinstance(self.wire, ControlWire):  # scaffold: c and Δc_i travel too
-            self.wire = ControlWire(cfg.comm, self.wire.layout, self.workers)
+        if strategy.controls != isinstance(self.wire, ControlWire):
+            raise ValueError(f"fed.strategy={cfg.fed.strategy}: build the wire with protocol.wire_for")
         self.down_state = ChainState(seed=server_codec(cfg.run.seed))  # downlink stochastic rounding
         self.unet_parameters = sum(getattr(p, "ds_numel", p.numel()) for n, p in pipe.unet.named_parameters()
                                    if not is_lora_name(n))  # the frozen base (ZeRO-3: full sizes, not shards)

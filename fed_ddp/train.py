@@ -35,7 +35,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     from fed_ddp.diffusion.lora import prepare_trainable
     from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
     from fed_ddp.engines import TorchEngine, build_engine
-    from fed_ddp.protocol import HEAD_BYTES, Wire
+    from fed_ddp.protocol import HEAD_BYTES, wire_for
     from fed_ddp.transport import CollectiveTransport
 
     quiet_libraries()
@@ -54,8 +54,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
         TorchEngine(pipe.unet, cfg.train)
     wid = topo.worker_id
     # every buffer size is known from here on
-    wire = Wire(cfg.comm, layout_of(pipe.unet), topo.num_workers, privacy_fields=cfg.privacy.clips,
-                client_ranks=cfg.lora.client_ranks)
+    wire = wire_for(cfg, layout_of(pipe.unet), topo.num_workers)
     transport = CollectiveTransport(server_rank=0, group=topo.groups.leaders,
                                     device=device if dist.get_backend() == "nccl" else None,
                                     client_group=topo.groups.client,

@@ -45,8 +45,8 @@ class Worker:
                  ranks_per_client: int = 1):
         self.index, self.cfg, self.pipe, self.scheduler, self.data = index, cfg, pipe, scheduler, data
         self.wire, self.engine, self.leader = wire, engine, leader
-        if REGISTRY[cfg.fed.strategy].controls and not isinstance(wire, ControlWire):  # scaffold: c, Δc_i travel too
-            self.wire = ControlWire(cfg.comm, wire.layout, wire.workers)
+        if REGISTRY[cfg.fed.strategy].controls != isinstance(wire, ControlWire):
+            raise ValueError(f"fed.strategy={cfg.fed.strategy}: build the wire with protocol.wire_for")
         self.store = store if store is not None else ClientStateStore(cfg.run.dir / "clients", cfg.fed.client_cache)
         self.rank_in_client, self.ranks_per_client = rank_in_client, ranks_per_client
         self.replay: EncodedSet | None = None

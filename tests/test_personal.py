@@ -32,7 +32,7 @@ def _run(base: Path, out: Path, name: str, *overrides: str) -> tuple[Path, dict,
     from fed_ddp.data.federated import build_federated_data
     from fed_ddp.diffusion.lora import prepare_trainable
     from fed_ddp.diffusion.models import load_pipeline, quiet_libraries, training_scheduler
-    from fed_ddp.protocol import Wire
+    from fed_ddp.protocol import wire_for
     from fed_ddp.server import run_server
     from fed_ddp.transport import InMemoryTransport
     from fed_ddp.worker import Worker
@@ -44,7 +44,7 @@ def _run(base: Path, out: Path, name: str, *overrides: str) -> tuple[Path, dict,
     pipe = load_pipeline(str(base), torch.device("cpu"))
     prepare_trainable(pipe.unet, cfg)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
-    wire = Wire(cfg.comm, layout_of(pipe.unet), workers=1, privacy_fields=cfg.privacy.clips)
+    wire = wire_for(cfg, layout_of(pipe.unet), workers=1)
     worker = Worker(0, cfg, pipe, training_scheduler(pipe), data, wire)
     sent: list[torch.Tensor] = []
 
