@@ -72,18 +72,26 @@ class PretrainSection:
 
 @dataclass(kw_only=True)
 class ModelSection:
+    family: str = "sd"  # sd (SD 1.x/2.x), sdxl, sd3, flux: pipeline class, LoRA module, prompt encoding, loss (README, "Model families")
     pretrained: str | None = None  # local diffusers pipeline directory or hub id; null = tiny base
     revision: str | None = None  # hub revision for `pretrained`
     cache_dir: str = "~/.cache/fed_ddp"  # where the built-in tiny base is cached
     tiny: PretrainSection = field(default_factory=PretrainSection)  # built-in base recipe
 
     def __post_init__(self):
+        from fed_ddp.diffusion.families import NAMES, PIPELINES, detect_family
+
+        _one_of("model.family", self.family, set(NAMES))
         if not self.pretrained:
             return
         p = Path(self.pretrained).expanduser()
         if p.exists() or self.pretrained.startswith((".", "/", "~")):  # a local path, not a hub id
             _check(p.is_dir() and (p / "model_index.json").exists(), "model.pretrained", self.pretrained,
                    "must be a diffusers pipeline directory (with model_index.json) or a hub id")
+            found = detect_family(p)
+            _check(found == self.family, "model.pretrained", self.pretrained,
+                   f"holds a {found} pipeline ({PIPELINES[found]}): set model.family={found}" if found else
+                   f"holds no pipeline fed_ddp trains (model_index.json names none of {sorted(PIPELINES.values())})")
 
 
 @dataclass(kw_only=True)
@@ -91,14 +99,13 @@ class LoraSection:
     rank: int = 4  # LoRA rank r
     alpha: float = 4.0  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # LoRA dropout
-    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # UNet module names
+    targets: list[str] = field(default_factory=list)  # denoiser module names; empty = model.family's default targets (README, "Model families")
     client_ranks: list[int] = field(default_factory=list)  # heterogeneous ranks: client c trains and sends rank client_ranks[c % len] <= rank (device classes in turn); empty = every client at rank
 
     def __post_init__(self):
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
         _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
-        _check(bool(self.targets), "lora.targets", self.targets, "must name at least one module")
         _check(all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.rank for k in self.client_ranks),
                "lora.client_ranks", list(self.client_ranks),
                f"every client rank must be an integer in [1, lora.rank={self.rank}] (the global adapter's rank)")
@@ -383,6 +390,10 @@ class RunConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def __post_init__(self):
+        if not self.lora.targets:  # the family's defaults, written out so every rank, checkpoint and plan sees them
+            from fed_ddp.diffusion.families import DEFAULT_TARGETS
+
+            self.lora.targets = list(DEFAULT_TARGETS[self.model.family])
         if self.data.source == "imagefolder" and self.data.client_dirs:
             _check(len(self.data.client_dirs) == self.fed.num_clients, "data.client_dirs",
                    self.data.client_dirs, f"needs one folder per client (fed.num_clients={self.fed.num_clients})")
