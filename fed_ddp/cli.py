@@ -19,6 +19,7 @@ import sys
 import uuid
 
 from fed_ddp.config import ConfigError, load_config, split_args
+from fed_ddp.diffusion.families import denoiser
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -218,19 +219,19 @@ def cmd_generate(args) -> int:
         personal = (index["mode"], client_dir(args.checkpoint, args.client), index.get("rank"))
     pipe = load_pipeline(args.base or info["base_model"], torch.device(args.device))
     if info.get("method", "lora") == "full":  # the whole fine-tuned UNet replaces the base's
-        load_unet(pipe.unet, args.checkpoint)
+        load_unet(denoiser(pipe), args.checkpoint)
     elif personal is not None and personal[0] == "finetune":  # the client's fine-tuned adapter replaces the global
-        attach_lora(pipe.unet, LoraSection(**info["lora"]))
-        load_adapter(pipe.unet, personal[1])
+        attach_lora(denoiser(pipe), LoraSection(**info["lora"]))
+        load_adapter(denoiser(pipe), personal[1])
     else:
-        attach_lora(pipe.unet, LoraSection(**info["lora"]))
-        load_adapter(pipe.unet, args.checkpoint)
+        attach_lora(denoiser(pipe), LoraSection(**info["lora"]))
+        load_adapter(denoiser(pipe), args.checkpoint)
         if personal is not None:  # split: global + personal, both active with weight 1
             from fed_ddp.diffusion.lora import attach_personal
             from fed_ddp.lora_names import PERSONAL
 
-            attach_personal(pipe.unet, LoraSection(**info["lora"]), personal[2])
-            load_adapter(pipe.unet, personal[1], adapter_name=PERSONAL)
+            attach_personal(denoiser(pipe), LoraSection(**info["lora"]), personal[2])
+            load_adapter(denoiser(pipe), personal[1], adapter_name=PERSONAL)
     imgs = generate(pipe, [args.prompt] * args.num_images, args.seed, args.steps, args.guidance_scale)
     save_grid(imgs[None], [args.prompt], args.out, cell=args.cell)
     print(f"wrote {args.out}")
@@ -283,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["compare"].add_argument("--strategies", default=None,
                                         help="one federated arm per strategy, e.g. fedavg,flexlora,fedyogi:server_lr=0.01 "
                                              "(name:key=value sets fed.key for that arm)")
-    sub.choices["plan"].add_argument("--unet", default=None, help="UNet config: sd15, a config.json or a model dir")
+    sub.choices["plan"].add_argument("--denoiser", "--unet", dest="denoiser", default=None,
+                                     help="denoiser config (sets model.family): sd15, sdxl, sd3-medium, flux1-dev, "
+                                          "flux1-schnell, a config.json or a model dir")
     sub.choices["plan"].add_argument("--wireless", action="store_true",
                                      help="simulated cell: air time, compute time and energy per round, full vs LoRA")
     g = sub.add_parser("generate", help="sample images from a checkpoint (adapter or full UNet)")

@@ -14,18 +14,23 @@ import numpy as np
 import torch
 
 from fed_ddp.data.digits import CaptionedImages
+from fed_ddp.diffusion.families import denoiser, family_of
 from fed_ddp.diffusion.lora import lora_parameters
-from fed_ddp.diffusion.loss import diffusion_loss, sample_noise
 from fed_ddp.diffusion.models import encode_captions, encode_images, unet_autocast
 from fed_ddp.seeds import client_round
 from fed_ddp.strategies import RoundPlan
 
 
 class EncodedSet:
-    """Images as VAE latents and captions as text-encoder states, ready for training steps."""
+    """Images as VAE latents and captions as the family's conditioning tensors (``cond``: name -> (N, ...);
+    ``embeds`` the text states, SDXL/SD3/Flux add ``pooled`` and SDXL ``time_ids``), ready for training steps."""
 
-    def __init__(self, latents: torch.Tensor, embeds: torch.Tensor):
-        self.latents, self.embeds = latents, embeds
+    def __init__(self, latents: torch.Tensor, cond: dict[str, torch.Tensor]):
+        self.latents, self.cond = latents, cond
+
+    @property
+    def embeds(self) -> torch.Tensor:
+        return self.cond["embeds"]
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -33,8 +38,13 @@ class EncodedSet:
 
 def encode_set(pipe, data: CaptionedImages) -> EncodedSet:
     table = encode_captions(pipe, data.captions)
-    return EncodedSet(encode_images(pipe, _channels(data.images, pipe.vae.config.in_channels)),
-                      torch.stack([table[c] for c in data.captions]))
+    cond = {k: torch.stack([table[c][k] for c in data.captions]) for k in next(iter(table.values()), {})}
+    return EncodedSet(encode_images(pipe, _channels(data.images, pipe.vae.config.in_channels)), cond)
+
+
+def take(cond: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
+    """The rows ``index`` of every conditioning tensor."""
+    return {k: v[index] for k, v in cond.items()}
 
 
 def autocast_for(device: torch.device, mixed_precision: str, engine: str = "torch"):
@@ -61,34 +71,36 @@ class LocalTrainer:
                  engine=None, rank_in_client: int = 0, ranks_per_client: int = 1, personal_lr: float | None = None):
         from fed_ddp.engines import TorchEngine
 
-        self.unet, self.scheduler, self.cfg = pipe.unet, scheduler, train_cfg
-        self.engine = engine or TorchEngine(pipe.unet, train_cfg)
+        self.unet, self.scheduler, self.cfg = denoiser(pipe), scheduler, train_cfg
+        self.family = family_of(pipe)
+        self.engine = engine or TorchEngine(self.unet, train_cfg)
         self.device = self.unet.device
         self.seed, self.client_id = seed, client_id
         self.personal_lr = personal_lr  # personal.mode=split: the personal adapter's lr (None: the round's)
         self.slot, self.ranks = rank_in_client, ranks_per_client
         own = data if isinstance(data, EncodedSet) else encode_set(pipe, data)
         self.num_examples = len(own)
-        self.latents, self.embeds = own.latents, own.embeds
-        self.replay_latents = self.replay_embeds = None
+        self.latents, self.cond = own.latents, own.cond
+        self.replay_latents = self.replay_cond = None
         self.global_batch = train_cfg.batch_size * ranks_per_client
         self.n_replay = 0
         if replay is not None and replay_fraction > 0:
             rep = replay if isinstance(replay, EncodedSet) else encode_set(pipe, replay)
-            self.replay_latents, self.replay_embeds = rep.latents, rep.embeds
+            self.replay_latents, self.replay_cond = rep.latents, rep.cond
             self.n_replay = round(replay_fraction * self.global_batch)
 
     def _batch(self, rng: np.random.Generator, gen: torch.Generator):
-        """This rank's slice of the client-wide micro-batch: latents, text embeddings, noise, timesteps."""
+        """This rank's slice of the client-wide micro-batch: latents, conditioning, noise, timesteps."""
         i = torch.from_numpy(rng.integers(0, len(self.latents), self.global_batch - self.n_replay))
-        lat, emb = self.latents[i], self.embeds[i]
+        lat, cond = self.latents[i], take(self.cond, i)
         if self.n_replay:
             j = torch.from_numpy(rng.integers(0, len(self.replay_latents), self.n_replay))
-            lat, emb = torch.cat([lat, self.replay_latents[j]]), torch.cat([emb, self.replay_embeds[j]])
-        noise, t = sample_noise(lat, self.scheduler.config.num_train_timesteps, gen)
+            rep = take(self.replay_cond, j)
+            lat, cond = torch.cat([lat, self.replay_latents[j]]), {k: torch.cat([v, rep[k]]) for k, v in cond.items()}
+        noise, t = self.family.draw(lat, self.scheduler, gen)
         mine = slice(self.slot * self.cfg.batch_size, (self.slot + 1) * self.cfg.batch_size)
         d = self.device
-        return lat[mine].to(d), emb[mine].to(d), noise[mine].to(d), t[mine].to(d)
+        return lat[mine].to(d), {k: v[mine].to(d) for k, v in cond.items()}, noise[mine].to(d), t[mine].to(d)
 
     def fit(self, global_flat: torch.Tensor, plan: RoundPlan) -> tuple[torch.Tensor, dict[str, float]]:
         """Train ``plan.local_steps`` optimizer steps from ``global_flat``; return (local - global, metrics)."""
@@ -111,9 +123,9 @@ class LocalTrainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for _ in range(plan.local_steps * self.cfg.gradient_accumulation_steps):
-                lat, emb, noise, t = self._batch(rng, gen)
+                lat, cond, noise, t = self._batch(rng, gen)
                 with autocast_for(self.device, self.cfg.mixed_precision, self.cfg.engine):
-                    loss = diffusion_loss(eng.model, self.scheduler, lat, emb, noise=noise, timesteps=t)
+                    loss = self.family.loss(eng.model, self.scheduler, lat, cond, noise, t)
                 if anchor is not None:
                     loss = loss + 0.5 * plan.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
                 eng.backward_step(loss)
@@ -134,18 +146,21 @@ def _channels(images: torch.Tensor, want: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(unet, scheduler, latents: torch.Tensor, embeds: torch.Tensor, seed: int = 1234,
-                    batch_size: int | None = None, repeats: int = 4) -> float:
+def validation_loss(family, unet, scheduler, enc: EncodedSet, seed: int = 1234, batch_size: int | None = None,
+                    repeats: int = 4) -> float:
     """Denoising loss on held-out data at fixed noise and timesteps (comparable across rounds).
 
     Default batch: 256, or about 2**16 latent pixels where that is fewer (16 at SD's 64x64 latents)."""
+    latents = enc.latents
     batch_size = batch_size or max(1, min(256, 2 ** 16 // (latents.shape[-1] * latents.shape[-2])))
     gen = torch.Generator(device=unet.device).manual_seed(seed)
     total, n = 0.0, 0
     for _ in range(repeats):
         for i in range(0, len(latents), batch_size):
-            lat, emb = latents[i:i + batch_size].to(unet.device), embeds[i:i + batch_size].to(unet.device)
+            lat = latents[i:i + batch_size].to(unet.device)
+            cond = {k: v[i:i + batch_size].to(unet.device) for k, v in enc.cond.items()}
+            noise, t = family.draw(lat, scheduler, gen)
             with unet_autocast(unet):
-                total += diffusion_loss(unet, scheduler, lat, emb, generator=gen).float().item() * len(lat)
+                total += family.loss(unet, scheduler, lat, cond, noise, t).float().item() * len(lat)
             n += len(lat)
     return total / max(n, 1)

@@ -28,6 +28,7 @@ import torch
 from fed_ddp.compression import layout_of
 from fed_ddp.config import ConfigError, RunConfig
 from fed_ddp.data.federated import FederatedData, build_federated_data, concat
+from fed_ddp.diffusion.families import denoiser
 from fed_ddp.diffusion.lora import get_flat, prepare_trainable, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
 from fed_ddp.lora_ranks import client_rank
@@ -41,8 +42,8 @@ from fed_ddp.worker import Worker
 def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Tensor, base: str) -> dict:
     """One arm: the production server loop and worker over the in-memory transport (one worker plays every
     sampled client in turn; a client's update does not depend on which worker plays it)."""
-    set_flat(pipe.unet, init)
-    wire = wire_for(cfg, layout_of(pipe.unet), workers=1)
+    set_flat(denoiser(pipe), init)
+    wire = wire_for(cfg, layout_of(denoiser(pipe)), workers=1)
     worker = Worker(0, cfg, pipe, scheduler, data, wire)
     return run_server(cfg, pipe, scheduler, data, InMemoryTransport([worker.handle]), base, wire=wire)
 
@@ -57,9 +58,9 @@ def compare(cfg: RunConfig, client: int = 0, strategies: list[str] | None = None
     quiet_libraries()
     setup_logging("compare", 0, cfg.run.log_level)
     base = base_path(cfg.model)
-    pipe = load_pipeline(base, torch.device("cpu"), cfg.model.revision)
-    prepare_trainable(pipe.unet, cfg)
-    start = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad or ".lora_" in n}
+    pipe = load_pipeline(base, torch.device("cpu"), cfg.model.revision, cfg.model.family)
+    prepare_trainable(denoiser(pipe), cfg)
+    start = {n: p.detach().clone() for n, p in denoiser(pipe).named_parameters() if p.requires_grad or ".lora_" in n}
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
     root = f"{cfg.run.name}-compare"
@@ -83,7 +84,7 @@ def compare(cfg: RunConfig, client: int = 0, strategies: list[str] | None = None
                                                                        output_dir=str(cfg.run.dir.parent / root)))
         print(f"\n== {name}: {arm_cfg.fed.num_clients} trainer(s) x {arm_cfg.fed.local_steps} steps x "
               f"{arm_cfg.fed.rounds} rounds on {sum(len(d) for d in arm_data.clients)} private examples", flush=True)
-        results[name] = run_arm(arm_cfg, pipe, scheduler, arm_data, _start_arm(pipe.unet, start, arm_cfg), base)
+        results[name] = run_arm(arm_cfg, pipe, scheduler, arm_data, _start_arm(denoiser(pipe), start, arm_cfg), base)
     table = {name: {"total_local_steps": (1 if name in ("centralized", "local_only") else n)
                     * arms[name][0].fed.local_steps * cfg.fed.rounds,
                     "examples": sum(len(d) for d in arms[name][1].clients),

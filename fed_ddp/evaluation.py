@@ -44,13 +44,14 @@ def reference_classifier(seed: int = 0) -> DigitClassifier:
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float) -> np.ndarray:
     """Images in [0, 1], shape (N, H, W, C); one generator so the batch is reproducible from the seed."""
-    device = pipe.unet.device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    from fed_ddp.diffusion.families import denoiser, family_of
     from fed_ddp.diffusion.models import unet_autocast
 
-    with unet_autocast(pipe.unet):
+    model = denoiser(pipe)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    with unet_autocast(model):
         out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
-                   output_type="np")
+                   output_type="np", **family_of(pipe).sample_kwargs(pipe))
     return out.images
 
 
@@ -89,13 +90,14 @@ class Evaluator:
 
     def __call__(self, rnd: int, losses: bool = True, grid: bool = True, accuracy: bool = False) -> dict:
         from fed_ddp.client import validation_loss
+        from fed_ddp.diffusion.families import denoiser, family_of
         from fed_ddp.images import sample_grid, save_grid
 
         out: dict = {}
         e = self.cfg.eval
         if losses:
             for name, enc in self.val_sets.items():
-                out[name] = validation_loss(self.pipe.unet, self.scheduler, enc.latents, enc.embeds)
+                out[name] = validation_loss(family_of(self.pipe), denoiser(self.pipe), self.scheduler, enc)
         if grid:
             g = sample_grid(self.pipe, self.prompts, list(e.sample_seeds), e.inference_steps, e.guidance_scale)
             path = save_grid(g, self.prompts, self.cfg.run.dir / "samples" / f"round_{rnd:04d}.png")

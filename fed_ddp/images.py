@@ -12,13 +12,14 @@ from PIL import Image, ImageDraw
 @torch.no_grad()
 def sample_grid(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float) -> np.ndarray:
     """(rows, cols, H, W, C) images in [0, 1]: prompt r with seed c (each seed its own generator)."""
-    device = pipe.unet.device
-    gens = [torch.Generator(device=device).manual_seed(s) for _ in prompts for s in seeds]
+    from fed_ddp.diffusion.families import denoiser, family_of
     from fed_ddp.diffusion.models import unet_autocast
 
-    with unet_autocast(pipe.unet):
+    model = denoiser(pipe)
+    gens = [torch.Generator(device=model.device).manual_seed(s) for _ in prompts for s in seeds]
+    with unet_autocast(model):
         out = pipe([p for p in prompts for _ in seeds], num_inference_steps=steps, guidance_scale=guidance_scale,
-                   generator=gens, output_type="np")
+                   generator=gens, output_type="np", **family_of(pipe).sample_kwargs(pipe))
     return out.images.reshape(len(prompts), len(seeds), *out.images.shape[1:])
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fed_ddp.diffusion.families import denoiser
 from fed_ddp.diffusion.lora import export_adapter, export_personal, personal_state, set_personal
 from fed_ddp.evaluation import generation_accuracy, mean_over
 
@@ -69,7 +70,7 @@ def finetune_adapters(server, global_flat: torch.Tensor) -> dict[int, torch.Tens
     cfg, pipe = server.cfg, server.pipe
     replay = encode_set(pipe, server.data.replay) if server.data.replay is not None and cfg.data.replay_fraction > 0 \
         else None
-    engine = TorchEngine(pipe.unet, cfg.train)
+    engine = TorchEngine(denoiser(pipe), cfg.train)
     plan = RoundPlan(round=cfg.fed.rounds + 1, local_steps=cfg.personal.steps or cfg.fed.local_steps,
                      lr=cfg.personal.lr if cfg.personal.lr is not None else cfg.train.lr)
     out = {}
@@ -85,7 +86,7 @@ def finetune_adapters(server, global_flat: torch.Tensor) -> dict[int, torch.Tens
 def personalize(server, global_flat: torch.Tensor, final: dict) -> dict:
     """Export every client's personal adapter next to ``checkpoints/final``; on digits, evaluate each against the
     global adapter and log the table. Returns the ``personal`` block of summary.json."""
-    cfg, unet = server.cfg, server.pipe.unet
+    cfg, unet = server.cfg, denoiser(server.pipe)
     mode, e = cfg.personal.mode, cfg.eval
     t0 = time.perf_counter()
     ckpt = server.run_dir / "checkpoints" / "final"

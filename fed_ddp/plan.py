@@ -2,14 +2,17 @@
 
     fed-ddp plan configs/quickstart.yaml comm.uplink=[topk,int8] comm.downlink=[fp16]
     fed-ddp plan configs/quickstart.yaml --unet sd15 lora.rank=4 "lora.targets=[to_q,to_k,to_v,to_out.0]"
+    fed-ddp plan configs/flux_lora_deepspeed.yaml lora.rank=16      # Flux.1 [dev] at real size, offline
+    fed-ddp plan configs/quickstart.yaml --denoiser sdxl "lora.targets=[]"   # SDXL's UNet, its default targets
     fed-ddp plan configs/population.yaml fed.num_clients=100000    # bytes per round, memory and disk at that size
 
-The UNet is built from its config on the ``meta`` device (shapes, no weights: SD v1.5 costs no
-memory), LoRA is attached by peft exactly as in training, and the configured codec chains encode a
-zero adapter of that layout on the CPU: the sizes printed are those of real messages (they never
-depend on the data). UNet config: ``--unet`` (``sd15``, shipped in ``fed_ddp/diffusion/configs``, or a
-``config.json`` / model directory), else ``model.pretrained`` (``<dir>/unet/config.json``, or the hub),
-else the built-in tiny base.
+The denoiser (the family's UNet or transformer) is built from its config on the ``meta`` device (shapes, no
+weights: Flux's 12 B parameters cost no memory), LoRA is attached by peft exactly as in training, and the
+configured codec chains encode a zero adapter of that layout on the CPU: the sizes printed are those of real
+messages (they never depend on the data). Denoiser config: ``--denoiser`` (alias ``--unet``: a name shipped in
+``fed_ddp/diffusion/configs``, a ``config.json`` or a model directory; it sets ``model.family`` to its own),
+else ``model.pretrained`` (``<dir>/unet/config.json`` or ``<dir>/transformer/config.json`` by family; the
+known hub ids read their shipped config, others the hub), else the family's built-in tiny base.
 """
 
 from __future__ import annotations
@@ -23,61 +26,110 @@ import torch
 
 from fed_ddp.compression import ByteCount, ChainState, CodecChain, CommConfig, layout_of
 from fed_ddp.config import ConfigError, RunConfig, load_config
+from fed_ddp.diffusion.families import DENOISERS
 from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_TAIL_BYTES, ControlWire, wire_for
 
-UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"
-BUILTIN_UNETS = {"sd15": "sd15_unet.json"}  # name -> file in UNET_CONFIGS
-# hub ids whose UNet config ships here (so `plan` needs no network for them): the same published config
-KNOWN_HUB_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15"}
+UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"  # the shipped denoiser configs (not only UNets)
+# name -> (family, published config.json shipped in UNET_CONFIGS)
+BUILTIN_DENOISERS = {"sd15": ("sd", "sd15_unet.json"), "sdxl": ("sdxl", "sdxl_unet.json"),
+                     "sd3-medium": ("sd3", "sd3_medium_transformer.json"),
+                     "flux1-dev": ("flux", "flux1_dev_transformer.json"),
+                     "flux1-schnell": ("flux", "flux1_schnell_transformer.json")}
+# hub ids whose denoiser config ships here (so `plan` needs no network for them): the same published config
+KNOWN_HUB_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
+                 "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+                 "stabilityai/stable-diffusion-3-medium-diffusers": "sd3-medium",
+                 "black-forest-labs/FLUX.1-dev": "flux1-dev", "black-forest-labs/FLUX.1-schnell": "flux1-schnell"}
 
 
 # -- the model, on the meta device ----------------------------------------------------------------------
+def config_family(config: dict) -> str | None:
+    """The family of a denoiser config.json, from its class (an SDXL UNet adds ``text_time`` conditioning);
+    None: not a denoiser fed_ddp trains."""
+    cls = config.get("_class_name", "UNet2DConditionModel")
+    if cls == "UNet2DConditionModel":
+        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+    return next((fam for fam, (_, name) in DENOISERS.items() if name == cls), None)
+
+
+def read_denoiser(denoiser: str) -> tuple[dict, str, str]:
+    """(config, where it came from, family) of ``--denoiser``: a shipped name, a config.json or a model directory."""
+    if denoiser in BUILTIN_DENOISERS:
+        family, file = BUILTIN_DENOISERS[denoiser]
+        return json.loads((UNET_CONFIGS / file).read_text()), f"{denoiser} ({UNET_CONFIGS / file})", family
+    path = Path(denoiser).expanduser()
+    if path.is_dir():
+        path = next((c for c in (path / "unet" / "config.json", path / "transformer" / "config.json",
+                                 path / "config.json") if c.is_file()), path)
+    if not path.is_file():
+        raise ConfigError("--denoiser", denoiser, f"must be one of {sorted(BUILTIN_DENOISERS)}, a denoiser config.json "
+                          "or a diffusers directory with unet/config.json or transformer/config.json")
+    config = json.loads(path.read_text())
+    family = config_family(config)
+    if family is None:
+        raise ConfigError("--denoiser", denoiser, f"{path} holds a {config.get('_class_name')}, not one of "
+                          f"{sorted({cls for _, cls in DENOISERS.values()})}")
+    return config, str(path), family
+
+
+def denoiser_config(cfg: RunConfig, denoiser: str | None = None) -> tuple[dict | None, str, str]:
+    """(denoiser config, where it came from, family); None config = the family's built-in tiny base."""
+    family = cfg.model.family
+    if denoiser:
+        config, source, found = read_denoiser(denoiser)
+        if found != family:  # main() sets model.family from --denoiser: only an explicit override differs
+            raise ConfigError("--denoiser", denoiser, f"is a {found} denoiser, but model.family={family}")
+        return config, source, found
+    if not cfg.model.pretrained:
+        return None, f"built-in tiny {family} base", family
+    attr, cls = DENOISERS[family]
+    local = Path(cfg.model.pretrained).expanduser() / attr / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text()), str(local), family
+    if cfg.model.pretrained in KNOWN_HUB_IDS:
+        name = KNOWN_HUB_IDS[cfg.model.pretrained]
+        found, file = BUILTIN_DENOISERS[name]
+        if found != family:
+            raise ConfigError("model.pretrained", cfg.model.pretrained, f"is a {found} model: set model.family={found}")
+        return (json.loads((UNET_CONFIGS / file).read_text()),
+                f"{cfg.model.pretrained} (its {attr} config, shipped as {file})", family)
+    import diffusers
+
+    try:
+        return (dict(getattr(diffusers, cls).load_config(cfg.model.pretrained, subfolder=attr,
+                                                         revision=cfg.model.revision)),
+                f"{cfg.model.pretrained} (hub)", family)
+    except (OSError, ValueError) as e:  # offline, unknown repo, bad id
+        raise ConfigError("model.pretrained", cfg.model.pretrained,
+                          f"cannot read its {attr}/config.json ({type(e).__name__}); "
+                          "give a local directory or --denoiser CONFIG.json") from None
+
+
 def unet_config(cfg: RunConfig, unet: str | None = None) -> tuple[dict | None, str]:
-    """(UNet2DConditionModel config, where it came from); None config = the built-in tiny base."""
-    if unet:
-        if unet in BUILTIN_UNETS:
-            path = UNET_CONFIGS / BUILTIN_UNETS[unet]
-        else:
-            path = Path(unet).expanduser()
-            for candidate in (path / "unet" / "config.json", path / "config.json"):
-                if path.is_dir() and candidate.is_file():
-                    path = candidate
-                    break
-            if not path.is_file():
-                raise ConfigError("--unet", unet, f"must be one of {sorted(BUILTIN_UNETS)}, a UNet config.json "
-                                  "or a diffusers directory with unet/config.json")
-        return json.loads(path.read_text()), f"{unet} ({path})" if unet in BUILTIN_UNETS else str(path)
-    if cfg.model.pretrained:
-        local = Path(cfg.model.pretrained).expanduser() / "unet" / "config.json"
-        if local.is_file():
-            return json.loads(local.read_text()), str(local)
-        if cfg.model.pretrained in KNOWN_HUB_IDS:
-            name = KNOWN_HUB_IDS[cfg.model.pretrained]
-            return (json.loads((UNET_CONFIGS / BUILTIN_UNETS[name]).read_text()),
-                    f"{cfg.model.pretrained} (its UNet config, shipped as {BUILTIN_UNETS[name]})")
-        from diffusers import UNet2DConditionModel
-
-        try:
-            return (dict(UNet2DConditionModel.load_config(cfg.model.pretrained, subfolder="unet",
-                                                          revision=cfg.model.revision)),
-                    f"{cfg.model.pretrained} (hub)")
-        except (OSError, ValueError) as e:  # offline, unknown repo, bad id
-            raise ConfigError("model.pretrained", cfg.model.pretrained,
-                              f"cannot read its unet/config.json ({type(e).__name__}); "
-                              "give a local directory or --unet CONFIG.json") from None
-    return None, "built-in tiny base (fed_ddp.diffusion.tiny)"
+    """(denoiser config, where it came from): ``denoiser_config`` without the family."""
+    config, source, _ = denoiser_config(cfg, unet)
+    return config, source
 
 
-def meta_unet(config: dict | None) -> torch.nn.Module:
-    """The UNet with the shapes of ``config`` and no weights (``meta`` device)."""
-    from diffusers import UNet2DConditionModel
+def meta_denoiser(config: dict | None, family: str = "sd") -> torch.nn.Module:
+    """The family's denoiser with the shapes of ``config`` and no weights (``meta`` device); None: its tiny base."""
+    import diffusers
 
     with torch.device("meta"):
         if config is None:
-            from fed_ddp.diffusion.tiny import build_unet
+            from fed_ddp.diffusion.families import get_family
 
-            return build_unet()
-        return UNet2DConditionModel.from_config(config)
+            try:
+                return get_family(family).tiny_denoiser()
+            except (ImportError, AttributeError):  # a family whose tiny base is not built yet
+                raise ConfigError("model.family", family, "has no built-in tiny base yet: give model.pretrained "
+                                  "or --denoiser") from None
+        return getattr(diffusers, DENOISERS[family][1]).from_config(config)
+
+
+def meta_unet(config: dict | None) -> torch.nn.Module:
+    """The UNet (or any denoiser, by its config's class) with the shapes of ``config``, no weights."""
+    return meta_denoiser(config, (config_family(config) or "sd") if config else "sd")
 
 
 # -- the plan ---------------------------------------------------------------------------------------------
@@ -110,6 +162,8 @@ class Plan:
     cluster_down: int = 0  # bytes the downlink broadcasts deliver per round (head + body, every worker)
     cluster_up: int = 0  # bytes the uplink gather moves per round (native gather: padded to the fullest worker)
     method: str = "lora"  # train.method: what the flat vector holds
+    family: str = "sd"  # model.family
+    denoiser: str = "UNet2DConditionModel"  # the denoiser's class
 
     @property
     def dense_lora_bytes(self) -> int:
@@ -120,13 +174,13 @@ class Plan:
         return 4 * self.unet_parameters
 
 
-def make_plan(cfg: RunConfig, comm: CommConfig, unet: str | None = None) -> Plan:
+def make_plan(cfg: RunConfig, comm: CommConfig, denoiser: str | None = None) -> Plan:
     from fed_ddp.diffusion.lora import prepare_trainable
     from fed_ddp.diffusion.models import quiet_libraries
 
     quiet_libraries()
-    config, source = unet_config(cfg, unet)
-    model = meta_unet(config)
+    config, source, family = denoiser_config(cfg, denoiser)
+    model = meta_denoiser(config, family)
     base = sum(p.numel() for p in model.parameters())
     prepare_trainable(model, cfg)
     layout = layout_of(model)
@@ -144,7 +198,7 @@ def make_plan(cfg: RunConfig, comm: CommConfig, unet: str | None = None) -> Plan
                 Direction(w.up, w.up.wire_bytes, UP_TAIL_BYTES), Direction(w.down, w.down.wire_bytes, PLAN_BYTES),
                 per_round=m, workers=f.num_workers, sampling=f.sampling, state_bytes=state_bytes,
                 client_cache=f.client_cache, cluster_down=f.num_workers * (HEAD_BYTES + w.body_nbytes(slots)),
-                cluster_up=round(gather_up), method=cfg.train.method)
+                cluster_up=round(gather_up), method=cfg.train.method, family=family, denoiser=type(model).__name__)
 
 
 def _ratio(dense: int, sent: int) -> str:
@@ -175,15 +229,16 @@ def _chain_line(d: Direction, comm: CommConfig) -> str:
 
 def format_plan(p: Plan, comm: CommConfig) -> str:
     lines = [
-        f"UNet      {p.unet_source}, built on the meta device: {p.unet_parameters:,} parameters",
+        (f"denoiser  {p.denoiser} (model.family={p.family}) from {p.unet_source}, built on the meta device: "
+         f"{p.unet_parameters:,} parameters"),
         (f"{'trained' if p.method == 'full' else 'LoRA':10s}{p.lora_parameters:,} trainable parameters in "
-         f"{p.lora_tensors} tensors{' (train.method=full: every UNet weight)' if p.method == 'full' else ''} "
+         f"{p.lora_tensors} tensors{' (train.method=full: every denoiser weight)' if p.method == 'full' else ''} "
          f"({p.dense_lora_bytes:,} B as fp32)"),
         f"uplink    {_chain_line(p.up, comm)}",
         f"downlink  {_chain_line(p.down, comm)}",
         "",
         (f"{'bytes per client per round':28s}{'payload':>18s}{'metadata':>14s}{'total':>18s}"
-         f"{'vs dense LoRA':>15s}{'vs full UNet':>14s}"),
+         f"{'vs dense LoRA':>15s}{'vs full model':>14s}"),
     ]
     for name, d in (("uplink", p.up), ("downlink", p.down)):
         t = d.total
@@ -239,12 +294,14 @@ def _population_lines(p: Plan) -> list[str]:
 
 
 def main(args) -> int:
-    """``fed-ddp plan CONFIG [key=value ...] [--unet sd15|PATH]`` (called by ``fed_ddp.cli``)."""
+    """``fed-ddp plan CONFIG [key=value ...] [--denoiser NAME|PATH] [--wireless]`` (called by ``fed_ddp.cli``)."""
     from fed_ddp.config import split_args
 
     files, overrides = split_args([args.config, *args.overrides])
+    if args.denoiser:  # the denoiser says which family it is (its default targets follow); an explicit override wins
+        overrides = [f"model.family={read_denoiser(args.denoiser)[2]}", *overrides]
     cfg = load_config(files, overrides)
-    plan = make_plan(cfg, cfg.comm, args.unet)
+    plan = make_plan(cfg, cfg.comm, args.denoiser)
     from fed_ddp.privacy.report import plan_lines
 
     try:
@@ -255,7 +312,9 @@ def main(args) -> int:
     if args.wireless:
         from fed_ddp.wireless.plan import plan_lines as wireless_lines
 
-        config, _ = unet_config(cfg, args.unet)
+        if plan.family != "sd":  # its FLOP count runs an SD UNet forward (one text state, no added conditioning)
+            raise ConfigError("--wireless", None, f"models SD 1.x/2.x UNets only, not model.family={plan.family}")
+        config, _ = unet_config(cfg, args.denoiser)
         lines += wireless_lines(cfg, config)
     print("\n".join(lines))
     return 0

@@ -27,6 +27,7 @@ from fed_ddp.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from fed_ddp.compression import ChainState, layout_of
 from fed_ddp.config import RunConfig
 from fed_ddp.data.federated import FederatedData
+from fed_ddp.diffusion.families import denoiser, family_of
 from fed_ddp.distributed.collectives import GatherTimeout
 from fed_ddp.evaluation import Evaluator, reference_classifier
 from fed_ddp.lora_names import is_lora_name
@@ -48,17 +49,17 @@ class Server:
         from fed_ddp.engines import TorchEngine
 
         self.cfg, self.pipe, self.scheduler, self.data = cfg, pipe, scheduler, data
-        self.engine = engine or TorchEngine(pipe.unet, cfg.train)  # reads/writes the adapter (ZeRO-3 aware)
+        self.engine = engine or TorchEngine(denoiser(pipe), cfg.train)  # reads/writes the adapter (ZeRO-3 aware)
         self.strategy, self.transport, self.tracker = strategy, transport, tracker
         self.run_dir = cfg.run.dir
         self.workers = transport.num_workers
-        self.wire = wire or wire_for(cfg, layout_of(pipe.unet), self.workers)
+        self.wire = wire or wire_for(cfg, layout_of(denoiser(pipe)), self.workers)
         if self.wire.workers != self.workers:
             raise ValueError(f"wire built for {self.wire.workers} workers, transport has {self.workers}")
         if strategy.controls != isinstance(self.wire, ControlWire):
             raise ValueError(f"fed.strategy={cfg.fed.strategy}: build the wire with protocol.wire_for")
         self.down_state = ChainState(seed=server_codec(cfg.run.seed))  # downlink stochastic rounding
-        self.unet_parameters = sum(getattr(p, "ds_numel", p.numel()) for n, p in pipe.unet.named_parameters()
+        self.unet_parameters = sum(getattr(p, "ds_numel", p.numel()) for n, p in denoiser(pipe).named_parameters()
                                    if not is_lora_name(n))  # the frozen base (ZeRO-3: full sizes, not shards)
         self.info = {"base_model": base_model, "method": cfg.train.method,
                      "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
@@ -84,7 +85,7 @@ class Server:
         self.stopped_at: int | None = None  # the last round run when the privacy budget stopped training
         self.wireless = self._wireless() if cfg.wireless.enabled else None
         self.pairs = lora_pairs(self.wire.layout)  # LoRA (A, B) layers: the aggregation error is reported per round
-        self.frozen = _frozen_digest(pipe.unet)  # FFA-LoRA: the A factors every client holds, never sent
+        self.frozen = _frozen_digest(denoiser(pipe))  # FFA-LoRA: the A factors every client holds, never sent
 
     def _wireless(self):
         """The simulated cell, with one local step's FLOPs counted on a meta copy of this UNet at the shapes of
@@ -92,8 +93,10 @@ class Server:
         from fed_ddp.wireless import Wireless, unet_step_flops
 
         val = self.evaluate.val_sets["val_loss"]
-        flops = unet_step_flops(self.cfg, dict(self.pipe.unet.config), tuple(val.latents.shape[1:]),
-                                tuple(val.embeds.shape[1:]))
+        model = denoiser(self.pipe)
+        flops = unet_step_flops(self.cfg, dict(model.config), tuple(val.latents.shape[1:]), tuple(val.embeds.shape[1:]),
+                                {k: tuple(v.shape[1:]) for k, v in val.cond.items() if k != "embeds"},
+                                family_of(self.pipe), type(model))
         ws = Wireless(self.cfg, flops, self.wire.up_nbytes, self.wire.down_bytes.total, self.wire.num_params)
         log.info(ws.describe())
         if warning := ws.deadline_warning(self.cfg.fed.local_steps):
@@ -409,7 +412,7 @@ class Server:
 
     def _save(self, name: str, global_flat: torch.Tensor, rnd: int) -> None:
         with self.engine.gathered():  # ZeRO-3: export full LoRA tensors, never empty shards
-            save_checkpoint(self.run_dir / "checkpoints" / name, self.pipe.unet, global_flat, rnd,
+            save_checkpoint(self.run_dir / "checkpoints" / name, denoiser(self.pipe), global_flat, rnd,
                             self.strategy.state_dict(), self.info,
                             {"last_played": torch.from_numpy(self.last_played.copy()), "norm_ref": self.norm_ref,
                              "privacy": json.dumps(self.privacy.state_dict()) if self.privacy else None,
@@ -565,7 +568,7 @@ def run_server(cfg: RunConfig, pipe, scheduler, data: FederatedData, transport, 
         (run_dir / "partition.json").write_text(json.dumps(data.summary(), indent=2))
         tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
                               maybe_wandb(cfg, run_dir, to_dict(cfg)))
-        layout = wire.layout if wire is not None else layout_of(pipe.unet)
+        layout = wire.layout if wire is not None else layout_of(denoiser(pipe))
         server = Server(cfg, pipe, scheduler, data, build_strategy(cfg.fed, cfg.train, layout), transport, tracker,
                         base_model, engine=engine, wire=wire)
         return server.run()

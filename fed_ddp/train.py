@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from fed_ddp.config import ConfigError, RunConfig, load_config, split_args
+from fed_ddp.diffusion.families import denoiser
 from fed_ddp.distributed.topology import Topology
 from fed_ddp.tracking import setup_logging
 
@@ -44,17 +45,17 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     # the server pretrains/locates the base; the others wait here (a string as tensors: nothing unpickled)
     base = broadcast_text(base_path(cfg.model, show_progress=True) if topo.is_server else None, src=0,
                           device=device if dist.get_backend() == "nccl" else None)
-    pipe = load_pipeline(base, device, cfg.model.revision)
-    prepare_trainable(pipe.unet, cfg)
+    pipe = load_pipeline(base, device, cfg.model.revision, cfg.model.family)
+    prepare_trainable(denoiser(pipe), cfg)
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
     # Every rank builds its engine in the same order: DeepSpeed's ZeRO-3 set-up has world-wide barriers.
     deepspeed = cfg.train.engine == "deepspeed"
-    engine = build_engine(pipe.unet, cfg, topo, device) if deepspeed or not topo.is_server else \
-        TorchEngine(pipe.unet, cfg.train)
+    engine = build_engine(denoiser(pipe), cfg, topo, device) if deepspeed or not topo.is_server else \
+        TorchEngine(denoiser(pipe), cfg.train)
     wid = topo.worker_id
     # every buffer size is known from here on
-    wire = wire_for(cfg, layout_of(pipe.unet), topo.num_workers)
+    wire = wire_for(cfg, layout_of(denoiser(pipe)), topo.num_workers)
     transport = CollectiveTransport(server_rank=0, group=topo.groups.leaders,
                                     device=device if dist.get_backend() == "nccl" else None,
                                     client_group=topo.groups.client,

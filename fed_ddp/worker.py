@@ -28,6 +28,7 @@ import torch
 from fed_ddp.client import EncodedSet, LocalTrainer, encode_set
 from fed_ddp.compression import ChainState
 from fed_ddp.data.federated import FederatedData
+from fed_ddp.diffusion.families import denoiser
 from fed_ddp.diffusion.lora import clear_personal, init_personal, personal_state, set_personal
 from fed_ddp.population import ClientStateStore
 from fed_ddp.protocol import ROUND, ControlWire, Wire, client_codec_state
@@ -103,10 +104,10 @@ class Worker:
         """personal.mode=split: put the client's personal adapter as of its round ``state_round`` into the model
         (-1: it never played, so peft's initialisation from its own seed)."""
         if state_round < 0:
-            init_personal(self.pipe.unet, client_personal(self.cfg.run.seed, client))
+            init_personal(denoiser(self.pipe), client_personal(self.cfg.run.seed, client))
             return
         tensors, _ = self.saved_state(client, state_round)
-        set_personal(self.pipe.unet, {k[len(PERSONAL_KEY):]: v for k, v in tensors.items() if k.startswith(PERSONAL_KEY)})
+        set_personal(denoiser(self.pipe), {k[len(PERSONAL_KEY):]: v for k, v in tensors.items() if k.startswith(PERSONAL_KEY)})
 
     def client_control(self, client: int, state_round: int, like: torch.Tensor) -> torch.Tensor:
         """scaffold: the client's control variate c_i as of its round ``state_round`` (-1: zero, it never played)."""
@@ -151,8 +152,8 @@ class Worker:
             delta, metrics = self.fit(client, plan, self.wire.start_of(client, global_flat))
         personal = None
         if self.personal:  # kept in the client's state file, never in the message; the model is left without it
-            personal = personal_state(self.pipe.unet)
-            clear_personal(self.pipe.unet)
+            personal = personal_state(denoiser(self.pipe))
+            clear_personal(denoiser(self.pipe))
         if not self.leader:
             return torch.empty(0, dtype=torch.uint8)
         if privacy is not None:

@@ -29,6 +29,27 @@ def tiny_base(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def family_base(tmp_path_factory):
+    """family name -> a directory holding that family's tiny pipeline with random weights (built once)."""
+    import torch
+
+    from fed_ddp.diffusion.families import get_family
+    from fed_ddp.diffusion.models import quiet_libraries
+
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            quiet_libraries()
+            torch.manual_seed(0)
+            made[name] = tmp_path_factory.mktemp("base") / f"tiny-{name}-random"
+            get_family(name).tiny_pipeline().save_pretrained(made[name])
+        return made[name]
+
+    return make
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``fed-ddp ARGS`` the way a user does (a fresh interpreter), from the repository root."""
     full_env = {**os.environ, **(env or {})}

@@ -27,6 +27,7 @@ def finished_run(base: Path, out: Path, name: str, *overrides: str) -> Path:
     from fed_ddp.compare import run_arm
     from fed_ddp.config import load_config
     from fed_ddp.data.federated import build_federated_data
+    from fed_ddp.diffusion.families import denoiser
     from fed_ddp.diffusion.lora import get_flat, prepare_trainable
     from fed_ddp.diffusion.models import load_pipeline, quiet_libraries, training_scheduler
 
@@ -36,9 +37,9 @@ def finished_run(base: Path, out: Path, name: str, *overrides: str) -> Path:
                              "eval.images_per_prompt=2", "eval.inference_steps=2", "eval.sample_seeds=[0]",
                              *overrides])
     pipe = load_pipeline(str(base), torch.device("cpu"))
-    prepare_trainable(pipe.unet, cfg)  # as every rank does
+    prepare_trainable(denoiser(pipe), cfg)  # as every rank does
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
-    run_arm(cfg, pipe, training_scheduler(pipe), data, get_flat(pipe.unet), str(base))
+    run_arm(cfg, pipe, training_scheduler(pipe), data, get_flat(denoiser(pipe)), str(base))
     return cfg.run.dir
 
 

@@ -47,6 +47,11 @@ CHAINS = {
 }
 
 
+# the same aggregation test under a non-SD family: Flux's transformer, its default targets, a compressed uplink
+FAMILY_CHAINS = {"flux_topk_int8": ("flux", ["model.family=flux", "comm.uplink=[topk,int8]", "comm.downlink=[fp16]",
+                                             "comm.topk_fraction=0.25"])}
+
+
 def _run(tiny_base, out: Path, name: str, extra: list[str]) -> tuple[Path, Path]:
     spy = out / f"spy_{name}"
     spy.mkdir()
@@ -58,9 +63,11 @@ def _run(tiny_base, out: Path, name: str, extra: list[str]) -> tuple[Path, Path]
 
 
 @pytest.fixture(scope="module")
-def chain_runs(tiny_base, tmp_path_factory):
+def chain_runs(tiny_base, family_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    return {name: _run(tiny_base, out, name, extra) for name, extra in CHAINS.items()}
+    runs = {name: _run(tiny_base, out, name, extra) for name, extra in CHAINS.items()}
+    runs.update({name: _run(family_base(fam), out, name, extra) for name, (fam, extra) in FAMILY_CHAINS.items()})
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +90,18 @@ def _wire_and_init(run_dir: Path):
     """The run's Wire and initial adapter, rebuilt here from its saved config and the base model."""
     from fed_ddp.compression import layout_of
     from fed_ddp.config import load_config
+    from fed_ddp.diffusion.families import denoiser
     from fed_ddp.diffusion.lora import attach_lora, get_flat
     from fed_ddp.diffusion.models import load_pipeline
     from fed_ddp.protocol import Wire
 
     cfg = load_config(run_dir / "config.yaml")
     pipe = load_pipeline(cfg.model.pretrained, torch.device("cpu"), cfg.model.revision)
-    attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
-    return Wire(cfg.comm, layout_of(pipe.unet), cfg.fed.num_workers), get_flat(pipe.unet).double()
+    attach_lora(denoiser(pipe), cfg.lora, seed=cfg.run.seed)
+    return Wire(cfg.comm, layout_of(denoiser(pipe)), cfg.fed.num_workers), get_flat(denoiser(pipe)).double()
 
 
-@pytest.mark.parametrize("name", list(CHAINS))
+@pytest.mark.parametrize("name", [*CHAINS, *FAMILY_CHAINS])
 def test_server_aggregate_is_weighted_mean_of_decoded_uplinks(chain_runs, name):
     """Under every codec chain the server's new global = old global + sample-weighted mean of what the
     clients' buffers decode to (decoded here, on their own), and clients saw the global within the

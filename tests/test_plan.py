@@ -127,8 +127,8 @@ def test_plan_config_errors_are_one_line(tmp_path, capsys, yaml_extra, overrides
 
 def test_unknown_unet_is_a_config_error():
     cfg, comm = load_run_and_comm(TINY, [])
-    with pytest.raises(ConfigError, match="--unet"):
-        make_plan(cfg, comm, unet="sd99")
+    with pytest.raises(ConfigError, match="--denoiser"):
+        make_plan(cfg, comm, "sd99")
 
 
 def test_plan_reads_a_pretrained_directory(tiny_base):
@@ -173,3 +173,134 @@ def test_options_go_anywhere_on_the_line(capsys):
     assert "797,184 trainable parameters" in capsys.readouterr().out  # SD v1.5, rank 4 on the attention projections
     with pytest.raises(SystemExit):
         main(["plan", QUICKSTART, "--unet", "sd15", "--bogus"])
+
+
+# ----------------------------------------------------------------------------- real sizes: SDXL, SD3, Flux
+
+# shipped denoiser -> (model.family, parameter total published for the checkpoint)
+REAL = {"sdxl": ("sdxl", 2_567_463_684), "sd3-medium": ("sd3", 2_028_328_000), "flux1-dev": ("flux", 11_901_408_320)}
+
+
+def _lora_count(model, targets, rank) -> int:
+    """r * (in + out) summed over the modules peft's rule matches (the name is a target or ends with '.target')."""
+    total = 0
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            assert isinstance(module, torch.nn.Linear), name  # every default target is a Linear
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_size_denoisers_have_the_published_counts_and_lora_sizes(name):
+    import json
+
+    from fed_ddp.diffusion.families import DEFAULT_TARGETS, DENOISERS
+    from fed_ddp.plan import BUILTIN_DENOISERS, meta_denoiser
+
+    family, published = REAL[name]
+    fresh = meta_denoiser(json.loads((UNET_CONFIGS / BUILTIN_DENOISERS[name][1]).read_text()), family)
+    assert sum(p.numel() for p in fresh.parameters()) == published
+    for rank in (4, 16):
+        expected = _lora_count(fresh, DEFAULT_TARGETS[family], rank)
+        cfg, comm = load_run_and_comm(TINY, [f"model.family={family}", f"lora.rank={rank}", "lora.targets=[]"])
+        assert cfg.lora.targets == DEFAULT_TARGETS[family]
+        plan = make_plan(cfg, comm, name)
+        assert (plan.family, plan.denoiser) == (family, DENOISERS[family][1])
+        assert plan.unet_parameters == published
+        assert plan.lora_parameters == expected > 0
+        assert plan.dense_lora_bytes == plan.up.message.total == 4 * expected  # dense fp32 uplink: 4 B a value
+    if family == "flux":  # by hand: 19 double blocks (8 attention projections 3072x3072, 2 feed-forwards
+        # 3072 -> 12288 -> 3072) and 38 single blocks (to_q, to_k, to_v): r * (in + out) each
+        assert expected == 16 * (19 * (8 * 6144 + 4 * 15360) + 38 * 3 * 6144) == 44_826_624
+
+
+def test_flux_schnell_is_dev_without_the_guidance_embedder():
+    from fed_ddp.plan import KNOWN_HUB_IDS
+
+    cfg, comm = load_run_and_comm(TINY, ["model.family=flux", "model.pretrained=black-forest-labs/FLUX.1-schnell",
+                                         "lora.targets=[]"])
+    plan = make_plan(cfg, comm)  # offline: the hub id reads its shipped config
+    assert KNOWN_HUB_IDS[cfg.model.pretrained] == "flux1-schnell" and "shipped" in plan.unet_source
+    guidance = (256 * 3072 + 3072) + (3072 * 3072 + 3072)  # TimestepEmbedding(256 -> 3072 -> 3072)
+    assert plan.unet_parameters == 11_901_408_320 - guidance
+    assert plan.lora_parameters == 4 * 2_801_664  # the same LoRA layout as dev
+
+
+def test_plan_reads_a_transformer_directory(tmp_path):
+    """A local Flux pipeline directory: `<dir>/transformer/config.json` (a small one, built for real here)."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    small = {"_class_name": "FluxTransformer2DModel", "attention_head_dim": 16, "num_attention_heads": 2,
+             "num_layers": 1, "num_single_layers": 1, "in_channels": 8, "joint_attention_dim": 24,
+             "pooled_projection_dim": 12, "axes_dims_rope": [4, 6, 6], "guidance_embeds": True}
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(small))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    cfg, comm = load_run_and_comm(TINY, ["model.family=flux", f"model.pretrained={tmp_path}", "lora.targets=[]"])
+    plan = make_plan(cfg, comm)
+    assert plan.unet_source == str(tmp_path / "transformer" / "config.json")
+    real = FluxTransformer2DModel.from_config(small)
+    assert plan.unet_parameters == sum(p.numel() for p in real.parameters())
+    assert plan.lora_parameters == _lora_count(real, cfg.lora.targets, cfg.lora.rank) > 0
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--denoiser", "flux1-dev", "model.family=sd"], ["--denoiser='flux1-dev'", "a flux denoiser", "model.family=sd"]),
+    (["model.pretrained=black-forest-labs/FLUX.1-dev"], ["model.pretrained", "set model.family=flux"]),
+    (["--denoiser", "sdxl", "--wireless"], ["--wireless", "model.family=sdxl"]),
+])
+def test_family_mismatches_are_one_line_errors(capsys, argv, needles):
+    from fed_ddp.cli import main
+
+    assert main(["plan", TINY, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fed-ddp: config error:"), err
+    for n in needles:
+        assert n in err, err
+
+
+def test_flux_cluster_config_plans_offline_at_rank_16():
+    """The README's `fed-ddp plan configs/flux_lora_deepspeed.yaml lora.rank=16`, as a user runs it, offline."""
+    from fed_ddp.engines import deepspeed_config
+
+    path = ROOT / "configs" / "flux_lora_deepspeed.yaml"
+    cfg = load_config(path)
+    assert (cfg.model.family, cfg.model.pretrained) == ("flux", "black-forest-labs/FLUX.1-dev")
+    assert cfg.train.mixed_precision == "bf16" and cfg.train.gradient_checkpointing
+    assert deepspeed_config(cfg.train, cfg.deepspeed, "cuda", dp_size=cfg.fed.ranks_per_client)[
+        "zero_optimization"]["stage"] == 3
+    proc = run_cli("plan", str(path), "lora.rank=16", env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n = 16 * 2_801_664  # test_real_size_denoisers_...: the independent count of Flux's default targets at rank 16
+    assert "FluxTransformer2DModel (model.family=flux)" in proc.stdout
+    assert "11,901,408,320 parameters" in proc.stdout
+    assert f"{n:,} trainable parameters" in proc.stdout and f"({4 * n:,} B as fp32)" in proc.stdout
+    up = re.search(r"^  uplink\s+([\d,]+)", proc.stdout, re.MULTILINE).group(1)
+    assert int(up.replace(",", "")) == 4 * n  # dense fp32 (the config sets no codec)
+
+
+def test_sdxl_cluster_config_plans_offline():
+    path = ROOT / "configs" / "sdxl_lora_deepspeed.yaml"
+    cfg, comm = load_run_and_comm(path, [])
+    assert (cfg.model.family, cfg.deepspeed.zero_stage, cfg.train.mixed_precision) == ("sdxl", 2, "bf16")
+    assert cfg.train.gradient_checkpointing
+    plan = make_plan(cfg, comm)
+    assert plan.unet_parameters == 2_567_463_684 and "sdxl_unet.json" in plan.unet_source
+    assert plan.lora_parameters == 5_806_080  # rank 4 on the attention projections (the count checked above)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_each_familys_tiny_base_on_meta(family):
+    """No model.pretrained: the family's built-in tiny denoiser, the same shapes as the real module built here."""
+    from fed_ddp.diffusion.families import get_family
+
+    cfg, comm = load_run_and_comm(TINY, [f"model.family={family}", "lora.targets=[]"])
+    plan = make_plan(cfg, comm)
+    assert plan.family == family and plan.unet_source == f"built-in tiny {family} base"
+    real = get_family(family).tiny_denoiser()
+    assert plan.denoiser == type(real).__name__
+    assert plan.unet_parameters == sum(p.numel() for p in real.parameters())
+    assert plan.lora_parameters == _lora_count(real, cfg.lora.targets, cfg.lora.rank) > 0

@@ -43,15 +43,23 @@ def prepare_trainable(unet, cfg) -> None:
 
 
 def attach_lora(unet, cfg: LoraSection, seed: int = 0) -> None:
-    """Freeze the UNet and inject LoRA adapters (fp32) on ``cfg.targets``; B starts at zero."""
+    """Freeze the denoiser and inject LoRA adapters (fp32) on ``cfg.targets`` (empty: the family's default
+    targets); B starts at zero."""
     unet.requires_grad_(False)
     torch.manual_seed(seed)  # A's init is part of the shared starting point: every rank must agree
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                target_modules=list(cfg.targets), init_lora_weights="gaussian"))
+                                target_modules=targets_of(unet, cfg), init_lora_weights="gaussian"))
     for p in lora_parameters(unet):
         p.data = p.data.float()
     if not lora_parameters(unet):
-        raise ValueError(f"lora.targets={list(cfg.targets)}: matched no module of the UNet")
+        raise ValueError(f"lora.targets={list(cfg.targets)}: matched no module of the {type(unet).__name__}")
+
+
+def targets_of(model, cfg: LoraSection) -> list[str]:
+    """``cfg.targets``, or the default targets of the model's family when empty."""
+    from fed_ddp.diffusion.families import DEFAULT_TARGETS, family_of_model
+
+    return list(cfg.targets) or list(DEFAULT_TARGETS[family_of_model(model)])
 
 
 def attach_personal(unet, cfg: LoraSection, rank: int | None = None) -> None:
@@ -62,7 +70,7 @@ def attach_personal(unet, cfg: LoraSection, rank: int | None = None) -> None:
     rank = rank or cfg.rank
     with torch.random.fork_rng(devices=[]):
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=cfg.alpha * rank / cfg.rank, lora_dropout=0.0,
-                                    target_modules=list(cfg.targets), init_lora_weights="gaussian"),
+                                    target_modules=targets_of(unet, cfg), init_lora_weights="gaussian"),
                          adapter_name=PERSONAL)
     unet.set_adapters(["default", PERSONAL], [1.0, 1.0])  # both active and trainable
     for _, p in personal_named(unet):
@@ -108,14 +116,7 @@ def clear_personal(unet) -> None:
 def export_personal(unet, out_dir: str | Path) -> Path:
     """Save the personal adapter as a diffusers LoRA file of its own
     (``pipe.load_lora_weights(out_dir, adapter_name=...)`` loads it next to the shared one)."""
-    from diffusers import StableDiffusionPipeline
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=PERSONAL),
-        unet_lora_adapter_metadata=unet.peft_config[PERSONAL].to_dict(), weight_name=WEIGHT_NAME)
-    return out_dir / WEIGHT_NAME
+    return _save(unet, out_dir, PERSONAL)
 
 
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
@@ -147,14 +148,19 @@ def set_flat(unet, flat: torch.Tensor) -> None:
 
 
 def export_adapter(unet, out_dir: str | Path) -> Path:
-    """Save the adapter as diffusers' LoRA file (loadable by ``pipe.load_lora_weights(out_dir)``)."""
-    from diffusers import StableDiffusionPipeline
+    """Save the adapter as diffusers' LoRA file through the family's pipeline class (``unet_lora_layers`` or
+    ``transformer_lora_layers``), so that family's ``pipe.load_lora_weights(out_dir)`` loads it."""
+    return _save(unet, out_dir, "default")
+
+
+def _save(model, out_dir: str | Path, adapter: str) -> Path:
+    from fed_ddp.diffusion.families import family_of_model, get_family
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=get_peft_model_state_dict(unet),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), weight_name=WEIGHT_NAME)
+    get_family(family_of_model(model)).save_lora(
+        out_dir, get_peft_model_state_dict(model, adapter_name=adapter), model.peft_config[adapter].to_dict(),
+        WEIGHT_NAME)
     return out_dir / WEIGHT_NAME
 
 
@@ -164,7 +170,8 @@ def load_adapter(unet, path: str | Path, adapter_name: str = "default") -> None:
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHT_NAME
-    state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    prefix = "unet." if type(unet).__name__ == "UNet2DConditionModel" else "transformer."
+    state = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
     result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:
@@ -196,12 +203,10 @@ def export_unet(unet, out_dir: str | Path) -> Path:
 
 def load_unet(unet, ckpt: str | Path) -> None:
     """Load a checkpoint's full UNet (``export_unet``) into ``unet`` in place (its device and dtype kept)."""
-    from diffusers import UNet2DConditionModel
-
     path = Path(ckpt) / UNET_DIR
     if not path.is_dir():
         raise FileNotFoundError(f"{ckpt}: no {UNET_DIR}/ folder (a train.method=full checkpoint has one)")
     try:
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(path).state_dict())
+        unet.load_state_dict(type(unet).from_pretrained(path).state_dict())
     except RuntimeError as e:  # missing, unexpected or misshapen tensors
         raise ValueError(f"{path}: this UNet does not fit the base model's: {' '.join(str(e).split())[:300]}") from None

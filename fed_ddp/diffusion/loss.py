@@ -1,40 +1,38 @@
-"""The denoising loss of latent diffusion: noise the latents at a timestep, predict the target."""
+"""The denoising loss of latent diffusion, whatever the family: noise the latents, predict the target.
+
+The family decides the noise levels (integer DDPM timesteps, or flow-matching σ) and the target (ε, v or
+the flow velocity): ``fed_ddp.diffusion.families``. These two functions are the family-agnostic entry points."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
-def sample_noise(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None):
-    """Gaussian noise and uniform timesteps for a batch (drawn on the generator's device)."""
-    device = generator.device if generator is not None else latents.device
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
-    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
-    return noise.to(latents.device), t.to(latents.device)
+def sample_noise(latents: torch.Tensor, scheduler, generator: torch.Generator | None = None, family=None):
+    """Gaussian noise and the family's timesteps for a batch (drawn on the generator's device)."""
+    return _family(family, scheduler).draw(latents, scheduler, generator)
 
 
-def diffusion_loss(model, scheduler, latents: torch.Tensor, text_embeds: torch.Tensor,
-                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE between the model's prediction and the epsilon or v target that the scheduler names.
+def diffusion_loss(model, scheduler, latents: torch.Tensor, cond, generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None, family=None) -> torch.Tensor:
+    """The family's training loss on a batch. ``cond``: the family's conditioning dict, or (SD) the text states.
 
     ``noise``/``timesteps`` may be given (data parallelism slices one client-wide draw); else drawn here.
     """
+    fam = _family(family, scheduler)
+    if not isinstance(cond, dict):
+        cond = {"embeds": cond}
     if noise is None or timesteps is None:
-        noise, timesteps = sample_noise(latents, scheduler.config.num_train_timesteps, generator)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"scheduler prediction_type={kind!r}: fed_ddp trains epsilon or v_prediction")
-    dtype = next((p.dtype for p in _module(model).parameters()), torch.float32)
-    pred = model(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeds.to(dtype)).sample
-    return F.mse_loss(pred.float(), target.float())
+        noise, timesteps = fam.draw(latents, scheduler, generator)
+    return fam.loss(model, scheduler, latents, cond, noise, timesteps)
 
 
-def _module(model):
-    return getattr(model, "module", model)
+def _family(family, scheduler):
+    """The given family, else SD for a DDPM-style scheduler (the pre-family call sites)."""
+    if family is not None:
+        return family
+    from fed_ddp.diffusion.families import get_family
+
+    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        raise ValueError("a flow-matching scheduler needs its family (sd3 or flux): pass family=")
+    return get_family("sd")

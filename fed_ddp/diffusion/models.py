@@ -32,27 +32,22 @@ def base_path(cfg: ModelSection, show_progress: bool = True) -> str:
         return cfg.pretrained
     from fed_ddp.diffusion.pretrain import ensure_tiny_base
 
-    return str(ensure_tiny_base(cfg.tiny, cfg.cache_dir, show_progress))
+    return str(ensure_tiny_base(cfg.tiny, cfg.cache_dir, show_progress, cfg.family))
 
 
-def load_pipeline(path: str, device: torch.device, revision: str | None = None):
-    """A StableDiffusionPipeline with frozen VAE and text encoder, ready for LoRA on its UNet."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(path: str, device: torch.device, revision: str | None = None, family: str | None = None):
+    """The base pipeline of ``family`` (None: read from the directory's model_index.json, else SD) with every
+    model frozen, ready for LoRA on its denoiser (``families.denoiser(pipe)``)."""
+    from fed_ddp.diffusion.families import detect_family, get_family
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, safety_checker=None,
-                                                   requires_safety_checker=False)
-    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
-        m.requires_grad_(False)
-        m.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return get_family(family or detect_family(path) or "sd").load(path, device, revision)
 
 
 def training_scheduler(pipe):
-    """The DDPM noise schedule matching the pipeline's (sampling) scheduler config."""
-    from diffusers import DDPMScheduler
+    """The training noise schedule of the pipeline's family (DDPM for SD/SDXL, flow matching for SD3/Flux)."""
+    from fed_ddp.diffusion.families import family_of
 
-    return DDPMScheduler.from_config(pipe.scheduler.config)
+    return family_of(pipe).training_scheduler(pipe)
 
 
 @torch.no_grad()
@@ -73,13 +68,13 @@ def encode_images(pipe, images: torch.Tensor, batch_size: int | None = None) -> 
 
 
 @torch.no_grad()
-def encode_captions(pipe, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Text embeddings of each distinct caption (the text encoder is frozen: computed once)."""
+def encode_captions(pipe, captions: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The family's conditioning tensors of each distinct caption (the text encoders are frozen: once per run)."""
+    from fed_ddp.diffusion.families import family_of
+
     uniq = sorted(set(captions))
-    tok = pipe.tokenizer(uniq, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt")
-    emb = pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0].float()
-    return dict(zip(uniq, emb))
+    cond = family_of(pipe).encode_prompts(pipe, uniq)
+    return {c: {k: v[i] for k, v in cond.items()} for i, c in enumerate(uniq)}
 
 
 def is_local_pipeline(path: str) -> bool:
@@ -87,8 +82,8 @@ def is_local_pipeline(path: str) -> bool:
 
 
 def unet_autocast(unet):
-    """Autocast to the UNet's dtype when it is bf16/fp16 (DeepSpeed casts the model it trains, the server's
-    included) while the pipeline's inputs and its other models stay fp32; a no-op for fp32 UNets."""
+    """Autocast to the denoiser's dtype when it is bf16/fp16 (DeepSpeed casts the model it trains, the server's
+    included) while the pipeline's inputs and its other models stay fp32; a no-op for fp32 denoisers."""
     import contextlib
 
     if unet.dtype in (torch.bfloat16, torch.float16):

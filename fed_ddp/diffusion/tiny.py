@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPECIAL = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
@@ -37,30 +37,49 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
                                    eos_token="[EOS]", unk_token="[UNK]", pad_token="[PAD]")
 
 
-def build_text_encoder() -> CLIPTextModel:
-    cfg = CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
+def build_text_encoder(layers: int = 1, projection: bool = False) -> CLIPTextModel:
+    """A CLIP text encoder (SDXL's and SD3's second ones: ``projection=True``, pooled output projected)."""
+    cfg = CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=2, max_position_embeddings=MAX_TOKENS, pad_token_id=0,
                          bos_token_id=1, eos_token_id=2, projection_dim=HIDDEN)
-    return CLIPTextModel(cfg)
+    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
 
 
-def build_vae() -> AutoencoderKL:
+def build_t5(d_model: int):
+    """A one-layer T5 encoder (SD3's and Flux's long-prompt encoder) over the same vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(VOCAB), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                                   num_heads=d_model // 8, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0))
+
+
+def build_vae(shift_factor: float | None = None) -> AutoencoderKL:
+    """The tiny autoencoder (``shift_factor``: SD3's and Flux's latent shift; their pipelines need one)."""
     return AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",),
                          up_block_types=("UpDecoderBlock2D",), block_out_channels=(32,), layers_per_block=1,
-                         latent_channels=LATENT, norm_num_groups=8, sample_size=RESOLUTION, scaling_factor=1.0)
+                         latent_channels=LATENT, norm_num_groups=8, sample_size=RESOLUTION, scaling_factor=1.0,
+                         shift_factor=shift_factor)
 
 
-def build_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=RESOLUTION, in_channels=LATENT, out_channels=LATENT, layers_per_block=1,
-        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
-        cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=8)
+def build_unet(**overrides) -> UNet2DConditionModel:
+    """The tiny UNet (``overrides``: SDXL's text-time conditioning and wider cross-attention)."""
+    return UNet2DConditionModel(**{
+        "sample_size": RESOLUTION, "in_channels": LATENT, "out_channels": LATENT, "layers_per_block": 1,
+        "block_out_channels": (16, 32), "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "cross_attention_dim": HIDDEN, "attention_head_dim": 8, "norm_num_groups": 8, **overrides})
 
 
 def build_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
                          prediction_type="epsilon")
+
+
+def build_flow_scheduler(**config):
+    """The rectified-flow sampler of SD3 and Flux (``shift``, ``use_dynamic_shifting`` as the family's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **config)
 
 
 def build_pipeline(unet=None, vae=None, text_encoder=None) -> StableDiffusionPipeline:

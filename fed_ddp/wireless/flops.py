@@ -15,28 +15,41 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_step_flops(model: torch.nn.Module, batch: int, latent_shape: tuple[int, ...],
-                     embed_shape: tuple[int, ...]) -> int:
-    """FLOPs of one training step's forward + backward of a UNet2DConditionModel-like ``model`` at ``batch``
-    (latents (batch, *latent_shape), text states (batch, *embed_shape)); tensors live on the model's device."""
+                     embed_shape: tuple[int, ...], cond_shapes: dict | None = None, family=None) -> int:
+    """FLOPs of one training step's forward + backward of the denoiser ``model`` at ``batch`` (latents
+    (batch, *latent_shape), text states (batch, *embed_shape), the family's other conditioning tensors
+    ``cond_shapes`` (name -> shape per example); ``family``: the model's, default SD); tensors live on the
+    model's device."""
+    from fed_ddp.diffusion.families import get_family
+
+    fam = family or get_family("sd")
     p = next(model.parameters())
     x = torch.zeros(batch, *latent_shape, device=p.device, dtype=p.dtype)
-    t = torch.zeros(batch, dtype=torch.long, device=p.device)
-    e = torch.zeros(batch, *embed_shape, device=p.device, dtype=p.dtype)
+    flow = hasattr(fam, "weighting")
+    t = torch.full((batch,), 0.5, device=p.device) if flow else torch.zeros(batch, dtype=torch.long, device=p.device)
+    cond = {k: torch.zeros(batch, *shape, device=p.device, dtype=p.dtype)
+            for k, shape in {"embeds": embed_shape, **(cond_shapes or {})}.items()}
     with FlopCounterMode(display=False) as counter:
-        out = model(x, t, encoder_hidden_states=e).sample
+        out = fam.predict(model, x, t, cond)
         out.float().square().mean().backward()
     for q in model.parameters():  # leave no gradients behind
         q.grad = None
     return int(counter.get_total_flops())
 
 
-def unet_step_flops(cfg, unet_config: dict | None, latent_shape: tuple[int, ...], embed_shape: tuple[int, ...]) -> int:
+def unet_step_flops(cfg, unet_config: dict | None, latent_shape: tuple[int, ...], embed_shape: tuple[int, ...],
+                    cond_shapes: dict | None = None, family=None, model_class=None) -> int:
     """One client optimizer step of this run's configuration (``cfg.train.method``, ``cfg.lora``, the client's
-    batch = batch_size x ranks_per_client), counted on a meta copy of the denoiser."""
+    batch = batch_size x ranks_per_client), counted on a meta copy of the denoiser (``model_class`` built from
+    ``unet_config``; default a UNet2DConditionModel, or the tiny base's for None)."""
     from fed_ddp.diffusion.lora import prepare_trainable
     from fed_ddp.plan import meta_unet
 
-    model = meta_unet(unet_config)
+    if model_class is not None:
+        with torch.device("meta"):
+            model = model_class.from_config(unet_config)
+    else:
+        model = meta_unet(unet_config)
     prepare_trainable(model, cfg)
     batch = cfg.train.batch_size * cfg.fed.ranks_per_client * cfg.train.gradient_accumulation_steps
-    return count_step_flops(model, batch, latent_shape, embed_shape)
+    return count_step_flops(model, batch, latent_shape, embed_shape, cond_shapes, family)

@@ -1,0 +1,69 @@
+"""Rectified-flow families (SD3, Flux): the flow-matching objective.
+
+x_σ = (1 − σ)·x₀ + σ·ε, and the transformer predicts the velocity ε − x₀. σ is drawn as diffusers' training
+scripts draw it: u from the family's density (logit-normal for SD3, uniform for Flux;
+``diffusers.training_utils.compute_density_for_timestep_sampling``), then shifted as the sampler shifts it,
+σ = s·u / (1 + (s − 1)·u), with s the scheduler's ``shift`` or, under dynamic shifting (Flux), exp(μ) for
+this image's token count (``calculate_shift``), so training and sampling see the same noise levels."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from fed_ddp.diffusion.families.sd import SD
+
+
+class Flow(SD):
+    weighting = "logit_normal"  # density of u (diffusers' --weighting_scheme)
+    load_kwargs: ClassVar[dict] = {}
+
+    def training_scheduler(self, pipe):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def image_tokens(self, latents: torch.Tensor) -> int:
+        return latents.shape[-2] * latents.shape[-1] // 4  # 2x2 patches
+
+    def shift(self, scheduler, latents: torch.Tensor) -> float:
+        c = scheduler.config
+        if c.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            return math.exp(calculate_shift(self.image_tokens(latents), c.get("base_image_seq_len", 256),
+                                            c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                                            c.get("max_shift", 1.15)))
+        return float(c.get("shift", 1.0))
+
+    def draw(self, latents: torch.Tensor, scheduler, generator: torch.Generator | None = None):
+        """Gaussian noise and σ in (0, 1) per example (float; the 'timestep' of a flow family)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        device = generator.device if generator is not None else latents.device
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
+        u = compute_density_for_timestep_sampling(self.weighting, latents.shape[0], logit_mean=0.0, logit_std=1.0,
+                                                  mode_scale=1.29, device=device, generator=generator)
+        return noise.to(latents.device), self.shifted(u, scheduler, latents).to(latents.device)
+
+    def shifted(self, u: torch.Tensor, scheduler, latents: torch.Tensor) -> torch.Tensor:
+        """σ = s·u / (1 + (s − 1)·u): the sampler's shift of noise levels u in (0, 1]."""
+        s = self.shift(scheduler, latents)
+        return s * u / (1 + (s - 1) * u)
+
+    def loss(self, model, scheduler, latents, cond, noise, t) -> torch.Tensor:
+        sigma = t.float().view(-1, 1, 1, 1)
+        noisy = (1 - sigma) * latents + sigma * noise
+        pred = self.predict(model, noisy, t.float(), cond)
+        return F.mse_loss(pred.float(), (noise - latents).float())
+
+    def max_sequence_length(self, pipe) -> int:
+        """T5 tokens: the pipeline's default, or fewer if the tokenizer is shorter (the tiny base: 8)."""
+        tok = pipe.tokenizer_3 if hasattr(pipe, "tokenizer_3") else pipe.tokenizer_2
+        return min(self.default_sequence_length, tok.model_max_length)
+
+    def sample_kwargs(self, pipe) -> dict:
+        return {"max_sequence_length": self.max_sequence_length(pipe)}
