@@ -137,7 +137,7 @@ def print_bytes(s: dict, file=None) -> None:
           f"{down['total']:,} to {down['messages']:,} clients ({c['downlink']}), for {s['lora_parameters']:,} "
           f"{'UNet (train.method=full)' if s.get('method') == 'full' else 'LoRA'} parameters; uplink "
           f"{_times(up.get('vs_dense_lora', 0))} dense fp32 {'weights' if s.get('method') == 'full' else 'LoRA'}, "
-          f"{_times(up.get('vs_full_unet', 0))} the full UNet ({c['unet_parameters']:,} parameters)", file=file)
+          f"{_times(up.get('vs_full_unet', 0))} the full denoiser ({c['unet_parameters']:,} parameters)", file=file)
     print(f"Bytes in the cluster (collectives): up {s['bytes_up_total']:,} / down {s['bytes_down_total']:,} "
           f"over {s['workers']} worker(s)", file=file)
 
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "flux1-schnell, a config.json or a model dir")
     sub.choices["plan"].add_argument("--wireless", action="store_true",
                                      help="simulated cell: air time, compute time and energy per round, full vs LoRA")
-    g = sub.add_parser("generate", help="sample images from a checkpoint (adapter or full UNet)")
+    g = sub.add_parser("generate", help="sample images from a checkpoint (adapter or full denoiser)")
     g.add_argument("checkpoint", help="a checkpoints/round_NNNN or checkpoints/final folder")
     g.add_argument("--prompt", required=True)
     g.add_argument("--out", default="generated.png")
