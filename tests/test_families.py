@@ -117,8 +117,10 @@ def family_runs(family_base, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("families")
     # alpha != rank and a large lr: a lost adapter scale or lost LoRA tensors would change the image
+    # Flux also carries the simulated wireless cell: its FLOPs are counted on a meta copy of the transformer
     return {name: finished_run(family_base(name), out, name, f"model.family={name}", "lora.rank=4", "lora.alpha=8",
-                               "train.lr=0.05") for name in ("sdxl", "sd3", "flux")}
+                               "train.lr=0.05", *(["wireless.enabled=true"] if name == "flux" else []))
+            for name in ("sdxl", "sd3", "flux")}
 
 
 @pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
@@ -162,6 +164,10 @@ def test_family_run_metrics(family_runs):
         assert all(np.isfinite(r["val_loss"]) and r["bytes_up"] > 0 for r in rounds), name
         cfg = (run_dir / "config.yaml").read_text()
         assert f"family: {name}" in cfg
+    flux = [json.loads(x) for x in (family_runs["flux"] / "metrics.jsonl").read_text().splitlines()]
+    sims = [r for r in flux if "sim_latency_s" in r]
+    assert [r["round"] for r in sims] == [1, 2] and all(r["sim_latency_s"] > 0 for r in sims)
+
 
 
 # -- bad input ----------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def pretrain_tiny_base(cfg: PretrainSection, out_dir: str | Path, show_progress:
     else:
         vae, pipe = tiny.build_vae(), fam.tiny_pipeline()
     vae_err = train_vae(vae, data.images, cfg.vae_steps, cfg.batch_size, cfg.lr, cfg.seed, show_progress,
-                        shift=hasattr(fam, "weighting"))
+                        shift=fam.flow)
     with torch.no_grad():
         shift = vae.config.get("shift_factor") or 0.0
         latents = (vae.encode(data.images).latent_dist.mean - shift) * vae.config.scaling_factor

@@ -25,8 +25,7 @@ def count_step_flops(model: torch.nn.Module, batch: int, latent_shape: tuple[int
     fam = family or get_family("sd")
     p = next(model.parameters())
     x = torch.zeros(batch, *latent_shape, device=p.device, dtype=p.dtype)
-    flow = hasattr(fam, "weighting")
-    t = torch.full((batch,), 0.5, device=p.device) if flow else torch.zeros(batch, dtype=torch.long, device=p.device)
+    t = torch.full((batch,), 0.5, device=p.device) if fam.flow else torch.zeros(batch, dtype=torch.long, device=p.device)
     cond = {k: torch.zeros(batch, *shape, device=p.device, dtype=p.dtype)
             for k, shape in {"embeds": embed_shape, **(cond_shapes or {})}.items()}
     with FlopCounterMode(display=False) as counter:

@@ -18,6 +18,7 @@ from fed_ddp.diffusion.families.sd import SD
 
 
 class Flow(SD):
+    flow = True
     weighting = "logit_normal"  # density of u (diffusers' --weighting_scheme)
     load_kwargs: ClassVar[dict] = {}
 

@@ -14,6 +14,7 @@ from fed_ddp.diffusion.families import DEFAULT_TARGETS, DENOISERS, PIPELINES
 
 class SD:
     name = "sd"
+    flow = False  # flow matching (SD3, Flux) rather than DDPM timesteps
 
     @property
     def pipeline_class_name(self) -> str:
