@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,18 +25,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def plain_steps(unet, scheduler, latents, embeds, steps: int, batch: int, lr: float, weight_decay: float,
-                max_grad_norm: float) -> float:
-    """The plain loop; returns its last loss."""
+                max_grad_norm: float, autocast_dtype: torch.dtype | None = None) -> float:
+    """The plain loop (on the device of ``latents``; ``autocast_dtype``: mixed precision, as accelerate's
+    ``mixed_precision=bf16`` would run it); returns its last loss."""
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     unet.train()
     loss = torch.zeros(())
+    device = latents.device
     for _ in range(steps):
         i = torch.randint(0, len(latents), (batch,))
         lat, emb = latents[i], embeds[i]
         noise = torch.randn_like(lat)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
-        pred = unet(scheduler.add_noise(lat, noise, t), t, encoder_hidden_states=emb).sample
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            pred = unet(scheduler.add_noise(lat, noise, t), t, encoder_hidden_states=emb).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         if max_grad_norm > 0:
@@ -44,6 +48,30 @@ def plain_steps(unet, scheduler, latents, embeds, steps: int, batch: int, lr: fl
         opt.zero_grad(set_to_none=True)
     unet.eval()
     return float(loss.detach())
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, before: Callable[[str], object] = lambda _: None,
+                sync: Callable[[], object] = lambda: None,
+                report: Callable[[int, dict[str, float]], object] = lambda rep, row: None) -> dict[str, list[float]]:
+    """Wall seconds of each of ``runs``, run in turn (A, B, A, B, ...) so that a shared, noisy machine slows all
+    alike, ``repeats`` times after one uncounted warm-up round (caches, allocator, compilation). ``before(name)``
+    runs untimed before each; ``sync`` waits for queued device work before each clock read; ``report(rep, row)``
+    sees each counted round's seconds."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for rep in range(repeats + 1):
+        row = {}
+        for name, fn in runs.items():
+            before(name)
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            row[name] = time.perf_counter() - t0
+        if rep:
+            for k, v in row.items():
+                times[k].append(v)
+            report(rep, row)
+    return times
 
 
 def main() -> None:
@@ -75,24 +103,17 @@ def main() -> None:
     tc = cfg.train
     trainer = LocalTrainer(pipe, scheduler, own, tc, cfg.run.seed, client_id=0)  # no replay: same batches' cost
     plan = RoundPlan(round=1, local_steps=args.steps, lr=tc.lr)
-    local_s, plain_s = [], []
     print(f"{cfg.run.name}: {len(start):,} LoRA parameters, batch {tc.batch_size}, {args.steps} steps per measure, "
           f"{args.threads} thread(s), {args.repeats} interleaved repeats (+1 warm-up)", flush=True)
-    for rep in range(args.repeats + 1):
-        set_flat(pipe.unet, start)
-        t0 = time.perf_counter()
-        trainer.fit(start, plan)
-        t_local = time.perf_counter() - t0
-        set_flat(pipe.unet, start)
-        t0 = time.perf_counter()
-        plain_steps(pipe.unet, scheduler, own.latents, own.embeds, args.steps, tc.batch_size, tc.lr, tc.weight_decay,
-                    tc.max_grad_norm)
-        t_plain = time.perf_counter() - t0
-        if rep:  # the first pair warms caches and the allocator
-            local_s.append(t_local)
-            plain_s.append(t_plain)
-            print(f"  repeat {rep}: LocalTrainer {args.steps / t_local:6.2f} steps/s, plain loop "
-                  f"{args.steps / t_plain:6.2f} steps/s, ratio {t_plain / t_local:.3f}", flush=True)
+    runs = {"local": lambda: trainer.fit(start, plan),
+            "plain": lambda: plain_steps(pipe.unet, scheduler, own.latents, own.embeds, args.steps, tc.batch_size,
+                                         tc.lr, tc.weight_decay, tc.max_grad_norm)}
+    times = interleaved(runs, args.repeats, before=lambda _: set_flat(pipe.unet, start),
+                        report=lambda rep, row: print(
+                            f"  repeat {rep}: LocalTrainer {args.steps / row['local']:6.2f} steps/s, plain loop "
+                            f"{args.steps / row['plain']:6.2f} steps/s, ratio {row['plain'] / row['local']:.3f}",
+                            flush=True))
+    local_s, plain_s = times["local"], times["plain"]
     ratio = statistics.median(plain_s) / statistics.median(local_s)
     print(f"LocalTrainer throughput / plain loop: {ratio:.3f}x (median of {args.repeats}; goal >= 0.95; "
           f"per-repeat ratios {min(p / q for p, q in zip(plain_s, local_s)):.3f}..{max(p / q for p, q in zip(plain_s, local_s)):.3f})")

@@ -60,7 +60,8 @@ def family_of(pipe):
 
 def denoiser(pipe):
     """The module that carries the LoRA: ``pipe.unet`` or ``pipe.transformer``."""
-    return getattr(pipe, "unet", None) or pipe.transformer
+    unet = getattr(pipe, "unet", None)
+    return pipe.transformer if unet is None else unet
 
 
 def family_of_model(model) -> str:
