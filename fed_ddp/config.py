@@ -326,6 +326,7 @@ class EvalSection:
     guidance_scale: float = 1.0  # classifier-free guidance (1.0 = off)
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # fixed seeds of sample grids
     prompts: list[str] = field(default_factory=list)  # sample grid prompts (empty: one per digit)
+    cache_base: bool = True  # reuse the base model's evaluation (round 0) from model.cache_dir when the same base was evaluated with the same settings (deterministic: same numbers)
 
     def __post_init__(self):
         _positive("eval.every", self.every)

@@ -57,14 +57,23 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: fl
 
 def generation_accuracy(pipe, digits: list[int], images_per_prompt: int, seed: int, steps: int,
                         guidance_scale: float = 1.0) -> dict[int, float]:
-    """Per-digit share of generated images that the reference classifier assigns to the prompted digit."""
-    clf = reference_classifier()
-    acc = {}
-    for d in digits:
-        imgs = generate(pipe, [caption(d)] * images_per_prompt, seed + d, steps, guidance_scale)
-        imgs = imgs.mean(axis=-1)  # greyscale (a no-op for 1-channel images)
-        acc[d] = float((clf.predict(imgs) == d).mean())
-    return acc
+    """Per-digit share of generated images that the reference classifier assigns to the prompted digit.
+
+    Digit d's images start from the noise its own generator (seed + d) draws, as ``generate`` would for that
+    digit alone, and all digits run as one batched pipeline call (1.4-1.7x faster on 2 CPU cores)."""
+    from fed_ddp.diffusion.families import denoiser, family_of
+    from fed_ddp.diffusion.models import unet_autocast
+
+    fam, model, clf = family_of(pipe), denoiser(pipe), reference_classifier()
+    latents = torch.cat([fam.initial_latents(pipe, images_per_prompt,
+                                             torch.Generator(device=model.device).manual_seed(seed + d)) for d in digits])
+    with torch.no_grad(), unet_autocast(model):
+        imgs = pipe([caption(d) for d in digits for _ in range(images_per_prompt)], latents=latents,
+                    num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
+                    **fam.sample_kwargs(pipe)).images
+    imgs = imgs.mean(axis=-1)  # greyscale (a no-op for 1-channel images)
+    n = images_per_prompt
+    return {d: float((clf.predict(imgs[i * n:(i + 1) * n]) == d).mean()) for i, d in enumerate(digits)}
 
 
 def mean_over(acc: dict[int, float], digits) -> float:
@@ -111,3 +120,70 @@ class Evaluator:
             if self.base_digits:
                 out["gen_acc_base"] = mean_over(acc, self.base_digits)
         return out
+
+
+EVAL_CACHE_VERSION = 1  # bump when what the evaluation computes changes, so cached base results are not reused
+
+
+def base_fingerprint(path: str) -> dict | None:
+    """What identifies a local base pipeline's weights: every weight file's name, size and modification time
+    (None for a hub id: nothing local to fingerprint)."""
+    from pathlib import Path
+
+    root = Path(path).expanduser()
+    if not (root / "model_index.json").is_file():
+        return None
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return {str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def base_eval_key(cfg, base: str) -> str | None:
+    """The cache key of a base model's evaluation: its weights, every setting the evaluation depends on (data
+    and validation split, eval settings, seed, family, precision and engine); None when it cannot be cached."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    fingerprint = base_fingerprint(base)
+    if fingerprint is None or cfg.train.method != "lora":
+        return None
+    t = cfg.train
+    key = {"v": EVAL_CACHE_VERSION, "base": str(base), "weights": fingerprint, "eval": asdict(cfg.eval),
+           "data": asdict(cfg.data), "seed": cfg.run.seed, "family": cfg.model.family,
+           "engine": [t.engine, t.mixed_precision, t.device, cfg.deepspeed.zero_stage]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_base_eval(evaluate: Evaluator, cfg, base: str) -> tuple[dict, bool]:
+    """The base model's evaluation (round 0: losses, grid, accuracy), from ``model.cache_dir/eval`` when this
+    base was evaluated with the same settings before (the computation is deterministic: the same numbers and
+    the same grid), else computed and stored there. Returns (metrics, whether they came from the cache)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    key = base_eval_key(cfg, base) if cfg.eval.cache_base else None
+    grid = cfg.run.dir / "samples" / "round_0000.png"
+    if key is not None:
+        store = Path(cfg.model.cache_dir).expanduser() / "eval"
+        meta, png = store / f"{key}.json", store / f"{key}.png"
+        if meta.is_file() and png.is_file():
+            try:
+                out = json.loads(meta.read_text())
+            except ValueError:  # a torn or foreign file: evaluate again
+                out = None
+            if isinstance(out, dict):
+                grid.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(png, grid)
+                if evaluate.tracker is not None:
+                    evaluate.tracker.log_images({"samples": str(grid)}, step=0)
+                return out, True
+    out = evaluate(0, accuracy=True)
+    if key is not None and grid.is_file():
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = store / f"{key}.tmp"
+        shutil.copyfile(grid, tmp)
+        tmp.replace(png)
+        tmp.write_text(json.dumps(out))
+        tmp.replace(meta)  # written last: a json without its png is never read
+    return out, False

@@ -29,7 +29,7 @@ from fed_ddp.config import RunConfig
 from fed_ddp.data.federated import FederatedData
 from fed_ddp.diffusion.families import denoiser, family_of
 from fed_ddp.distributed.collectives import GatherTimeout
-from fed_ddp.evaluation import Evaluator, reference_classifier
+from fed_ddp.evaluation import Evaluator, cached_base_eval, reference_classifier
 from fed_ddp.lora_names import is_lora_name
 from fed_ddp.population import assign, read_trace, select_round
 from fed_ddp.privacy.engine import ServerPrivacy, pack_fields, round_trip
@@ -138,7 +138,7 @@ class Server:
         who = (f"all {f.num_clients}" if f.sampling == "all" else f"q={f.sample_rate} of {f.num_clients}"
                if f.sampling == "poisson" else f"{f.clients_per_round or f.num_clients} of {f.num_clients} ({f.sampling})")
         log.info("%s: %d trained parameters (%.1f KiB fp32 per adapter); clients per round: %s on %d workers; "
-                 "rounds %d..%d", "full UNet" if cfg.train.method == "full" else "LoRA", num_params, num_params * 4 / 1024,
+                 "rounds %d..%d", "full denoiser" if cfg.train.method == "full" else "LoRA", num_params, num_params * 4 / 1024,
                  who, self.workers, start, f.rounds)
         log.info("per client per round: up %s = %d B, down %s = %d B (dense fp32 LoRA: %d B)",
                  w.up.describe(), w.up_nbytes, w.down.describe(), w.down_bytes.total, 4 * num_params)
@@ -150,12 +150,13 @@ class Server:
             log.warning(warning)
         history, base_eval = self._history_before(start)  # a resume's summary covers the whole run
         if start == 1:
-            t0 = time.perf_counter()
-            base_eval = self.evaluate(0, accuracy=True)
+            t0, started = time.perf_counter(), time.time()
+            base_eval, cached = cached_base_eval(self.evaluate, cfg, self.info["base_model"])
             base_eval["seconds"] = {"evaluation": time.perf_counter() - t0}
-            self.tracker.log({"round": 0, **base_eval}, step=0)
+            self.tracker.log({"round": 0, "started_at": started, **base_eval, "base_eval_cached": cached}, step=0)
             history.append({"round": 0, **base_eval})
-            log.info("base model: %s", _brief(base_eval))
+            log.info("base model%s: %s", " (its evaluation reused from an earlier run with the same base and "
+                     "settings: eval.cache_base)" if cached else "", _brief(base_eval))
         bar = tqdm(range(start, f.rounds + 1), desc="rounds", disable=not cfg.tracking.progress, dynamic_ncols=True)
         for rnd in bar:
             over = self.privacy.over_budget(cfg.privacy.dp.max_epsilon) if self.privacy else None
@@ -193,6 +194,7 @@ class Server:
         """One round, start to checkpoint; returns its metrics row (and the new global under ``_global``)."""
         cfg, w = self.cfg, self.wire
         t_round = time.perf_counter()
+        started = time.time()  # wall clock (Unix seconds): start-up = launch to round 1's start (benchmarks/round_floor.py)
         plan = self.strategy.configure_round(rnd)
         chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace,
                               self.privacy.sample_seed if self.privacy else None,
@@ -329,7 +331,7 @@ class Server:
                "train_seconds": {str(u.client_id): u.metrics["train_seconds"] for u in shown},
                **ev, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
                "comm": self._comm(stats, len(chosen.sampled), [u.client_id for u in updates], outcome),
-               "seconds": seconds, **agg_metrics, **({"privacy": private} if private else {})}
+               "seconds": seconds, "started_at": started, **agg_metrics, **({"privacy": private} if private else {})}
         row.update(sim_row)
         self.tracker.log(row, step=rnd)
         log.info("round %d: %s", rnd, _brief(row))

@@ -184,3 +184,21 @@ def test_pretrained_of_another_family_is_one_line(family_base):
     assert r.returncode == 2
     msg = r.stderr.strip().splitlines()
     assert len(msg) == 1 and "holds a sd3 pipeline (StableDiffusion3Pipeline): set model.family=sd3" in msg[0], r.stderr
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux"])
+def test_batched_accuracy_images_equal_one_call_per_digit(name, family_base):
+    """Generation accuracy samples every digit in one pipeline call: each digit's images start from the noise its
+    own generator draws, so they equal what ``generate`` draws for that digit alone."""
+    from fed_ddp.diffusion.families import family_of
+    from fed_ddp.diffusion.models import load_pipeline
+    from fed_ddp.diffusion.tiny import caption
+    from fed_ddp.evaluation import generate
+
+    pipe = load_pipeline(str(family_base(name)), torch.device("cpu"))
+    fam = family_of(pipe)
+    lat = torch.cat([fam.initial_latents(pipe, 3, torch.Generator().manual_seed(10 + d)) for d in (4, 7)])
+    batched = pipe([caption(d) for d in (4, 7) for _ in range(3)], latents=lat, num_inference_steps=3,
+                   guidance_scale=1.0, output_type="np", **fam.sample_kwargs(pipe)).images
+    alone = np.concatenate([generate(pipe, [caption(d)] * 3, 10 + d, 3, 1.0) for d in (4, 7)])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)

@@ -61,6 +61,14 @@ class Flow(SD):
         pred = self.predict(model, noisy, t.float(), cond)
         return F.mse_loss(pred.float(), (noise - latents).float())
 
+    def initial_latents(self, pipe, n: int, generator: torch.Generator) -> torch.Tensor:
+        """SD3 and Flux take ``latents=`` as their ``prepare_latents`` draws them (Flux: packed; no scaling)."""
+        model, side = self.denoiser(pipe), self.sample_side(pipe)
+        channels = model.config.in_channels // (4 if self.name == "flux" else 1)  # Flux: 2x2-packed channels
+        dtype = next(pipe.text_encoder.parameters()).dtype
+        out = pipe.prepare_latents(n, channels, side, side, dtype, model.device, generator)
+        return out[0] if isinstance(out, tuple) else out  # Flux also returns the position ids
+
     def max_sequence_length(self, pipe) -> int:
         """T5 tokens: the pipeline's default, or fewer if the tokenizer is shorter (the tiny base: 8)."""
         tok = pipe.tokenizer_3 if hasattr(pipe, "tokenizer_3") else pipe.tokenizer_2

@@ -36,8 +36,11 @@ class Flux(Flow):
                     img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)).sample
         return FluxPipeline._unpack_latents(out, h, w, 1)  # vae_scale_factor 1: h, w are latent sizes
 
+    def sample_side(self, pipe) -> int:
+        return pipe.vae.config.sample_size  # the pipeline's own default is 1024 px whatever the model
+
     def sample_kwargs(self, pipe) -> dict:
-        side = pipe.vae.config.sample_size  # the pipeline's own default is 1024 px whatever the model
+        side = self.sample_side(pipe)
         return {**super().sample_kwargs(pipe), "height": side, "width": side}
 
     # -- the tiny base ------------------------------------------------------------------------------

@@ -107,6 +107,21 @@ class SD:
         """Extra arguments of ``pipe(...)`` beyond prompt, steps, guidance, generator and output type."""
         return {}
 
+    def sample_side(self, pipe) -> int:
+        """The pipeline's default image side in pixels (what ``pipe(...)`` generates without height/width)."""
+        return self.denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+
+    def initial_latents(self, pipe, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The noise ``pipe(...)`` would draw for ``n`` images from ``generator``, as ``latents=`` takes it (before
+        the sampler's ``init_noise_sigma``, which the pipeline applies to given latents too), so several prompts'
+        batches can run as one call with unchanged draws."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        model, side = self.denoiser(pipe), self.sample_side(pipe) // pipe.vae_scale_factor
+        dtype = next(pipe.text_encoder.parameters()).dtype  # the pipeline draws in its prompt embeddings' dtype
+        return randn_tensor((n, model.config.in_channels, side, side), generator=generator, device=model.device,
+                            dtype=dtype)
+
     def save_lora(self, out_dir, layers: dict, metadata: dict, weight_name: str) -> None:
         """Write ``layers`` (peft state dict of the denoiser) where this family's ``load_lora_weights`` reads it."""
         attr = self.denoiser_attr
