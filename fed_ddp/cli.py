@@ -217,7 +217,7 @@ def cmd_generate(args) -> int:
                          + ("(the run had personal.mode=none)" if index is None else
                             f"(personal.mode={index['mode']}; clients with one: {_ranges(index['clients'])})"))
         personal = (index["mode"], client_dir(args.checkpoint, args.client), index.get("rank"))
-    pipe = load_pipeline(args.base or info["base_model"], torch.device(args.device))
+    pipe = load_pipeline(args.base or info["base_model"], torch.device(args.device), family=info.get("family"))
     if info.get("method", "lora") == "full":  # the whole fine-tuned UNet replaces the base's
         load_unet(denoiser(pipe), args.checkpoint)
     elif personal is not None and personal[0] == "finetune":  # the client's fine-tuned adapter replaces the global

@@ -67,9 +67,10 @@ def generation_accuracy(pipe, digits: list[int], images_per_prompt: int, seed: i
     fam, model, clf = family_of(pipe), denoiser(pipe), reference_classifier()
     latents = torch.cat([fam.initial_latents(pipe, images_per_prompt,
                                              torch.Generator(device=model.device).manual_seed(seed + d)) for d in digits])
-    with torch.no_grad(), unet_autocast(model):
+    with torch.no_grad(), unet_autocast(model):  # the generator: step noise of stochastic samplers (none here)
         imgs = pipe([caption(d) for d in digits for _ in range(images_per_prompt)], latents=latents,
                     num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
+                    generator=torch.Generator(device=model.device).manual_seed(seed),
                     **fam.sample_kwargs(pipe)).images
     imgs = imgs.mean(axis=-1)  # greyscale (a no-op for 1-channel images)
     n = images_per_prompt
@@ -126,31 +127,36 @@ EVAL_CACHE_VERSION = 1  # bump when what the evaluation computes changes, so cac
 
 
 def base_fingerprint(path: str) -> dict | None:
-    """What identifies a local base pipeline's weights: every weight file's name, size and modification time
-    (None for a hub id: nothing local to fingerprint)."""
+    """What identifies a local base pipeline: every file's name, size and modification time (weights, configs,
+    tokenizers); None for a hub id (nothing local to fingerprint)."""
     from pathlib import Path
 
     root = Path(path).expanduser()
     if not (root / "model_index.json").is_file():
         return None
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    files = sorted(p for p in root.rglob("*") if p.is_file())
     return {str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
 
 
-def base_eval_key(cfg, base: str) -> str | None:
-    """The cache key of a base model's evaluation: its weights, every setting the evaluation depends on (data
-    and validation split, eval settings, seed, family, precision and engine); None when it cannot be cached."""
+def base_eval_key(cfg, base: str, model) -> str | None:
+    """The cache key of a base model's evaluation: its files, every setting the evaluation depends on (the data
+    and its validation split, the model section, eval settings, seed, engine and DeepSpeed settings), the
+    device and dtype the denoiser ``model`` really runs in, and the library versions; None when it is not
+    cached (a hub id, full fine-tuning, or image folders, whose contents are not fingerprinted)."""
     import hashlib
     import json
     from dataclasses import asdict
 
+    import diffusers
+
     fingerprint = base_fingerprint(base)
-    if fingerprint is None or cfg.train.method != "lora":
+    if fingerprint is None or cfg.train.method != "lora" or cfg.data.source != "digits":
         return None
     t = cfg.train
-    key = {"v": EVAL_CACHE_VERSION, "base": str(base), "weights": fingerprint, "eval": asdict(cfg.eval),
-           "data": asdict(cfg.data), "seed": cfg.run.seed, "family": cfg.model.family,
-           "engine": [t.engine, t.mixed_precision, t.device, cfg.deepspeed.zero_stage]}
+    key = {"v": EVAL_CACHE_VERSION, "base": str(base), "files": fingerprint, "eval": asdict(cfg.eval),
+           "data": asdict(cfg.data), "model": {k: v for k, v in asdict(cfg.model).items() if k != "cache_dir"},
+           "seed": cfg.run.seed, "train": [t.engine, t.mixed_precision], "deepspeed": asdict(cfg.deepspeed),
+           "runs_on": [model.device.type, str(model.dtype)], "versions": [torch.__version__, diffusers.__version__]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -159,13 +165,18 @@ def cached_base_eval(evaluate: Evaluator, cfg, base: str) -> tuple[dict, bool]:
     base was evaluated with the same settings before (the computation is deterministic: the same numbers and
     the same grid), else computed and stored there. Returns (metrics, whether they came from the cache)."""
     import json
+    import logging
+    import os
     import shutil
+    import uuid
     from pathlib import Path
 
-    key = base_eval_key(cfg, base) if cfg.eval.cache_base else None
+    from fed_ddp.diffusion.families import denoiser
+
+    key = base_eval_key(cfg, base, denoiser(evaluate.pipe)) if cfg.eval.cache_base else None
     grid = cfg.run.dir / "samples" / "round_0000.png"
+    store = Path(cfg.model.cache_dir).expanduser() / "eval"
     if key is not None:
-        store = Path(cfg.model.cache_dir).expanduser() / "eval"
         meta, png = store / f"{key}.json", store / f"{key}.png"
         if meta.is_file() and png.is_file():
             try:
@@ -180,10 +191,14 @@ def cached_base_eval(evaluate: Evaluator, cfg, base: str) -> tuple[dict, bool]:
                 return out, True
     out = evaluate(0, accuracy=True)
     if key is not None and grid.is_file():
-        store.mkdir(parents=True, exist_ok=True)
-        tmp = store / f"{key}.tmp"
-        shutil.copyfile(grid, tmp)
-        tmp.replace(png)
-        tmp.write_text(json.dumps(out))
-        tmp.replace(meta)  # written last: a json without its png is never read
+        tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # concurrent runs of the same key never share a file
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+            tmp_png, tmp_meta = store / f"{key}.png.{tag}", store / f"{key}.json.{tag}"
+            shutil.copyfile(grid, tmp_png)
+            tmp_meta.write_text(json.dumps(out))
+            tmp_png.replace(store / f"{key}.png")
+            tmp_meta.replace(store / f"{key}.json")  # last: a json without its png is never read
+        except OSError as e:  # a full or read-only cache: the run goes on, only the reuse is lost
+            logging.getLogger(__name__).warning("could not store the base evaluation in %s: %s", store, e)
     return out, False

@@ -61,7 +61,7 @@ class Server:
         self.down_state = ChainState(seed=server_codec(cfg.run.seed))  # downlink stochastic rounding
         self.unet_parameters = sum(getattr(p, "ds_numel", p.numel()) for n, p in denoiser(pipe).named_parameters()
                                    if not is_lora_name(n))  # the frozen base (ZeRO-3: full sizes, not shards)
-        self.info = {"base_model": base_model, "method": cfg.train.method,
+        self.info = {"base_model": base_model, "family": cfg.model.family, "method": cfg.train.method,
                      "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
                               **({"client_ranks": list(cfg.lora.client_ranks)} if cfg.lora.client_ranks else {})}}
         self.sizes = np.array([len(c) for c in data.clients])

@@ -27,4 +27,5 @@ def test_base_evaluation_is_reused_only_for_the_same_base_and_settings(tiny_base
     png = "samples/round_0000.png"
     assert (first / png).read_bytes() == (again / png).read_bytes() == (fresh / png).read_bytes()
     assert a["val_loss"] != d["val_loss"]
-    assert len(list((tmp_path / "cache" / "eval").glob("*.json"))) == 2  # first and other; fresh wrote nothing
+    stored = sorted(p.name for p in (tmp_path / "cache" / "eval").iterdir())
+    assert len(stored) == 4 and not [n for n in stored if n.endswith(".tmp")]  # first's and other's json + png

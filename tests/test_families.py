@@ -164,6 +164,9 @@ def test_family_run_metrics(family_runs):
         assert all(np.isfinite(r["val_loss"]) and r["bytes_up"] > 0 for r in rounds), name
         cfg = (run_dir / "config.yaml").read_text()
         assert f"family: {name}" in cfg
+        from fed_ddp.checkpoint import read_info
+
+        assert read_info(run_dir / "checkpoints" / "final")["family"] == name  # generate loads this family
     flux = [json.loads(x) for x in (family_runs["flux"] / "metrics.jsonl").read_text().splitlines()]
     sims = [r for r in flux if "sim_latency_s" in r]
     assert [r["round"] for r in sims] == [1, 2] and all(r["sim_latency_s"] > 0 for r in sims)

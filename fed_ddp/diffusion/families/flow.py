@@ -71,8 +71,8 @@ class Flow(SD):
 
     def max_sequence_length(self, pipe) -> int:
         """T5 tokens: the pipeline's default, or fewer if the tokenizer is shorter (the tiny base: 8)."""
-        tok = pipe.tokenizer_3 if hasattr(pipe, "tokenizer_3") else pipe.tokenizer_2
-        return min(self.default_sequence_length, tok.model_max_length)
+        tok = getattr(pipe, "tokenizer_3", None) if self.name == "sd3" else getattr(pipe, "tokenizer_2", None)
+        return min(self.default_sequence_length, tok.model_max_length) if tok is not None else self.default_sequence_length
 
     def sample_kwargs(self, pipe) -> dict:
         return {"max_sequence_length": self.max_sequence_length(pipe)}
