@@ -188,7 +188,8 @@ class Server:
             if isinstance(row, dict) and "seconds" in row and isinstance(row.get("round"), int) and row["round"] < start:
                 rows[row["round"]] = row
         base = rows.get(0)
-        return [rows[r] for r in sorted(rows)], ({k: v for k, v in base.items() if k != "round"} if base else None)
+        bookkeeping = ("round", "started_at", "base_eval_cached")  # of the row, not of the base's evaluation
+        return [rows[r] for r in sorted(rows)], ({k: v for k, v in base.items() if k not in bookkeeping} if base else None)
 
     def round(self, rnd: int, global_flat: torch.Tensor) -> dict:
         """One round, start to checkpoint; returns its metrics row (and the new global under ``_global``)."""
