@@ -326,6 +326,7 @@ class EvalSection:
     guidance_scale: float = 1.0  # classifier-free guidance (1.0 = off)
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # fixed seeds of sample grids
     prompts: list[str] = field(default_factory=list)  # sample grid prompts (empty: one per digit)
+    num_threads: int = 0  # CPU threads of the server's evaluation (the workers wait meanwhile); 0 = every core
     cache_base: bool = True  # reuse the base model's evaluation (round 0) from model.cache_dir when the same base was evaluated with the same settings (deterministic: same numbers)
 
     def __post_init__(self):
@@ -334,6 +335,7 @@ class EvalSection:
         _positive("eval.images_per_prompt", self.images_per_prompt)
         _positive("eval.inference_steps", self.inference_steps)
         _positive("eval.guidance_scale", self.guidance_scale)
+        _positive("eval.num_threads", self.num_threads, zero_ok=True)
 
 
 PERSONAL_MODES = ("none", "split", "finetune")

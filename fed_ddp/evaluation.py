@@ -7,6 +7,7 @@ beside it, so the reader knows the ruler's precision.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -99,6 +100,19 @@ class Evaluator:
         self.base_digits = [d for d in cfg.model.tiny.digits if d not in self.client_digits]
 
     def __call__(self, rnd: int, losses: bool = True, grid: bool = True, accuracy: bool = False) -> dict:
+        """Evaluate the pipeline's current adapter. On CPU with ``eval.num_threads`` > 1 (0: every core) the
+        server runs it with that many threads: the workers wait for the next round meanwhile."""
+        n = self.cfg.eval.num_threads or os.cpu_count() or 1
+        if self.pipe.device.type != "cpu" or n == torch.get_num_threads():
+            return self._evaluate(rnd, losses, grid, accuracy)
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return self._evaluate(rnd, losses, grid, accuracy)
+        finally:
+            torch.set_num_threads(before)
+
+    def _evaluate(self, rnd: int, losses: bool, grid: bool, accuracy: bool) -> dict:
         from fed_ddp.client import validation_loss
         from fed_ddp.diffusion.families import denoiser, family_of
         from fed_ddp.images import sample_grid, save_grid

@@ -29,3 +29,40 @@ def test_base_evaluation_is_reused_only_for_the_same_base_and_settings(tiny_base
     assert a["val_loss"] != d["val_loss"]
     stored = sorted(p.name for p in (tmp_path / "cache" / "eval").iterdir())
     assert len(stored) == 4 and not [n for n in stored if n.endswith(".tmp")]  # first's and other's json + png
+
+
+def test_evaluation_runs_on_eval_num_threads_and_restores_the_ranks(monkeypatch):
+    """The server's evaluation uses eval.num_threads CPU threads (0: every core) while the workers wait, then
+    gives the rank its own thread count back, also when the evaluation fails."""
+    import os
+    import types
+
+    import pytest
+    import torch
+
+    from fed_ddp.evaluation import Evaluator
+
+    seen = []
+
+    def fake(self, rnd, losses, grid, accuracy):
+        seen.append(torch.get_num_threads())
+        if rnd < 0:
+            raise RuntimeError("boom")
+        return {}
+
+    monkeypatch.setattr(Evaluator, "_evaluate", fake)
+    ev = Evaluator.__new__(Evaluator)
+    ev.pipe = types.SimpleNamespace(device=torch.device("cpu"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n, want in ((2, 2), (0, os.cpu_count()), (1, 1)):
+            ev.cfg = types.SimpleNamespace(eval=types.SimpleNamespace(num_threads=n))
+            ev(1)
+            assert seen[-1] == want and torch.get_num_threads() == 1
+        ev.cfg = types.SimpleNamespace(eval=types.SimpleNamespace(num_threads=2))
+        with pytest.raises(RuntimeError):
+            ev(-1)
+        assert seen[-1] == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
