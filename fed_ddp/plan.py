@@ -26,7 +26,7 @@ import torch
 
 from fed_ddp.compression import ByteCount, ChainState, CodecChain, CommConfig, layout_of
 from fed_ddp.config import ConfigError, RunConfig, load_config
-from fed_ddp.diffusion.families import DENOISERS
+from fed_ddp.diffusion.families import DENOISERS, config_family, get_family
 from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_TAIL_BYTES, ControlWire, wire_for
 
 UNET_CONFIGS = Path(__file__).parent / "diffusion" / "configs"  # the shipped denoiser configs (not only UNets)
@@ -43,15 +43,6 @@ KNOWN_HUB_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwaym
 
 
 # -- the model, on the meta device ----------------------------------------------------------------------
-def config_family(config: dict) -> str | None:
-    """The family of a denoiser config.json, from its class (an SDXL UNet adds ``text_time`` conditioning);
-    None: not a denoiser fed_ddp trains."""
-    cls = config.get("_class_name", "UNet2DConditionModel")
-    if cls == "UNet2DConditionModel":
-        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
-    return next((fam for fam, (_, name) in DENOISERS.items() if name == cls), None)
-
-
 def read_denoiser(denoiser: str) -> tuple[dict, str, str]:
     """(config, where it came from, family) of ``--denoiser``: a shipped name, a config.json or a model directory."""
     if denoiser in BUILTIN_DENOISERS:
@@ -113,18 +104,9 @@ def unet_config(cfg: RunConfig, unet: str | None = None) -> tuple[dict | None, s
 
 def meta_denoiser(config: dict | None, family: str = "sd") -> torch.nn.Module:
     """The family's denoiser with the shapes of ``config`` and no weights (``meta`` device); None: its tiny base."""
-    import diffusers
-
+    fam = get_family(family)
     with torch.device("meta"):
-        if config is None:
-            from fed_ddp.diffusion.families import get_family
-
-            try:
-                return get_family(family).tiny_denoiser()
-            except (ImportError, AttributeError):  # a family whose tiny base is not built yet
-                raise ConfigError("model.family", family, "has no built-in tiny base yet: give model.pretrained "
-                                  "or --denoiser") from None
-        return getattr(diffusers, DENOISERS[family][1]).from_config(config)
+        return fam.tiny_denoiser() if config is None else fam.denoiser_class().from_config(config)
 
 
 def meta_unet(config: dict | None) -> torch.nn.Module:

@@ -96,7 +96,7 @@ class Server:
         model = denoiser(self.pipe)
         flops = unet_step_flops(self.cfg, dict(model.config), tuple(val.latents.shape[1:]), tuple(val.embeds.shape[1:]),
                                 {k: tuple(v.shape[1:]) for k, v in val.cond.items() if k != "embeds"},
-                                family_of(self.pipe), type(model))
+                                family_of(self.pipe))
         ws = Wireless(self.cfg, flops, self.wire.up_nbytes, self.wire.down_bytes.total, self.wire.num_params)
         log.info(ws.describe())
         if warning := ws.deadline_warning(self.cfg.fed.local_steps):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from fed_ddp.config import PretrainSection
 from fed_ddp.data.digits import load_digits_dataset
 from fed_ddp.diffusion import tiny
-from fed_ddp.diffusion.loss import diffusion_loss
+from fed_ddp.diffusion.families import get_family
 
 log = logging.getLogger(__name__)
 RECIPE_VERSION = 1  # bump when the recipe below changes, so caches are rebuilt
@@ -77,6 +77,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
 
 def train_base(unet, text_encoder, tokenizer, scheduler, latents, captions, cfg: PretrainSection, show: bool):
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    sd = get_family("sd")
     rng = np.random.default_rng(cfg.seed + 1)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr)
@@ -94,7 +95,8 @@ def train_base(unet, text_encoder, tokenizer, scheduler, latents, captions, cfg:
         drop = torch.from_numpy(rng.random(len(i)) < cfg.empty_caption_fraction)
         batch_ids[drop] = empty
         emb = text_encoder(batch_ids).last_hidden_state
-        loss = diffusion_loss(unet, scheduler, latents[i], emb, generator=gen)
+        noise, t = sd.draw(latents[i], scheduler, gen)
+        loss = sd.loss(unet, scheduler, latents[i], {"embeds": emb}, noise, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -139,8 +141,6 @@ def train_denoiser(pipe, family, latents, captions, cfg: PretrainSection, show: 
 def pretrain_tiny_base(cfg: PretrainSection, out_dir: str | Path, show_progress: bool = True,
                        family: str = "sd") -> Path:
     """Train the tiny base of ``family`` on ``cfg.digits`` and save it as that family's pipeline directory."""
-    from fed_ddp.diffusion.families import get_family
-
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()

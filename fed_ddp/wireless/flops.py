@@ -37,18 +37,14 @@ def count_step_flops(model: torch.nn.Module, batch: int, latent_shape: tuple[int
 
 
 def unet_step_flops(cfg, unet_config: dict | None, latent_shape: tuple[int, ...], embed_shape: tuple[int, ...],
-                    cond_shapes: dict | None = None, family=None, model_class=None) -> int:
+                    cond_shapes: dict | None = None, family=None) -> int:
     """One client optimizer step of this run's configuration (``cfg.train.method``, ``cfg.lora``, the client's
-    batch = batch_size x ranks_per_client), counted on a meta copy of the denoiser (``model_class`` built from
-    ``unet_config``; default a UNet2DConditionModel, or the tiny base's for None)."""
+    batch = batch_size x ranks_per_client), counted on a meta copy of the ``family``'s denoiser (default SD) built
+    from ``unet_config`` (None: the family's tiny base)."""
     from fed_ddp.diffusion.lora import prepare_trainable
-    from fed_ddp.plan import meta_unet
+    from fed_ddp.plan import meta_denoiser
 
-    if model_class is not None:
-        with torch.device("meta"):
-            model = model_class.from_config(unet_config)
-    else:
-        model = meta_unet(unet_config)
+    model = meta_denoiser(unet_config, family.name if family is not None else "sd")
     prepare_trainable(model, cfg)
     batch = cfg.train.batch_size * cfg.fed.ranks_per_client * cfg.train.gradient_accumulation_steps
     return count_step_flops(model, batch, latent_shape, embed_shape, cond_shapes, family)

@@ -64,16 +64,22 @@ def denoiser(pipe):
     return pipe.transformer if unet is None else unet
 
 
+def config_family(config: dict) -> str | None:
+    """The family of a denoiser config (its ``_class_name``; an SDXL UNet adds ``text_time`` conditioning,
+    SD and SDXL share one UNet class); None: not a denoiser fed_ddp trains."""
+    cls = config.get("_class_name", "UNet2DConditionModel")
+    if cls == "UNet2DConditionModel":
+        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+    return next((fam for fam, (_, name) in DENOISERS.items() if name == cls), None)
+
+
 def family_of_model(model) -> str:
-    """The family name of a denoiser module, for its default targets (SD and SDXL share one UNet class)."""
+    """The family name of a denoiser module, for its default targets and its export."""
     model = getattr(model, "module", model)
-    name = type(model).__name__
-    if name == "UNet2DConditionModel":
-        return "sdxl" if getattr(model.config, "addition_embed_type", None) == "text_time" else "sd"
-    for fam, (_, cls) in DENOISERS.items():
-        if cls == name:
-            return fam
-    raise ValueError(f"{name}: not a denoiser fed_ddp trains")
+    family = config_family({**model.config, "_class_name": type(model).__name__})
+    if family is None:
+        raise ValueError(f"{type(model).__name__}: not a denoiser fed_ddp trains")
+    return family
 
 
 def detect_family(path: str | Path) -> str | None:

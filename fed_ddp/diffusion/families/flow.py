@@ -20,6 +20,7 @@ from fed_ddp.diffusion.families.sd import SD
 class Flow(SD):
     flow = True
     weighting = "logit_normal"  # density of u (diffusers' --weighting_scheme)
+    packing = 1  # latent channels per transformer input channel (Flux: 2x2 patches, 4)
     load_kwargs: ClassVar[dict] = {}
 
     def training_scheduler(self, pipe):
@@ -64,7 +65,7 @@ class Flow(SD):
     def initial_latents(self, pipe, n: int, generator: torch.Generator) -> torch.Tensor:
         """SD3 and Flux take ``latents=`` as their ``prepare_latents`` draws them (Flux: packed; no scaling)."""
         model, side = self.denoiser(pipe), self.sample_side(pipe)
-        channels = model.config.in_channels // (4 if self.name == "flux" else 1)  # Flux: 2x2-packed channels
+        channels = model.config.in_channels // self.packing
         dtype = next(pipe.text_encoder.parameters()).dtype
         out = pipe.prepare_latents(n, channels, side, side, dtype, model.device, generator)
         return out[0] if isinstance(out, tuple) else out  # Flux also returns the position ids

@@ -12,6 +12,7 @@ from fed_ddp.diffusion.families.sd import model_dtype
 class Flux(Flow):
     name = "flux"
     weighting = "none"  # uniform u: diffusers' Flux LoRA script default
+    packing = 4  # 2x2 latent patches per token
     default_sequence_length = 512
     train_guidance = 1.0  # the guidance embedding's value while training (FLUX.1-dev is guidance-distilled)
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from fed_ddp.diffusion.families import DEFAULT_TARGETS, DENOISERS, PIPELINES
+from fed_ddp.diffusion.families import DENOISERS, PIPELINES
 
 
 class SD:
@@ -23,10 +23,6 @@ class SD:
     @property
     def denoiser_attr(self) -> str:
         return DENOISERS[self.name][0]
-
-    @property
-    def default_targets(self) -> list[str]:
-        return list(DEFAULT_TARGETS[self.name])
 
     def pipeline_class(self):
         import diffusers
