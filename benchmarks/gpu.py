@@ -255,6 +255,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _with_next(lines: list[str], i: int) -> str:
+    """Line ``i`` of a log, with the next line when it ends in a colon (NCCL's "Last error:" then the reason)."""
+    line = lines[i].strip()
+    return f"{line} {lines[i + 1].strip()}" if line.endswith(":") and i + 1 < len(lines) else line
+
+
 def bench_collectives(args, device, layout, results, save, backends: list[str] | None = None) -> None:
     """Server + workers as processes of this script (``--collective-rank``); NCCL first on a GPU, else gloo."""
     backends = backends or (["nccl", "gloo"] if device.type == "cuda" else ["gloo"])
@@ -283,8 +289,8 @@ def bench_collectives(args, device, layout, results, save, backends: list[str] |
             out.update(json.loads(result.read_text()))
             result.unlink()
             break
-        why = next((line for log in logs for line in log.splitlines()[::-1]
-                    if "Error" in line or "error" in line or "timed out" in line), logs[0].strip()[-300:])
+        why = next((_with_next(log.splitlines(), i) for log in logs for i in range(len(log.splitlines()) - 1, -1, -1)
+                    if any(w in log.splitlines()[i] for w in ("Error", "error", "timed out"))), logs[0].strip()[-300:])
         out["attempts"].append({"backend": backend, "failed": why.strip()[:500]})
         print(f"{backend} with {1 + args.workers} ranks on one device failed: {why.strip()[:300]}", flush=True)
     if "ratio" in out:

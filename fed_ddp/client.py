@@ -99,8 +99,12 @@ class LocalTrainer:
             lat, cond = torch.cat([lat, self.replay_latents[j]]), {k: torch.cat([v, rep[k]]) for k, v in cond.items()}
         noise, t = self.family.draw(lat, self.scheduler, gen)
         mine = slice(self.slot * self.cfg.batch_size, (self.slot + 1) * self.cfg.batch_size)
-        d = self.device
-        return lat[mine].to(d), {k: v[mine].to(d) for k, v in cond.items()}, noise[mine].to(d), t[mine].to(d)
+        if self.device.type != "cuda":
+            return lat[mine], {k: v[mine] for k, v in cond.items()}, noise[mine], t[mine]
+
+        def to(x):  # pinned + non_blocking: the copy queues behind the last step instead of waiting for it
+            return x[mine].pin_memory().to(self.device, non_blocking=True)
+        return to(lat), {k: to(v) for k, v in cond.items()}, to(noise), to(t)
 
     def fit(self, global_flat: torch.Tensor, plan: RoundPlan) -> tuple[torch.Tensor, dict[str, float]]:
         """Train ``plan.local_steps`` optimizer steps from ``global_flat``; return (local - global, metrics)."""
@@ -129,10 +133,11 @@ class LocalTrainer:
                 if anchor is not None:
                     loss = loss + 0.5 * plan.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
                 eng.backward_step(loss)
-                losses.append(loss.item())
+                losses.append(loss.detach())  # no .item() per step: the host would wait for the device each step
         self.unet.eval()
         delta = eng.read_adapter().cpu() - global_flat.cpu()
-        return delta, {"train_loss": float(np.mean(losses)), "train_seconds": time.perf_counter() - t0}
+        train_loss = float(torch.stack(losses).double().mean()) if losses else float("nan")
+        return delta, {"train_loss": train_loss, "train_seconds": time.perf_counter() - t0}
 
 
 def _channels(images: torch.Tensor, want: int) -> torch.Tensor:

@@ -125,7 +125,7 @@ class Wire:
         for w, row in enumerate(table):
             for s, c in enumerate(row):
                 ids[w, s, 0], ids[w, s, 1] = c, (state_rounds or {}).get(c, -1)
-        msg = self.down.encode(global_flat.detach().float().cpu(), state).to_bytes()
+        msg = self.down.encode_bytes(global_flat.detach().float().cpu(), state)
         extra = fields if fields is not None else torch.empty(0, dtype=torch.uint8)
         if extra.numel() != self.fields_bytes:
             raise ValueError(f"privacy fields: {extra.numel()} bytes, the wire carries {self.fields_bytes}")
@@ -144,7 +144,7 @@ class Wire:
         ids = buf[:cut].clone().view(torch.int32).reshape(self.workers, slots, 2).tolist()
         table = [[c for c, _ in row if c >= 0] for row in ids]
         rounds = {c: r for row in ids for c, r in row if c >= 0}
-        return table, rounds, self.down.decode(self.down.from_bytes(buf[cut + self.fields_bytes:]))
+        return table, rounds, self.down.decode_bytes(buf[cut + self.fields_bytes:])
 
     def body_fields(self, buf: torch.Tensor, slots: int) -> torch.Tensor:
         """The privacy fields of a body (empty when the wire carries none)."""
@@ -191,9 +191,9 @@ class Wire:
         """The codec message of a full-size ``delta``; heterogeneous ranks: of ``client``'s components only."""
         delta = delta.detach().float().cpu()
         if not self.client_ranks:
-            return self.up.encode(delta, state).to_bytes()
+            return self.up.encode_bytes(delta, state)
         r = self.rank_of(client)
-        return self.up_by_rank[r].encode(self.subs[r].take(delta), state).to_bytes()
+        return self.up_by_rank[r].encode_bytes(self.subs[r].take(delta), state)
 
     def with_fields(self, msg: torch.Tensor, client_id: int, num_examples: int, metrics: dict[str, float]
                     ) -> torch.Tensor:
@@ -214,11 +214,11 @@ class Wire:
         if not math.isfinite(n):  # round(inf) would raise OverflowError: refuse it as a bad message
             raise ValueError(f"uplink message: num_examples={n}")
         if not self.client_ranks:
-            delta = self.up.decode(self.up.from_bytes(buf[:-UP_TAIL_BYTES]))
+            delta = self.up.decode_bytes(buf[:-UP_TAIL_BYTES])
         else:
             r = self.rank_of(client)
             chain = self.up_by_rank[r]
-            delta = self.subs[r].expand(chain.decode(chain.from_bytes(buf[:-UP_TAIL_BYTES])), global_flat.float().cpu())
+            delta = self.subs[r].expand(chain.decode_bytes(buf[:-UP_TAIL_BYTES]), global_flat.float().cpu())
         return ClientUpdate(cid, delta, round(n), fields)
 
     def split_uplink(self, buf: torch.Tensor, clients: int | list[int]) -> list[torch.Tensor]:

@@ -289,6 +289,26 @@ def test_bytes_roundtrip_decodes_exactly_what_the_sender_decodes(names):
         server.from_bytes(msg.to_bytes()[:-1])
 
 
+@pytest.mark.parametrize("names", CHAINS, ids=str)
+def test_encode_bytes_and_decode_bytes_equal_the_payload_path(names):
+    """The one-copy path the wire uses (the empty chain's fast path included) sends the same bytes and decodes
+    the same values as encode/to_bytes and from_bytes/decode; the dense message is the fp32 values themselves."""
+    x = rand((numel(LAYOUT),), seed=11)
+    a, b = chain_for(names), chain_for(names)
+    sa, sb = ChainState(3), ChainState(3)
+    buf = a.encode_bytes(x, sa)
+    assert torch.equal(buf, b.encode(x, sb).to_bytes()) and sa.step == sb.step == 1
+    if not names:
+        assert buf.numpy().tobytes() == x.numpy().astype("<f4").tobytes()
+    got = a.decode_bytes(buf)
+    want = b.decode(b.from_bytes(buf))
+    assert torch.equal(got, want) and got.dtype == torch.float32
+    buf.fill_(0)  # neither decoded vector shares the received buffer's memory
+    assert torch.equal(got, want) and torch.equal(want, a.decode_bytes(a.encode_bytes(x, ChainState(3))))
+    with pytest.raises(ValueError, match="bytes"):
+        a.decode_bytes(buf[:-1])
+
+
 def test_topk_then_int8_decodes_to_quantized_topk():
     layout = [("w", (40, 32))]
     x = rand((1280,), seed=8)

@@ -93,6 +93,17 @@ class CodecChain:
             state.step += 1
         return msg
 
+    def encode_bytes(self, flat: torch.Tensor, state: ChainState | None = None) -> torch.Tensor:
+        """``encode(flat, state).to_bytes()``; an empty chain (dense fp32) copies the vector's bytes in one go
+        instead of one payload per tensor (the same bytes: raw payloads are the values in layout order)."""
+        if self.codecs:
+            return self.encode(flat, state).to_bytes()
+        if flat.numel() != self.numel:
+            raise ValueError(f"adapter vector has {flat.numel()} values, the layout has {self.numel}")
+        if state is not None:
+            state.step += 1
+        return flat.detach().float().reshape(-1).contiguous().view(torch.uint8).clone()
+
     def _encode(self, flat: torch.Tensor, state: ChainState | None, ef: bool) -> Message:
         if flat.numel() != self.numel:
             raise ValueError(f"adapter vector has {flat.numel()} values, the layout has {self.numel}")
@@ -135,6 +146,15 @@ class CodecChain:
             return self.encoder.decode(p)
         fields = {k: self.encoder.decode(v) if isinstance(v, Payload) else v for k, v in p.fields.items()}
         return self.transform.decode(replace(p, fields=fields))
+
+    def decode_bytes(self, buf: torch.Tensor) -> torch.Tensor:
+        """``decode(from_bytes(buf))``; an empty chain reads the fp32 values in one copy."""
+        if self.codecs:
+            return self.decode(self.from_bytes(buf))
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != 4 * self.numel:
+            raise ValueError(f"buffer has {buf.numel()} bytes of {buf.dtype} (shape {tuple(buf.shape)}), this chain "
+                             f"and adapter layout send {4 * self.numel} uint8 bytes")
+        return buf.clone().view(torch.float32)
 
     def from_bytes(self, buf: torch.Tensor) -> Message:
         """Cut a received buffer into the message it serializes (checks its exact size)."""

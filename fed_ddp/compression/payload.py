@@ -94,6 +94,7 @@ def from_bytes(buf: torch.Tensor, skeleton: list[Payload]) -> list[Payload]:
     if buf.numel() != expected:
         raise ValueError(f"buffer has {buf.numel()} bytes, this chain and adapter layout send {expected}")
     offset = 0
+    whole = buf.clone()  # one copy: the payloads never alias the caller's buffer
 
     def fill(p: Payload) -> Payload:
         nonlocal offset
@@ -103,8 +104,10 @@ def from_bytes(buf: torch.Tensor, skeleton: list[Payload]) -> list[Payload]:
                 out[name] = fill(v)
             else:
                 n = tensor_bytes(v)
-                # clone: a slice at an odd offset cannot be viewed as a wider dtype
-                out[name] = buf[offset:offset + n].clone().view(v.dtype).reshape(v.shape)
+                piece = whole[offset:offset + n]
+                if offset % v.element_size():  # a slice at an odd offset cannot be viewed as a wider dtype
+                    piece = piece.clone()
+                out[name] = piece.view(v.dtype).reshape(v.shape)
                 offset += n
         return Payload(p.codec, p.shape, out, p.metadata)
 
