@@ -327,6 +327,7 @@ class EvalSection:
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # fixed seeds of sample grids
     prompts: list[str] = field(default_factory=list)  # sample grid prompts (empty: one per digit)
     num_threads: int = 0  # CPU threads of the server's evaluation (the workers wait meanwhile); 0 = every core
+    merge_lora: bool = True  # evaluate with the LoRA adapter merged into the base weights (one matmul per layer: 1.5x faster sampling; the base weights are restored bit for bit)
     cache_base: bool = True  # reuse the base model's evaluation (round 0) from model.cache_dir when the same base was evaluated with the same settings (deterministic: same numbers)
 
     def __post_init__(self):

@@ -7,6 +7,7 @@ beside it, so the reader knows the ruler's precision.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -101,16 +102,22 @@ class Evaluator:
 
     def __call__(self, rnd: int, losses: bool = True, grid: bool = True, accuracy: bool = False) -> dict:
         """Evaluate the pipeline's current adapter. On CPU with ``eval.num_threads`` > 1 (0: every core) the
-        server runs it with that many threads: the workers wait for the next round meanwhile."""
+        server runs it with that many threads: the workers wait for the next round meanwhile. With
+        ``eval.merge_lora`` the adapter is merged into the base weights meanwhile (restored exactly after)."""
+        from fed_ddp.diffusion.families import denoiser
+        from fed_ddp.diffusion.lora import merged_lora
+
         n = self.cfg.eval.num_threads or os.cpu_count() or 1
-        if self.pipe.device.type != "cpu" or n == torch.get_num_threads():
-            return self._evaluate(rnd, losses, grid, accuracy)
+        threads = self.pipe.device.type == "cpu" and n != torch.get_num_threads()
         before = torch.get_num_threads()
-        torch.set_num_threads(n)
         try:
-            return self._evaluate(rnd, losses, grid, accuracy)
+            if threads:
+                torch.set_num_threads(n)
+            with merged_lora(denoiser(self.pipe)) if self.cfg.eval.merge_lora else contextlib.nullcontext():
+                return self._evaluate(rnd, losses, grid, accuracy)
         finally:
-            torch.set_num_threads(before)
+            if threads:
+                torch.set_num_threads(before)
 
     def _evaluate(self, rnd: int, losses: bool, grid: bool, accuracy: bool) -> dict:
         from fed_ddp.client import validation_loss

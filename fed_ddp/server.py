@@ -512,7 +512,11 @@ class Server:
         t0 = time.perf_counter()
         f = self.cfg.fed
         last = f.rounds if self.stopped_at is None else self.stopped_at
-        final = self.evaluate(last, losses=True, grid=False, accuracy=True)
+        # the last round's validation losses were computed on this same adapter: reuse them
+        row = next((h for h in reversed(history) if h.get("round") == last), {})
+        losses = {k: row[k] for k in self.evaluate.val_sets if k in row}
+        final = {**losses, **self.evaluate(last, losses=len(losses) < len(self.evaluate.val_sets), grid=False,
+                                           accuracy=True)}
         self._save("final", global_flat, last)
         rounds = [h for h in history if h["round"] > 0]
         summary = {
