@@ -102,8 +102,9 @@ class LocalTrainer:
         if self.device.type != "cuda":
             return lat[mine], {k: v[mine] for k, v in cond.items()}, noise[mine], t[mine]
 
-        def to(x):  # pinned + non_blocking: the copy queues behind the last step instead of waiting for it
-            return x[mine].pin_memory().to(self.device, non_blocking=True)
+        def to(x):  # host tensors pinned + non_blocking: the copy queues behind the last step instead of waiting
+            x = x[mine]
+            return (x.pin_memory() if x.device.type == "cpu" else x).to(self.device, non_blocking=True)
         return to(lat), {k: to(v) for k, v in cond.items()}, to(noise), to(t)
 
     def fit(self, global_flat: torch.Tensor, plan: RoundPlan) -> tuple[torch.Tensor, dict[str, float]]:

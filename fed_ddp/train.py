@@ -49,6 +49,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     prepare_trainable(denoiser(pipe), cfg)
     scheduler = training_scheduler(pipe)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
+    replay = shared_replay(cfg, pipe, data, topo, device)
     # Every rank builds its engine in the same order: DeepSpeed's ZeRO-3 set-up has world-wide barriers.
     deepspeed = cfg.train.engine == "deepspeed"
     engine = build_engine(denoiser(pipe), cfg, topo, device) if deepspeed or not topo.is_server else \
@@ -69,7 +70,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
 
     from fed_ddp.worker import Worker
 
-    worker = Worker(wid, cfg, pipe, scheduler, data, wire, engine=engine, leader=topo.is_leader,
+    worker = Worker(wid, cfg, pipe, scheduler, data, wire, engine=engine, replay=replay, leader=topo.is_leader,
                     rank_in_client=topo.rank_in_client, ranks_per_client=topo.ranks_per_client)
     if topo.is_leader:
         transport.serve(HEAD_BYTES, worker.body_nbytes, worker.handle)
@@ -79,6 +80,26 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     else:
         transport.follow(HEAD_BYTES, worker.body_nbytes, worker.handle)
     return None
+
+
+def shared_replay(cfg: RunConfig, pipe, data, topo: Topology, device: torch.device):
+    """The replay set (the base's concepts mixed into local batches), encoded once by the server and broadcast
+    to every rank, instead of by every worker (the same posterior means and text states: the encoders are
+    frozen and the server encodes at the ranks' thread count). None without replay."""
+    if data.replay is None or cfg.data.replay_fraction <= 0:
+        return None
+    from fed_ddp.client import EncodedSet, encode_set
+    from fed_ddp.distributed.collectives import broadcast_tensors
+
+    mine = None
+    if topo.is_server:
+        enc = encode_set(pipe, data.replay)
+        mine = {"latents": enc.latents, **{f"cond.{k}": v for k, v in enc.cond.items()}}
+    got = broadcast_tensors(mine, src=0, device=device if dist.get_backend() == "nccl" else None)
+    if "latents" not in got or len({len(v) for v in got.values()}) != 1 or len(got["latents"]) != len(data.replay):
+        raise ValueError(f"replay set from the server: {sorted(got)} with lengths {[len(v) for v in got.values()]}, "
+                         f"expected {len(data.replay)} examples")
+    return EncodedSet(got.pop("latents").to(pipe.device), {k[5:]: v.to(pipe.device) for k, v in got.items()})
 
 
 def die_with_parent() -> None:

@@ -42,17 +42,17 @@ PERSONAL_KEY = "personal|"  # prefix of the personal adapter's tensors in a clie
 
 class Worker:
     def __init__(self, index: int, cfg, pipe, scheduler, data: FederatedData, wire: Wire, engine=None,
-                 store: ClientStateStore | None = None, leader: bool = True, rank_in_client: int = 0,
-                 ranks_per_client: int = 1):
+                 store: ClientStateStore | None = None, replay: EncodedSet | None = None, leader: bool = True,
+                 rank_in_client: int = 0, ranks_per_client: int = 1):
         self.index, self.cfg, self.pipe, self.scheduler, self.data = index, cfg, pipe, scheduler, data
         self.wire, self.engine, self.leader = wire, engine, leader
         if REGISTRY[cfg.fed.strategy].controls != isinstance(wire, ControlWire):
             raise ValueError(f"fed.strategy={cfg.fed.strategy}: build the wire with protocol.wire_for")
         self.store = store if store is not None else ClientStateStore(cfg.run.dir / "clients", cfg.fed.client_cache)
         self.rank_in_client, self.ranks_per_client = rank_in_client, ranks_per_client
-        self.replay: EncodedSet | None = None
-        if data.replay is not None and cfg.data.replay_fraction > 0:
-            self.replay = encode_set(pipe, data.replay)  # shared by every client this worker plays
+        self.replay: EncodedSet | None = None  # shared by every client this worker plays
+        if data.replay is not None and cfg.data.replay_fraction > 0:  # given: the server encoded it for every rank
+            self.replay = replay if replay is not None else encode_set(pipe, data.replay)
         self._trainers: OrderedDict[int, LocalTrainer] = OrderedDict()
         self.cache_size = max(1, cfg.fed.client_cache)
         self.encoded = 0  # clients encoded so far (cache misses)

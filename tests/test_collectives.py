@@ -58,6 +58,14 @@ def _spy(log: list):
     dist.gather, dist.all_gather, dist.batch_isend_irecv = gather, all_gather, batch_isend_irecv
 
 
+def _named() -> dict[str, torch.Tensor]:
+    """Mixed dtypes and sizes, so later tensors start at offsets no wider dtype could be viewed at."""
+    g = torch.Generator().manual_seed(5)
+    return {"bool": torch.rand(3, generator=g) > 0.5, "f32": torch.randn(3, 4, generator=g),
+            "bf16": torch.randn(5, generator=g).bfloat16(), "i64": torch.randint(-9, 9, (2, 1), generator=g),
+            "empty": torch.zeros(0, 2), "u8": torch.arange(7, dtype=torch.uint8)}
+
+
 def _worker(rank: int, store: str, out_dir: str) -> None:
     from fed_ddp.distributed.collectives import gather_bytes
 
@@ -81,6 +89,18 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
                     dist.distributed_c10d.gather, dist.distributed_c10d.all_gather,
                     dist.distributed_c10d.batch_isend_irecv)
             results[name] = {"log": log, "got": got, "stats": stats}
+        from fed_ddp.distributed.collectives import broadcast_tensors, broadcast_text
+
+        results["tensors"] = broadcast_tensors(_named() if rank == 1 else None, src=1)
+        if rank == 1:  # a header naming a dtype outside the allow-list: the others refuse it, nothing more is sent
+            broadcast_text('[["x", "object", [3]]]', src=1)
+            results["bad_header"] = None
+        else:
+            try:
+                broadcast_tensors(None, src=1)
+                results["bad_header"] = None
+            except ValueError as e:
+                results["bad_header"] = str(e)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -125,6 +145,17 @@ def test_dst_receives_exactly_each_payload_and_counts_every_byte(ranks, name):
     assert stats.total_bytes == sent
     assert stats.collectives == len(res[dst]["log"]) <= 2
     assert stats.collectives == (0 if known else 1) + (1 if sum(others) else 0)
+
+
+def test_broadcast_tensors_delivers_each_tensor_exactly_and_refuses_a_bad_header(ranks):
+    want = _named()
+    for r in range(WORLD):
+        got = ranks[r]["tensors"]
+        assert list(got) == list(want)
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), (r, k)
+    assert ranks[1]["bad_header"] is None
+    assert all("malformed header from rank 1" in ranks[r]["bad_header"] for r in (0, 2))
 
 
 def test_bad_payloads_are_refused_before_any_collective():

@@ -20,6 +20,8 @@ Bytes moved = bytes of tensors that leave one rank for another, as the collectiv
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -173,3 +175,40 @@ def all_gather_ints(values: list[int], group=None, device: torch.device | None =
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     return [g[:int(k.item())].tolist() for g, k in zip(got, lens)]
+
+
+TENSOR_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                                             torch.int64, torch.int32, torch.uint8, torch.bool)}
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int, group=None,
+                      device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Named tensors from global rank ``src`` to every rank of ``group`` (CPU tensors back everywhere): a JSON
+    header of names, dtypes and shapes (``broadcast_text``), checked on arrival, then one byte buffer. Nothing
+    is unpickled; a header naming another dtype or a malformed shape raises ``ValueError`` on the receiver."""
+    device = device or torch.device("cpu")
+    me = dist.get_rank()
+    if me == src:
+        parts = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        head = json.dumps([[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in parts.items()])
+    header = broadcast_text(head if me == src else None, src=src, group=group, device=device)
+    spec = json.loads(header)
+    if not isinstance(spec, list) or not all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in TENSOR_DTYPES
+            and isinstance(e[2], list) and all(isinstance(d, int) and d >= 0 for d in e[2]) for e in spec):
+        raise ValueError(f"broadcast_tensors: malformed header from rank {src}: {header[:200]!r}")
+    sizes = [math.prod(shape) * TENSOR_DTYPES[dt].itemsize for _, dt, shape in spec]
+    if me == src:
+        flat = torch.cat([v.reshape(-1).view(torch.uint8) for v in parts.values()]) if parts else \
+            torch.empty(0, dtype=torch.uint8)
+        buf = flat.to(device)
+    else:
+        buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src=src, group=group)
+    if me == src:
+        return parts
+    out, offset, host = {}, 0, buf.cpu()
+    for (name, dt, shape), n in zip(spec, sizes):
+        out[name] = host[offset:offset + n].clone().view(TENSOR_DTYPES[dt]).reshape(shape)
+        offset += n
+    return out
