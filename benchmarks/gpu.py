@@ -289,8 +289,9 @@ def bench_collectives(args, device, layout, results, save, backends: list[str] |
             out.update(json.loads(result.read_text()))
             result.unlink()
             break
-        why = next((_with_next(log.splitlines(), i) for log in logs for i in range(len(log.splitlines()) - 1, -1, -1)
-                    if any(w in log.splitlines()[i] for w in ("Error", "error", "timed out"))), logs[0].strip()[-300:])
+        lines = [log.splitlines() for log in logs]
+        why = next((_with_next(ls, i) for ls in lines for i in range(len(ls) - 1, -1, -1)
+                    if any(w in ls[i] for w in ("Error", "error", "timed out"))), logs[0].strip()[-300:])
         out["attempts"].append({"backend": backend, "failed": why.strip()[:500]})
         print(f"{backend} with {1 + args.workers} ranks on one device failed: {why.strip()[:300]}", flush=True)
     if "ratio" in out:

@@ -38,8 +38,15 @@ def cmd_run(args) -> int:
         from fed_ddp.train import main as rank_main
 
         return rank_main([args.config, *args.overrides])
-    from fed_ddp.distributed.nodes import describe, plan_cfg
+    from fed_ddp.distributed.nodes import auto_workers, cpu_cores, describe, plan_cfg
 
+    capped = None
+    if (w := auto_workers(cfg)) is not None:  # fed.workers=null on CPU: one single-thread worker rank per core
+        capped = (f"fed-ddp: fed.workers=null -> {w} worker rank(s) on {cpu_cores()} CPU core(s) at "
+                  f"train.num_threads={cfg.train.num_threads} (not {cfg.fed.num_workers}: more would share cores); "
+                  f"the workers play the clients in turn (set fed.workers to choose)")
+        cfg.fed.workers = w
+        args.overrides = [*args.overrides, f"fed.workers={w}"]
     plan_cfg(cfg, nnodes=1)  # more ranks than GPUs here (train.device=auto): one config-error line, nothing started
     check_data(cfg)  # partition the data here: too few examples, bad files, one line before any rank starts
     check_privacy(cfg)  # an unreachable target epsilon: one line before any rank starts
@@ -63,6 +70,8 @@ def cmd_run(args) -> int:
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex[:8],
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=cfg.run.max_restarts,
                           monitor_interval=0.5)
+    if capped:
+        print(capped, file=sys.stderr)
     print(f"fed-ddp: launching {describe(cfg)} -> {cfg.run.dir}", file=sys.stderr)
     os.environ["FED_DDP_LAUNCHER_PID"] = str(os.getpid())  # ranks die with this process (fed_ddp.train)
     try:

@@ -15,6 +15,7 @@ import torch
 
 from fed_ddp.data.digits import CaptionedImages
 from fed_ddp.diffusion.families import denoiser, family_of
+from fed_ddp.diffusion.families.sd import to_device
 from fed_ddp.diffusion.lora import lora_parameters
 from fed_ddp.diffusion.models import encode_captions, encode_images, unet_autocast
 from fed_ddp.seeds import client_round
@@ -90,22 +91,20 @@ class LocalTrainer:
             self.n_replay = round(replay_fraction * self.global_batch)
 
     def _batch(self, rng: np.random.Generator, gen: torch.Generator):
-        """This rank's slice of the client-wide micro-batch: latents, conditioning, noise, timesteps."""
+        """This rank's slice of the client-wide micro-batch: latents, conditioning, noise, timesteps. On a GPU
+        nothing here makes the host wait for the device (indices and host tensors go pinned, non-blocking)."""
         i = torch.from_numpy(rng.integers(0, len(self.latents), self.global_batch - self.n_replay))
-        lat, cond = self.latents[i], take(self.cond, i)
+        lat, cond = self.latents[to_device(i, self.latents.device)], take(self.cond, i)
         if self.n_replay:
             j = torch.from_numpy(rng.integers(0, len(self.replay_latents), self.n_replay))
             rep = take(self.replay_cond, j)
-            lat, cond = torch.cat([lat, self.replay_latents[j]]), {k: torch.cat([v, rep[k]]) for k, v in cond.items()}
+            lat = torch.cat([lat, self.replay_latents[to_device(j, self.replay_latents.device)]])
+            cond = {k: torch.cat([v, rep[k]]) for k, v in cond.items()}
         noise, t = self.family.draw(lat, self.scheduler, gen)
         mine = slice(self.slot * self.cfg.batch_size, (self.slot + 1) * self.cfg.batch_size)
-        if self.device.type != "cuda":
-            return lat[mine], {k: v[mine] for k, v in cond.items()}, noise[mine], t[mine]
-
-        def to(x):  # host tensors pinned + non_blocking: the copy queues behind the last step instead of waiting
-            x = x[mine]
-            return (x.pin_memory() if x.device.type == "cpu" else x).to(self.device, non_blocking=True)
-        return to(lat), {k: to(v) for k, v in cond.items()}, to(noise), to(t)
+        d = self.device
+        return (to_device(lat[mine], d), {k: to_device(v[mine], d) for k, v in cond.items()},
+                to_device(noise[mine], d), to_device(t[mine], d))
 
     def fit(self, global_flat: torch.Tensor, plan: RoundPlan) -> tuple[torch.Tensor, dict[str, float]]:
         """Train ``plan.local_steps`` optimizer steps from ``global_flat``; return (local - global, metrics)."""

@@ -175,7 +175,7 @@ STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedavgm", "fedadagrad", "fedyogi"
 @dataclass(kw_only=True)
 class FedSection:
     num_clients: int = 4  # population N: the data is partitioned over N clients (records, not processes)
-    workers: int | None = None  # training ranks (or rank groups) W that play the sampled clients; null = min(N, clients_per_round, 8)
+    workers: int | None = None  # training ranks (or rank groups) W that play the sampled clients; null = min(N, clients_per_round, 8), and `fed-ddp run` on CPU launches at most one single-thread worker rank per core
     ranks_per_client: int = 1  # ranks per worker, training one client together (data parallel); world = 1 + workers * ranks_per_client
     clients_per_round: int | None = None  # uniform/weighted: m clients per round; null = all N
     sampling: str = "uniform"  # all / uniform (m without replacement) / poisson (each joins with sample_rate) / weighted (by data size)

@@ -26,7 +26,7 @@ RUN_DIRS = ("checkpoints", "clients", "samples", "wandb")
 # everything else must equal the stored config
 RESUMABLE = ("run.resume", "run.overwrite", "run.log_level", "run.max_restarts", "run.output_dir", "run.name",
              "model.cache_dir", "fed.rounds", "fed.timeout_s", "fed.round_timeout_s", "fed.max_bad_rounds",
-             "fed.client_cache", "train.num_threads", "eval.", "tracking.", "privacy.dp.max_epsilon")
+             "fed.client_cache", "fed.workers", "train.num_threads", "eval.", "tracking.", "privacy.dp.max_epsilon")
 
 
 def holds_a_run(run_dir: Path) -> bool:

@@ -31,7 +31,7 @@ from fed_ddp.diffusion.families import denoiser, family_of
 from fed_ddp.distributed.collectives import GatherTimeout
 from fed_ddp.evaluation import Evaluator, cached_base_eval, reference_classifier
 from fed_ddp.lora_names import is_lora_name
-from fed_ddp.population import assign, read_trace, select_round
+from fed_ddp.population import WorkerCaches, assign, read_trace, select_round
 from fed_ddp.privacy.engine import ServerPrivacy, pack_fields, round_trip
 from fed_ddp.privacy.engine import resolve as resolve_privacy
 from fed_ddp.privacy.masked import MaskedServer
@@ -71,6 +71,7 @@ class Server:
         self.trace = read_trace(a, cfg.fed.num_clients) if isinstance(a, str) else None
         self.evaluate = Evaluator(cfg, pipe, scheduler, data, tracker)
         self.last_played = np.full(cfg.fed.num_clients, -1, dtype=np.int32)  # round each client last played
+        self.caches = WorkerCaches(self.workers, cfg.fed.client_cache)  # who still holds whose encoded data
         self.bad_rounds = 0  # rounds in a row that produced no usable adapter
         self.per_client_s: float | None = None  # derived deadline: 10x the first exchange's time per client slot
         self.norm_ref: float | None = None  # median update norm of the last round with two or more kept updates
@@ -210,7 +211,8 @@ class Server:
         # secure aggregation: the simulated dropouts take part in the key exchange, then never send (the
         # protocol's hard case); otherwise they are left out of the table
         players = chosen.sampled if self.masked else chosen.playing
-        table = assign(players, self.workers)
+        table = assign(players, self.workers, home=self.caches.home(players))  # a client back where it is encoded
+        self.caches.played(table)
         slots = max(len(r) for r in table)
         head = w.pack_head(plan, slots)
         keeps = w.keeps_state or cfg.personal.mode == "split"  # codec state or a personal adapter in the store
@@ -514,7 +516,7 @@ class Server:
         last = f.rounds if self.stopped_at is None else self.stopped_at
         # the last round's validation losses were computed on this same adapter: reuse them
         row = next((h for h in reversed(history) if h.get("round") == last), {})
-        losses = {k: row[k] for k in self.evaluate.val_sets if k in row}
+        losses = {k: row[k] for k in self.evaluate.val_sets if row.get(k) is not None}  # a resumed NaN reads None
         final = {**losses, **self.evaluate(last, losses=len(losses) < len(self.evaluate.val_sets), grid=False,
                                            accuracy=True)}
         self._save("final", global_flat, last)

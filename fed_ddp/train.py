@@ -186,7 +186,7 @@ def _exit_now(code: int) -> None:
 
 if __name__ == "__main__":
     code = main()
-    if int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:  # rank 0 is the server
         # A worker is done (its state files are closed); the interpreter's own teardown would spend about a CPU
         # second per rank collecting garbage while the server still runs its final evaluation on the same cores.
         _exit_now(code)

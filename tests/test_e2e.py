@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, run_cli
 from PIL import Image
 
@@ -54,6 +55,31 @@ def test_run_directory(finished_run):
     with Image.open(run_dir / "samples" / "round_0002.png") as im:
         assert im.size[0] > 100 and im.size[1] > 100
     assert list((run_dir / "wandb").glob("offline-run-*")), "no W&B offline run written"
+
+
+def test_results_do_not_depend_on_how_many_workers_play_the_clients(finished_run, tiny_base):
+    """fed.workers=null lets `fed-ddp run` pick W from the machine's cores, so the same run with one worker
+    playing both clients in turn must give the same adapter, bit for bit, and the same metrics."""
+    from safetensors.torch import load_file
+
+    run_dir, _ = finished_run
+    out = run_dir.parent
+    r = run_cli("run", str(ROOT / "configs" / "tiny_test.yaml"), f"model.pretrained={tiny_base}",
+                f"run.output_dir={out}", "run.name=e2e_w1", "lora.rank=4", "lora.alpha=8", "train.lr=0.05",
+                "tracking.wandb.mode=disabled", "wireless.enabled=true", "fed.workers=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 ranks (1 server + 1 workers)" in r.stderr
+    name = "checkpoints/final/pytorch_lora_weights.safetensors"
+    a, b = load_file(run_dir / name), load_file(out / "e2e_w1" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+
+    def rows(d):
+        return {x["round"]: x for x in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "seconds" in x}
+    ra, rb = rows(run_dir), rows(out / "e2e_w1")
+    for rnd in (1, 2):
+        for k in ("val_loss", "train_loss", "gen_acc", "update_norm", "bytes_up"):
+            assert ra[rnd].get(k) == rb[rnd].get(k), (rnd, k)
 
 
 def test_exported_adapter_loads_in_diffusers_like_fed_ddp_generate(finished_run, tiny_base, tmp_path):

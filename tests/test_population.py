@@ -101,6 +101,26 @@ def test_assignment_is_balanced_and_complete():
     assert assign([3, 1, 2], 2) == assign([1, 2, 3], 2)  # order of the input does not matter
 
 
+def test_assignment_seats_clients_where_their_data_is_encoded_without_unbalancing():
+    from fed_ddp.population import WorkerCaches
+
+    assert assign(list(range(7)), 3) == [[0, 3, 6], [1, 4], [2, 5]]  # no homes: as before
+    home = {0: 2, 1: 2, 2: 2, 3: 2, 4: 0, 9: 1}
+    out = assign(list(range(7)), 3, home=home)
+    assert sorted(len(r) for r in out) == [2, 2, 3] and sorted(c for r in out for c in r) == list(range(7))
+    assert sum(home.get(c) == w for w, r in enumerate(out) for c in r) == 4  # worker 2 takes 3 of its 4, 4 -> 0
+    assert out[2] == [0, 1, 2] and 4 in out[0]
+    work = {0: 3.0, 1: 3.0, 2: 1.0, 3: 1.0}  # LPT: homes only break ties between equal loads
+    plain, homed = assign(list(work), 2, work), assign(list(work), 2, work, home={0: 1, 1: 0, 2: 0})
+    assert sorted(sum(work[c] for c in r) for r in plain) == sorted(sum(work[c] for c in r) for r in homed) == [4.0, 4.0]
+    assert 0 in homed[1] and 1 in homed[0]
+    caches = WorkerCaches(2, size=2)  # each worker keeps its last 2 clients, as Worker.trainer's LRU does
+    caches.played([[1, 2, 3], [4]])
+    assert caches.home([1, 2, 3, 4, 5]) == {2: 0, 3: 0, 4: 1}
+    caches.played([[2], [5, 6]])
+    assert caches.home([2, 3, 4, 6]) == {2: 0, 3: 0, 6: 1}
+
+
 # ----------------------------------------------------------------------------- the state store
 
 
@@ -179,6 +199,22 @@ def test_default_workers_and_world_size():
     assert cfg.fed.num_workers == 3 and cfg.world_size == 7
     w = load_config(None, ["fed.num_clients=100", "fed.clients_per_round=2", "fed.workers=4"]).fed
     assert "idle" in w.idle_workers_warning()
+
+
+def test_fed_ddp_run_caps_null_workers_at_the_cpu_cores():
+    """fed.workers=null on CPU: no more single-thread worker ranks than cores (the server waits while they
+    train); an explicit fed.workers, a GPU machine or enough cores leave the config's W."""
+    from fed_ddp.distributed.nodes import auto_workers
+
+    def w(cores, *overrides, gpus=0):
+        return auto_workers(load_config(None, ["fed.num_clients=4", *overrides]), gpus=gpus, cores=cores)
+
+    assert w(2) == 2 and w(3) == 3 and w(1) == 1
+    assert w(4) is None and w(64) is None  # 4 workers fit
+    assert w(2, "fed.workers=4") is None  # asked for
+    assert w(2, gpus=2) is None and w(2, "train.device=cpu", gpus=2) == 2  # GPUs: one per rank, checked elsewhere
+    assert w(4, "train.num_threads=2") == 2 and w(2, "train.num_threads=4") == 1
+    assert w(4, "fed.ranks_per_client=2", "fed.num_clients=3") == 2  # min(N=3, 8) = 3 workers x 2 ranks > 4 cores
 
 
 # ----------------------------------------------------------------------------- in-process population runs

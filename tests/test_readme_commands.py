@@ -353,8 +353,14 @@ def _launch(argv: list[str], monkeypatch, capsys) -> None:
         rc = e.code
     assert rc == 0, f"{' '.join(argv)} exits {rc}: {capsys.readouterr().err.strip()}"
     if argv[1] == "run":  # 1 server + W workers, running fed_ddp.train on the README's words
+        from fed_ddp.distributed.nodes import auto_workers
+
         cfg = _config(argv[2:])
-        assert rec.nproc == cfg.world_size and rec.args == (sys.executable, "-u", "-m", "fed_ddp.train", *argv[2:])
+        extra = []  # fed.workers=null on a CPU machine: the launcher caps the workers at the cores and says so
+        if (w := auto_workers(cfg)) is not None:
+            cfg.fed.workers, extra = w, [f"fed.workers={w}"]
+        assert rec.nproc == cfg.world_size
+        assert rec.args == (sys.executable, "-u", "-m", "fed_ddp.train", *argv[2:], *extra)
     else:
         assert rec.compared is not None, "compare never started"
 

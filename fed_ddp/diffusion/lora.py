@@ -125,11 +125,19 @@ def merged_lora(model):
     """Inference with the active LoRA adapters merged into their base weights (peft's ``merge``): one matmul per
     layer instead of three, 1.5x faster sampling on the tiny UNet. The base weights are copied first and
     restored bit for bit afterwards (peft's ``unmerge`` subtracts, which rounds). A zero B (an untrained
-    adapter) merges to the base weights exactly. Not under ZeRO-3 (partitioned weights): then it does nothing."""
+    adapter) merges to the base weights exactly. It does nothing (the adapter stays a separate branch) where a
+    merge would change what is computed or cannot be undone by a copy: base weights in bf16/fp16 (DeepSpeed's
+    cast: W + BA would round the update away relative to |W|), ZeRO-3's partitioned weights, DoRA, layer types
+    other than peft's LoRA Linear / Conv / Embedding."""
+    from peft.tuners.lora.layer import Embedding, Linear, _ConvNd
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]
-    if not layers or any(hasattr(p, "ds_shape") for p in model.parameters()):
+    mergeable = all(isinstance(m, (Linear, _ConvNd, Embedding)) and not any(m.use_dora.values())
+                    and not getattr(m, "lora_variant", None)
+                    and all(p.dtype == torch.float32 for p in m.get_base_layer().parameters(recurse=False))
+                    for m in layers)
+    if not layers or not mergeable or any(hasattr(p, "ds_shape") for p in model.parameters()):
         yield
         return
     saved = [(m, {n: p.detach().clone() for n, p in m.get_base_layer().named_parameters(recurse=False)})

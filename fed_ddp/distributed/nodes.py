@@ -50,6 +50,27 @@ def local_gpus() -> int:
         return 0
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: what a container or ``taskset`` allows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(cfg, gpus: int | None = None, cores: int | None = None) -> int | None:
+    """``fed.workers`` for a one-node CPU launch that left it null: no more single-thread worker ranks than the
+    machine has cores (``cores // (train.num_threads x fed.ranks_per_client)``, at least 1), since more
+    oversubscribe them: the quickstart's round on 2 cores took 1.19x its compute floor with 4 workers and 0.96x
+    with 2 (benchmarks/results/round_floor.md). None when nothing changes (workers set, GPUs, or enough cores);
+    the server rank is not counted: it waits while the workers train."""
+    f = cfg.fed
+    if f.workers is not None or (cfg.train.device == "auto" and (local_gpus() if gpus is None else gpus)):
+        return None
+    fit = max(1, (cores or cpu_cores()) // (cfg.train.num_threads * f.ranks_per_client))
+    return fit if fit < f.num_workers else None
+
+
 def plan(config, overrides: list[str], nnodes: int, gpus: int | None = None) -> tuple[list[int], str]:
     """Per-node rank counts and a one-line description; raises ConfigError for launches that cannot work.
     ``config``: a YAML path or a list of them (merged in order), as ``load_config`` takes."""

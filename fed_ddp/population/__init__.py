@@ -6,9 +6,9 @@ to the training workers (``assign``); a worker plays its clients one after anoth
 their state through a ``ClientStateStore``. Everything here is pure or file-level: no process group.
 """
 
-from fed_ddp.population.assign import assign
+from fed_ddp.population.assign import WorkerCaches, assign
 from fed_ddp.population.sampling import RoundClients, available, dropouts, read_trace, sample, select_round
 from fed_ddp.population.store import ClientStateStore
 
-__all__ = ["ClientStateStore", "RoundClients", "assign", "available", "dropouts", "read_trace", "sample",
+__all__ = ["ClientStateStore", "RoundClients", "WorkerCaches", "assign", "available", "dropouts", "read_trace", "sample",
            "select_round"]

@@ -37,7 +37,7 @@ def weighted_mean(updates: list[ClientUpdate]) -> torch.Tensor:
         raise ValueError("clients reported no examples: nothing to average")
     acc = torch.zeros_like(updates[0].delta, dtype=torch.float64)
     for u in updates:
-        acc.add_(u.delta, alpha=u.num_examples / total)  # computed in fp64, no fp64 copy of the delta
+        acc.add_(u.delta, alpha=u.num_examples / total)  # in fp64, without a product temporary
     return acc.to(updates[0].delta.dtype)
 
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from fed_ddp.diffusion.families.sd import SD
+from fed_ddp.diffusion.families.sd import SD, to_device
 
 
 class Flow(SD):
@@ -49,7 +49,7 @@ class Flow(SD):
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
         u = compute_density_for_timestep_sampling(self.weighting, latents.shape[0], logit_mean=0.0, logit_std=1.0,
                                                   mode_scale=1.29, device=device, generator=generator)
-        return noise.to(latents.device), self.shifted(u, scheduler, latents).to(latents.device)
+        return to_device(noise, latents.device), to_device(self.shifted(u, scheduler, latents), latents.device)
 
     def shifted(self, u: torch.Tensor, scheduler, latents: torch.Tensor) -> torch.Tensor:
         """σ = s·u / (1 + (s − 1)·u): the sampler's shift of noise levels u in (0, 1]."""

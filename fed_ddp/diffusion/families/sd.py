@@ -72,7 +72,7 @@ class SD:
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                           device=device)
-        return noise.to(latents.device), t.to(latents.device)
+        return to_device(noise, latents.device), to_device(t, latents.device)
 
     def target(self, scheduler, latents, noise, t):
         kind = scheduler.config.prediction_type
@@ -134,6 +134,16 @@ class SD:
         from fed_ddp.diffusion import tiny
 
         return tiny.build_pipeline(unet=denoiser, vae=vae)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``; host -> GPU through pinned memory without blocking, so the host goes on queueing
+    work instead of waiting for the GPU to reach the copy (a pageable copy would wait: one sync per step)."""
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def model_dtype(model) -> torch.dtype:
