@@ -212,7 +212,8 @@ class Server:
         # protocol's hard case); otherwise they are left out of the table
         players = chosen.sampled if self.masked else chosen.playing
         table = assign(players, self.workers, home=self.caches.home(players))  # a client back where it is encoded
-        self.caches.played(table)
+        trains = set(chosen.playing)  # secure aggregation's table also holds the dropouts, which never train
+        self.caches.played([[c for c in row if c in trains] for row in table])
         slots = max(len(r) for r in table)
         head = w.pack_head(plan, slots)
         keeps = w.keeps_state or cfg.personal.mode == "split"  # codec state or a personal adapter in the store

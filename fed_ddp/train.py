@@ -96,10 +96,14 @@ def shared_replay(cfg: RunConfig, pipe, data, topo: Topology, device: torch.devi
         enc = encode_set(pipe, data.replay)
         mine = {"latents": enc.latents, **{f"cond.{k}": v for k, v in enc.cond.items()}}
     got = broadcast_tensors(mine, src=0, device=device if dist.get_backend() == "nccl" else None)
-    if "latents" not in got or len({len(v) for v in got.values()}) != 1 or len(got["latents"]) != len(data.replay):
-        raise ValueError(f"replay set from the server: {sorted(got)} with lengths {[len(v) for v in got.values()]}, "
-                         f"expected {len(data.replay)} examples")
-    return EncodedSet(got.pop("latents").to(pipe.device), {k[5:]: v.to(pipe.device) for k, v in got.items()})
+    if topo.is_server:  # the server trains no client: it only encoded the set for the others
+        return None
+    lengths = {len(v) if v.dim() else -1 for v in got.values()}
+    if "latents" not in got or lengths != {len(data.replay)}:
+        raise ValueError(f"replay set from the server: {sorted(got)} with lengths {sorted(lengths)}, expected "
+                         f"{len(data.replay)} examples each")
+    # where encode_set leaves them: latents on the autoencoder's device, the conditioning on the host
+    return EncodedSet(got.pop("latents").to(pipe.vae.device), {k[5:]: v for k, v in got.items()})
 
 
 def die_with_parent() -> None:

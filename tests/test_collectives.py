@@ -92,15 +92,17 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         from fed_ddp.distributed.collectives import broadcast_tensors, broadcast_text
 
         results["tensors"] = broadcast_tensors(_named() if rank == 1 else None, src=1)
-        if rank == 1:  # a header naming a dtype outside the allow-list: the others refuse it, nothing more is sent
-            broadcast_text('[["x", "object", [3]]]', src=1)
-            results["bad_header"] = None
-        else:
+        bad = ['[["x", "object", [3]]]', '[["x", "float32", [true]]]', '[["x", "uint8", [1]], ["x", "uint8", [1]]]']
+        results["bad_header"] = []
+        for header in bad:  # a dtype outside the allow-list, a bool as a size, a name twice: refused, nothing sent
+            if rank == 1:
+                broadcast_text(header, src=1)
+                continue
             try:
                 broadcast_tensors(None, src=1)
-                results["bad_header"] = None
+                results["bad_header"].append(None)
             except ValueError as e:
-                results["bad_header"] = str(e)
+                results["bad_header"].append(str(e))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -154,8 +156,9 @@ def test_broadcast_tensors_delivers_each_tensor_exactly_and_refuses_a_bad_header
         assert list(got) == list(want)
         for k, v in want.items():
             assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), (r, k)
-    assert ranks[1]["bad_header"] is None
-    assert all("malformed header from rank 1" in ranks[r]["bad_header"] for r in (0, 2))
+    assert ranks[1]["bad_header"] == []
+    assert all(len(ranks[r]["bad_header"]) == 3 and all("malformed header from rank 1" in (m or "")
+                                                       for m in ranks[r]["bad_header"]) for r in (0, 2))
 
 
 def test_bad_payloads_are_refused_before_any_collective():
@@ -165,3 +168,40 @@ def test_bad_payloads_are_refused_before_any_collective():
         gather_bytes(torch.zeros(3), dst=0)
     with pytest.raises(ValueError, match="method"):
         gather_bytes(torch.zeros(3, dtype=torch.uint8), dst=0, method="allreduce")
+
+
+def _replay_rank(rank: int, store: str, base: str, out_dir: str) -> None:
+    import types
+
+    from fed_ddp.client import encode_set
+    from fed_ddp.config import load_config
+    from fed_ddp.data.federated import build_federated_data
+    from fed_ddp.diffusion.models import load_pipeline, quiet_libraries
+    from fed_ddp.train import shared_replay
+
+    quiet_libraries()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
+    try:
+        cfg = load_config(None, [f"model.pretrained={base}", "data.replay_fraction=0.25"])
+        pipe = load_pipeline(base, torch.device("cpu"))
+        data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
+        got = shared_replay(cfg, pipe, data, types.SimpleNamespace(is_server=rank == 0), torch.device("cpu"))
+        own = encode_set(pipe, data.replay)  # what this worker would have encoded itself
+        torch.save({"got": None if got is None else (got.latents, got.cond), "own": (own.latents, own.cond)},
+                   f"{out_dir}/replay{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_servers_replay_encoding_is_what_each_worker_would_compute(tiny_base, tmp_path):
+    """The replay set travels once from the server: the worker gets exactly encode_set's tensors (values, dtypes,
+    devices); the server keeps nothing."""
+    mp.spawn(_replay_rank, args=(str(tmp_path / "store"), str(tiny_base), str(tmp_path)), nprocs=2, join=True)
+    server, worker = (torch.load(tmp_path / f"replay{r}.pt", weights_only=False) for r in (0, 1))
+    assert server["got"] is None
+    (lat, cond), (own_lat, own_cond) = worker["got"], worker["own"]
+    assert len(lat) > 0 and torch.equal(lat, own_lat) and lat.device == own_lat.device
+    assert cond.keys() == own_cond.keys() and all(
+        torch.equal(cond[k], own_cond[k]) and cond[k].device == own_cond[k].device for k in cond)

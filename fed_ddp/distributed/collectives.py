@@ -195,7 +195,8 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int, group=N
     spec = json.loads(header)
     if not isinstance(spec, list) or not all(
             isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in TENSOR_DTYPES
-            and isinstance(e[2], list) and all(isinstance(d, int) and d >= 0 for d in e[2]) for e in spec):
+            and isinstance(e[2], list) and all(type(d) is int and d >= 0 for d in e[2]) for e in spec) \
+            or len({e[0] for e in spec}) != len(spec):
         raise ValueError(f"broadcast_tensors: malformed header from rank {src}: {header[:200]!r}")
     sizes = [math.prod(shape) * TENSOR_DTYPES[dt].itemsize for _, dt, shape in spec]
     if me == src:
