@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from fed_ddp.distributed.nodes import cpu_cores  # the cores the launcher counts (affinity mask)
+
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("local_training", "client_overhead", "communication", "aggregation", "other")  # + evaluation = round
 # layouts: (label, fed.workers or None for the config's own, train.num_threads or None for the config's own)
@@ -167,7 +169,7 @@ class Floor:
         """(seconds at one thread, seconds at all cores) of the same ``steps``-step fit of ``client``, back to back."""
         plan = dataclasses.replace(self.strategy.configure_round(1), local_steps=steps)
         out = []
-        for n in (1, os.cpu_count()):
+        for n in (1, cpu_cores()):
             torch.set_num_threads(n)
             out.append(self.fit(client, plan))
         torch.set_num_threads(1)
@@ -317,7 +319,7 @@ def bench_config(config: str, label: str, layouts, common: list[str], args, out_
                 speeds.append(floor.speed(clients[1][0], min(args.speed_steps, cfg.fed.local_steps)))
                 log(f"  {label} repeat {rep + 1}: one-thread floor {sum(floors[-1].values()):.1f} s "
                     f"({time.perf_counter() - t0:.1f} s with the first encodings and the speed check: one client at "
-                    f"1 / {os.cpu_count()} threads {speeds[-1][0]:.2f} / {speeds[-1][1]:.2f} s); load {os.getloadavg()[0]:.1f}")
+                    f"1 / {cpu_cores()} threads {speeds[-1][0]:.2f} / {speeds[-1][1]:.2f} s); load {os.getloadavg()[0]:.1f}")
                 refs.append(startup_reference(floor.base, config, common))
             elif clients != {r["round"]: r["clients"]["arrived"] for r in runs[layouts[0][0]][rep]["rounds"]}:
                 raise AssertionError(f"{label} {name}: other clients than the default layout's run: {clients}")
@@ -333,7 +335,7 @@ def bench_config(config: str, label: str, layouts, common: list[str], args, out_
         for run, fl, (one, every) in zip(runs[name], floors, speeds):
             for r in run["rounds"]:
                 b = breakdown(r)
-                ideal = fl[r["round"]] / os.cpu_count()
+                ideal = fl[r["round"]] / cpu_cores()
                 (first if r["round"] == 1 else steady).append(b["without_eval"] / ideal)
                 if r["round"] > 1:
                     steady_all.append(b["without_eval"] / (fl[r["round"]] * every / one))
@@ -345,7 +347,7 @@ def bench_config(config: str, label: str, layouts, common: list[str], args, out_
         table.append({"layout": name, "workers": w, "threads": t, "ranks": 1 + w, "ratio": med(steady),
                       "ratio_allcores": med(steady_all), "ratio_round1": med(first),
                       **{k: med(v) for k, v in parts.items()},
-                      "floor": med([fl[r] / os.cpu_count() for fl in floors for r in fl if r > 1]),
+                      "floor": med([fl[r] / cpu_cores() for fl in floors for r in fl if r > 1]),
                       "floor_allcores": med([fl[r] * e / o for fl, (o, e) in zip(floors, speeds) for r in fl if r > 1]),
                       "startup": med(startup)})
     # floor 3: the default layout's communication vs the bare collective of its bytes
@@ -380,7 +382,7 @@ def bench_config(config: str, label: str, layouts, common: list[str], args, out_
 
 
 def report(results: list[dict], args, seconds: float) -> str:
-    n = os.cpu_count()
+    n = cpu_cores()
     lines = [(f"Machine: {n} CPU cores, shared with other jobs while this ran (load average {os.getloadavg()[0]:.1f} at "
               f"the end): runs and floors interleaved, medians of {args.repeats} repeat(s); torch {torch.__version__}; "
               f"{args.rounds} rounds per run; benchmark wall {seconds / 60:.1f} min."), ""]

@@ -8,7 +8,6 @@ beside it, so the reader knows the ruler's precision.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -106,8 +105,9 @@ class Evaluator:
         ``eval.merge_lora`` the adapter is merged into the base weights meanwhile (restored exactly after)."""
         from fed_ddp.diffusion.families import denoiser
         from fed_ddp.diffusion.lora import merged_lora
+        from fed_ddp.distributed.nodes import cpu_cores
 
-        n = self.cfg.eval.num_threads or os.cpu_count() or 1
+        n = self.cfg.eval.num_threads or cpu_cores()
         threads = self.pipe.device.type == "cpu" and n != torch.get_num_threads()
         before = torch.get_num_threads()
         try:

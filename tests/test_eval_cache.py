@@ -50,12 +50,12 @@ def test_final_evaluation_reuses_the_last_rounds_validation_losses(tiny_base, tm
 def test_evaluation_runs_on_eval_num_threads_and_restores_the_ranks(monkeypatch):
     """The server's evaluation uses eval.num_threads CPU threads (0: every core) while the workers wait, then
     gives the rank its own thread count back, also when the evaluation fails."""
-    import os
     import types
 
     import pytest
     import torch
 
+    from fed_ddp.distributed.nodes import cpu_cores
     from fed_ddp.evaluation import Evaluator
 
     seen = []
@@ -72,7 +72,7 @@ def test_evaluation_runs_on_eval_num_threads_and_restores_the_ranks(monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for n, want in ((2, 2), (0, os.cpu_count()), (1, 1)):
+        for n, want in ((2, 2), (0, cpu_cores()), (1, 1)):  # 0: the cores the launcher counts too
             ev.cfg = types.SimpleNamespace(eval=types.SimpleNamespace(num_threads=n, merge_lora=False))
             ev(1)
             assert seen[-1] == want and torch.get_num_threads() == 1
