@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fed_ddp.diffusion.lora import export_adapter, export_unet
+from fed_ddp.files import read_json, refuse_link, write_text
 
 STATE = "server_state.safetensors"
 INFO = "fed_ddp.json"
@@ -32,21 +33,34 @@ def save_checkpoint(out_dir: Path, unet, global_flat: torch.Tensor, rnd: int, st
     """Write into a temporary folder, then rename: a crash never leaves a half-written checkpoint."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
+    for p in (out_dir.parent, out_dir, tmp):  # a link planted in the run directory is refused, never followed
+        refuse_link(p)
     shutil.rmtree(tmp, ignore_errors=True)
     if info.get("method", "lora") == "full":
         export_unet(unet, tmp)
     else:
         export_adapter(unet, tmp)
     write_state(tmp / STATE, {"round": rnd, "global": global_flat.cpu(), "strategy": strategy_state, **(extra or {})})
-    (tmp / INFO).write_text(json.dumps({**info, "round": rnd}, indent=2))
+    write_text(tmp / INFO, json.dumps({**info, "round": rnd}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    rounds = sorted(p for p in (Path(run_dir) / "checkpoints").glob("round_*") if re.fullmatch(r"round_\d{4}", p.name))
-    return rounds[-1] if rounds else None
+def round_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """Complete round checkpoints by round number (``round_0007``, ``round_12345``: no digit limit)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in folder.iterdir() if (m := re.fullmatch(r"round_(\d{4,})", p.name))}
+
+
+def latest_checkpoint(run_dir: Path, logged: set[int] | None = None) -> Path | None:
+    """The newest round checkpoint; with ``logged`` (rounds whose metrics row is complete), the newest whose
+    round was also logged, so a row cut by a crash is computed again rather than lost."""
+    ckpts = round_checkpoints(run_dir)
+    usable = [r for r in ckpts if logged is None or r in logged]
+    return ckpts[max(usable)] if usable else None
 
 
 def write_state(path: Path, state: dict) -> None:
@@ -86,7 +100,25 @@ def load_state(ckpt: Path) -> dict:
 
 
 def read_info(ckpt: Path) -> dict:
+    """A checkpoint's ``fed_ddp.json``, checked: a JSON object naming its base model (str), method and LoRA
+    settings (a mapping). Raises ValueError (one line, the file named) for anything else."""
     p = Path(ckpt) / INFO
+    if not Path(ckpt).is_dir():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint folder")
     if not p.exists():
         raise FileNotFoundError(f"{ckpt}: not a fed_ddp checkpoint (no {INFO})")
-    return json.loads(p.read_text())
+    try:
+        info = read_json(p, limit=2 ** 20)
+    except OSError as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{p}: must be a JSON object, not {type(info).__name__}")  # noqa: TRY004 (bad input)
+    if not isinstance(info.get("base_model"), str) or not info["base_model"]:
+        raise ValueError(f"{p}: 'base_model' must name the base pipeline (a folder or hub id)")
+    if info.get("method", "lora") not in ("lora", "full"):
+        raise ValueError(f"{p}: 'method' must be lora or full, not {info.get('method')!r}")
+    if info.get("method", "lora") == "lora" and not isinstance(info.get("lora"), dict):
+        raise ValueError(f"{p}: 'lora' must be the run's LoRA settings (a JSON object)")
+    if info.get("family") is not None and not isinstance(info["family"], str):
+        raise ValueError(f"{p}: 'family' must be a model family name")
+    return info

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import uuid
+from pathlib import Path
 
 from fed_ddp.config import ConfigError, load_config, split_args
 from fed_ddp.diffusion.families import denoiser
@@ -48,8 +49,9 @@ def cmd_run(args) -> int:
         cfg.fed.workers = w
         args.overrides = [*args.overrides, f"fed.workers={w}"]
     plan_cfg(cfg, nnodes=1)  # more ranks than GPUs here (train.device=auto): one config-error line, nothing started
-    check_data(cfg)  # partition the data here: too few examples, bad files, one line before any rank starts
-    check_privacy(cfg)  # an unreachable target epsilon: one line before any rank starts
+    from fed_ddp.preflight import preflight
+
+    preflight(cfg, cores=cpu_cores())  # launch size, model and LoRA targets, data, privacy: one line each
     from fed_ddp.rundir import RunBusy, RunLock, check
 
     check(cfg)  # an earlier run in the directory, or a resume with other settings: one line, nothing started
@@ -151,34 +153,6 @@ def print_bytes(s: dict, file=None) -> None:
           f"over {s['workers']} worker(s)", file=file)
 
 
-def check_privacy(cfg) -> None:
-    """Resolve the privacy settings (calibrating z to a target epsilon) in the launcher."""
-    from fed_ddp.privacy.engine import resolve
-
-    try:
-        resolve(cfg)
-    except ValueError as e:
-        raise ConfigError("privacy", None, " ".join(str(e).split())) from None
-
-
-def check_data(cfg) -> None:
-    """Build the federated split in the launcher, so data errors are one line before any rank starts."""
-    from fed_ddp.data.federated import build_federated_data
-
-    if isinstance(cfg.fed.availability, str):
-        from fed_ddp.population import read_trace
-
-        try:
-            read_trace(cfg.fed.availability, cfg.fed.num_clients)
-        except (ValueError, OSError) as e:
-            raise ConfigError("fed.availability", cfg.fed.availability, " ".join(str(e).split())) from None
-    try:
-        build_federated_data(cfg)
-    except (ValueError, OSError) as e:
-        raise ConfigError("data", None, f"cannot give {cfg.fed.num_clients} clients their data: "
-                          f"{' '.join(str(e).split())}") from None
-
-
 def cmd_pretrain(args) -> int:
     cfg = _load(args)
     if cfg.model.pretrained:
@@ -206,16 +180,20 @@ def cmd_generate(args) -> int:
 
     from fed_ddp.checkpoint import read_info
     from fed_ddp.config import LoraSection
-    from fed_ddp.diffusion.lora import attach_lora, load_adapter, load_unet
     from fed_ddp.diffusion.models import load_pipeline, quiet_libraries
     from fed_ddp.evaluation import generate
     from fed_ddp.images import save_grid
 
     quiet_libraries()
+    _check_generate_options(args)
     try:
         info = read_info(args.checkpoint)
     except FileNotFoundError as e:
         return _fail(str(e))
+    try:
+        lora = LoraSection(**info["lora"]) if info.get("method", "lora") == "lora" else None
+    except (TypeError, ConfigError) as e:  # unknown or bad LoRA settings in a tampered fed_ddp.json
+        return _fail(f"{args.checkpoint}/fed_ddp.json: 'lora' is not a run's LoRA settings ({e})")
     personal = None
     if args.client is not None:  # the run's personal adapter of that client (fed_ddp.personal)
         from fed_ddp.personal import client_dir, read_index
@@ -226,25 +204,73 @@ def cmd_generate(args) -> int:
                          + ("(the run had personal.mode=none)" if index is None else
                             f"(personal.mode={index['mode']}; clients with one: {_ranges(index['clients'])})"))
         personal = (index["mode"], client_dir(args.checkpoint, args.client), index.get("rank"))
-    pipe = load_pipeline(args.base or info["base_model"], torch.device(args.device), family=info.get("family"))
-    if info.get("method", "lora") == "full":  # the whole fine-tuned UNet replaces the base's
-        load_unet(denoiser(pipe), args.checkpoint)
-    elif personal is not None and personal[0] == "finetune":  # the client's fine-tuned adapter replaces the global
-        attach_lora(denoiser(pipe), LoraSection(**info["lora"]))
-        load_adapter(denoiser(pipe), personal[1])
-    else:
-        attach_lora(denoiser(pipe), LoraSection(**info["lora"]))
-        load_adapter(denoiser(pipe), args.checkpoint)
-        if personal is not None:  # split: global + personal, both active with weight 1
-            from fed_ddp.diffusion.lora import attach_personal
-            from fed_ddp.lora_names import PERSONAL
+    base = args.base or info["base_model"]
+    try:
+        pipe = load_pipeline(base, torch.device(args.device), family=info.get("family"))
+    except (OSError, ValueError) as e:  # not a folder, no safetensors weights, not a pipeline
+        return _fail(f"base model {base!r} (--base, or the checkpoint's base_model) cannot be loaded: "
+                     f"{' '.join(str(e).split())[:300]}")
+    from safetensors import SafetensorError
 
-            attach_personal(denoiser(pipe), LoraSection(**info["lora"]), personal[2])
-            load_adapter(denoiser(pipe), personal[1], adapter_name=PERSONAL)
+    try:
+        _load_checkpoint(pipe, info, lora, personal, args.checkpoint)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # missing, extra, misshapen, damaged
+        return _fail(f"{args.checkpoint}: the adapter does not load into the base model "
+                     f"({type(e).__name__}: {' '.join(str(e).split())[:300]})")
     imgs = generate(pipe, [args.prompt] * args.num_images, args.seed, args.steps, args.guidance_scale)
     save_grid(imgs[None], [args.prompt], args.out, cell=args.cell)
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_generate_options(args) -> None:
+    """Every option of ``generate``, one line each, before a model is loaded."""
+    import torch
+
+    for key, value, lo, hi in (("--num-images", args.num_images, 1, 256), ("--steps", args.steps, 1, 1000),
+                               ("--cell", args.cell, 8, 1024)):
+        if not lo <= value <= hi:
+            raise ConfigError(key, value, f"must be in [{lo}, {hi}]")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ConfigError("--seed", args.seed, f"must be in [0, {2 ** 32 - 1}]")
+    if not (args.guidance_scale > 0 and args.guidance_scale < 100):
+        raise ConfigError("--guidance-scale", args.guidance_scale, "must be in (0, 100)")
+    if not args.prompt.strip() or len(args.prompt) > 500:
+        raise ConfigError("--prompt", args.prompt[:40], "must be 1 to 500 characters")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError("--device", args.device, "must be cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError("--device", args.device, "must be cpu, or cuda[:N] on a machine with a CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError("--device", args.device, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() != ".png":
+        raise ConfigError("--out", args.out, "must be a .png file")
+    if out.is_dir() or (out.exists() and not out.is_file()):
+        raise ConfigError("--out", args.out, "is a folder, not a file")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError("--out", args.out, f"cannot be written ({parent} is not a writable folder)")
+    args.out = str(out)
+
+
+def _load_checkpoint(pipe, info: dict, lora, personal, ckpt) -> None:
+    from fed_ddp.diffusion.lora import attach_lora, attach_personal, load_adapter, load_unet
+    from fed_ddp.lora_names import PERSONAL
+
+    if info.get("method", "lora") == "full":  # the whole fine-tuned UNet replaces the base's
+        load_unet(denoiser(pipe), ckpt)
+    elif personal is not None and personal[0] == "finetune":  # the client's fine-tuned adapter replaces the global
+        attach_lora(denoiser(pipe), lora)
+        load_adapter(denoiser(pipe), personal[1])
+    else:
+        attach_lora(denoiser(pipe), lora)
+        load_adapter(denoiser(pipe), ckpt)
+        if personal is not None:  # split: global + personal, both active with weight 1
+            attach_personal(denoiser(pipe), lora, personal[2])
+            load_adapter(denoiser(pipe), personal[1], adapter_name=PERSONAL)
 
 
 def cmd_compare(args) -> int:
@@ -279,7 +305,7 @@ def cmd_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fed-ddp", description="Federated LoRA fine-tuning of diffusion models")
+    p = _Parser(prog="fed-ddp", description="Federated LoRA fine-tuning of diffusion models")
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, help_ in [("run", cmd_run, "launch a federated run"),
                             ("pretrain", cmd_pretrain, "build and cache the tiny base model"),
@@ -326,12 +352,28 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(r.startswith("-") for r in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
+    from fed_ddp.rundir import RunBusy
+
     try:
         return args.fn(args)
     except ConfigError as e:
         return _fail(f"config error: {e}")
+    except RunBusy as e:
+        return _fail(str(e))
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:  # a path that cannot be read or written: name it, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or ' '.join(str(e).split())}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (``fed-ddp: --steps: invalid int value: 'x'``), no usage block."""
+
+    def error(self, message: str):
+        sub = self.prog.removeprefix("fed-ddp").strip()
+        print(f"fed-ddp: {sub + ': ' if sub else ''}{message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

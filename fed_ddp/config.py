@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fed_ddp.compression.config import CommSection
-from fed_ddp.errors import ConfigError, check, one_of, positive
+from fed_ddp.errors import ConfigError, check, integer, one_of, positive, seed
+from fed_ddp.files import MAX_YAML, read_text
 from fed_ddp.privacy.config import PrivacySection, check_privacy
 from fed_ddp.wireless.config import WirelessSection, check_wireless
 
@@ -40,12 +41,17 @@ class RunSection:
     def __post_init__(self):
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", str(self.name))), "run.name", self.name,
                "must be a plain folder name: letters, digits and . _ = + -, not starting with '.' or '-'")
+        _check(len(self.name) <= 128, "run.name", self.name[:40] + "...", f"is {len(self.name)} characters long: "
+               "at most 128")
+        _check(bool(str(self.output_dir).strip()), "run.output_dir", self.output_dir, "must name a folder")
+        self.output_dir = os.path.expanduser(self.output_dir)  # the one path rule: ~ expands, relative to the cwd
+        seed("run.seed", self.seed)
         _positive("run.max_restarts", self.max_restarts, zero_ok=True)
         _one_of("run.log_level", self.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"})
 
     @property
     def dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+        return Path(self.output_dir).expanduser() / self.name
 
 
 @dataclass(kw_only=True)
@@ -68,6 +74,7 @@ class PretrainSection:
         _positive("model.tiny.lr", self.lr)
         _check(0 <= self.empty_caption_fraction < 1, "model.tiny.empty_caption_fraction",
                self.empty_caption_fraction, "must be in [0, 1)")
+        seed("model.tiny.seed", self.seed)
 
 
 @dataclass(kw_only=True)
@@ -82,8 +89,11 @@ class ModelSection:
         from fed_ddp.diffusion.families import NAMES, PIPELINES, detect_family
 
         _one_of("model.family", self.family, set(NAMES))
+        self.cache_dir = os.path.expanduser(self.cache_dir)
         if not self.pretrained:
             return
+        if self.pretrained.startswith("~"):
+            self.pretrained = os.path.expanduser(self.pretrained)
         p = Path(self.pretrained).expanduser()
         if p.exists() or self.pretrained.startswith((".", "/", "~")):  # a local path, not a hub id
             _check(p.is_dir() and (p / "model_index.json").exists(), "model.pretrained", self.pretrained,
@@ -103,7 +113,7 @@ class LoraSection:
     client_ranks: list[int] = field(default_factory=list)  # heterogeneous ranks: client c trains and sends rank client_ranks[c % len] <= rank (device classes in turn); empty = every client at rank
 
     def __post_init__(self):
-        _positive("lora.rank", self.rank)
+        integer("lora.rank", self.rank, 1, 4096)
         _positive("lora.alpha", self.alpha)
         _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
         _check(all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.rank for k in self.client_ranks),
@@ -158,6 +168,10 @@ class DataSection:
         _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
         _check(bool(self.digits) and all(0 <= d <= 9 for d in self.digits), "data.digits", self.digits,
                "must be a non-empty list of digits 0..9")
+        integer("data.resolution", self.resolution, 8, 4096)
+        if self.path:
+            self.path = os.path.expanduser(self.path)
+        self.client_dirs = [os.path.expanduser(d) for d in self.client_dirs]
         if self.source == "imagefolder":
             _check(bool(self.path) != bool(self.client_dirs), "data.path", self.path,
                    "imagefolder needs exactly one of data.path or data.client_dirs")
@@ -203,8 +217,9 @@ class FedSection:
     def __post_init__(self):
         from fed_ddp.population.sampling import MODES
 
-        for k in ("num_clients", "ranks_per_client", "rounds", "local_steps"):
-            _positive(f"fed.{k}", getattr(self, k))
+        for k, hi in (("num_clients", 10 ** 7), ("ranks_per_client", 1024), ("rounds", 10 ** 6),
+                      ("local_steps", 10 ** 7)):
+            integer(f"fed.{k}", getattr(self, k), 1, hi)
         n = self.num_clients
         _one_of("fed.sampling", self.sampling, set(MODES))
         m = self.clients_per_round
@@ -222,7 +237,8 @@ class FedSection:
                    f"applies to fed.sampling=poisson only (sampling is {self.sampling}); set it to null")
         a = self.availability
         if isinstance(a, str):
-            _check(Path(a).expanduser().is_file(), "fed.availability", a, "trace file does not exist")
+            self.availability = a = os.path.expanduser(a)
+            _check(Path(a).is_file(), "fed.availability", a, "trace file does not exist")
         else:
             _check(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 < a <= 1, "fed.availability", a,
                    "must be a probability in (0, 1] or a trace file (one line of 0/1 per client)")
@@ -290,13 +306,13 @@ class TrainSection:
     def __post_init__(self):
         _one_of("train.method", self.method, {"lora", "full"})
         _one_of("train.engine", self.engine, {"torch", "deepspeed"})
-        _positive("train.batch_size", self.batch_size)
-        _positive("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        integer("train.batch_size", self.batch_size, 1, 65536)
+        integer("train.gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 65536)
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, zero_ok=True)
         _positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
         _one_of("train.mixed_precision", self.mixed_precision, {"auto", "no", "bf16", "fp16"})
-        _positive("train.num_threads", self.num_threads)
+        integer("train.num_threads", self.num_threads, 1, 1024)
         _one_of("train.device", self.device, {"auto", "cpu"})
 
 
@@ -333,10 +349,18 @@ class EvalSection:
     def __post_init__(self):
         _positive("eval.every", self.every)
         _positive("eval.accuracy_every", self.accuracy_every, zero_ok=True)
-        _positive("eval.images_per_prompt", self.images_per_prompt)
-        _positive("eval.inference_steps", self.inference_steps)
+        integer("eval.images_per_prompt", self.images_per_prompt, 1, 10_000)
+        integer("eval.inference_steps", self.inference_steps, 1, 1000)
+        _check(1 <= len(self.sample_seeds) <= 64, "eval.sample_seeds", list(self.sample_seeds),
+               "must list 1 to 64 seeds (one sample grid column each)")
+        for s in self.sample_seeds:
+            seed("eval.sample_seeds", s)
+        _check(len(self.prompts) <= 64, "eval.prompts", f"{len(self.prompts)} prompts", "at most 64 (grid rows)")
+        for p in self.prompts:
+            _check(isinstance(p, str) and 0 < len(p) <= 500, "eval.prompts", p[:40] + ("..." if len(p) > 40 else ""),
+                   "each prompt must be 1 to 500 characters (a grid row's label)")
         _positive("eval.guidance_scale", self.guidance_scale)
-        _positive("eval.num_threads", self.num_threads, zero_ok=True)
+        integer("eval.num_threads", self.num_threads, 0, 1024)
 
 
 PERSONAL_MODES = ("none", "split", "finetune")
@@ -476,11 +500,18 @@ def load_config(path: str | os.PathLike | list | tuple | None = None,
             if not p.is_file():
                 raise ConfigError("config", str(p), "file does not exist")
             try:
-                loaded = OmegaConf.load(p)
+                text = read_text(p, MAX_YAML, follow=True)
+            except OSError as e:  # too large, not UTF-8: file:line named
+                raise ConfigError("config", str(p), str(e)) from None
+            try:
+                loaded = OmegaConf.load(p) if text.strip() else None
+            except OSError:  # OmegaConf: a scalar document
+                loaded = "scalar"
             except yaml.YAMLError as e:
                 raise ConfigError("config", str(p), f"invalid YAML: {' '.join(str(e).split())}") from None
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError("config", str(p), "must be a YAML mapping of config groups (run:, fed:, ...)")
+            if not isinstance(loaded, DictConfig) or not loaded:
+                raise ConfigError("config", str(p), "is empty" if loaded is None or isinstance(loaded, DictConfig)
+                                  else "must be a YAML mapping of config groups (run:, fed:, ...)")
             cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides:
             if "=" not in item:
@@ -495,10 +526,14 @@ def load_config(path: str | os.PathLike | list | tuple | None = None,
         raise _format_omegaconf_error(e) from None
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")
+
+
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
-    """Command-line words -> (YAML files, key=value overrides): files first, in order."""
-    files = [a for a in args if "=" not in a]
-    return files, [a for a in args if "=" in a]
+    """Command-line words -> (YAML files, key=value overrides): files first, in order. A word is an override
+    when it starts with a dotted key and ``=`` (``fed.rounds=3``); anything else (``runs/a=b.yaml``) is a file."""
+    files = [a for a in args if not _OVERRIDE.match(a)]
+    return files, [a for a in args if _OVERRIDE.match(a)]
 
 
 def to_dict(cfg: Any) -> dict:
@@ -511,8 +546,11 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    from fed_ddp.files import open_new
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(to_dict(cfg)), path)
+    with open_new(path) as f:  # never through a planted link
+        f.write(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
 
 
 def reference_table() -> str:

@@ -32,3 +32,16 @@ def positive(key: str, value: float, zero_ok: bool = False) -> None:
 
     check(isinstance(value, (int, float)) and math.isfinite(value), key, value, "must be a finite number")
     check(value >= 0 if zero_ok else value > 0, key, value, "must be >= 0" if zero_ok else "must be > 0")
+
+
+SEED_LIMIT = 2 ** 32  # every stream derived from a seed (seed * 1_000_003 + round * 1_009 + id) fits torch's 64 bits
+
+
+def integer(key: str, value: Any, lo: int, hi: int, why: str = "") -> None:
+    """An integer in [lo, hi] (bools refused); ``why`` says where the bound comes from."""
+    check(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
+    check(lo <= value <= hi, key, value, f"must be in [{lo:,}, {hi:,}]{why}")
+
+
+def seed(key: str, value: Any) -> None:
+    integer(key, value, 0, SEED_LIMIT - 1, " (seeds of every derived random stream must fit 64 bits)")

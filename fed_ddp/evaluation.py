@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fed_ddp.diffusion.tiny import caption
+from fed_ddp.files import refuse_link
 
 
 @dataclass
@@ -131,7 +132,9 @@ class Evaluator:
                 out[name] = validation_loss(family_of(self.pipe), denoiser(self.pipe), self.scheduler, enc)
         if grid:
             g = sample_grid(self.pipe, self.prompts, list(e.sample_seeds), e.inference_steps, e.guidance_scale)
-            path = save_grid(g, self.prompts, self.cfg.run.dir / "samples" / f"round_{rnd:04d}.png")
+            path = self.cfg.run.dir / "samples" / f"round_{rnd:04d}.png"
+            refuse_link(path.parent), refuse_link(path)  # a link planted in the run directory is never followed
+            save_grid(g, self.prompts, path)
             if self.tracker is not None:
                 self.tracker.log_images({"samples": str(path)}, step=rnd)
         if accuracy and self.cfg.data.source == "digits":
@@ -206,6 +209,7 @@ def cached_base_eval(evaluate: Evaluator, cfg, base: str) -> tuple[dict, bool]:
                 out = None
             if isinstance(out, dict):
                 grid.parent.mkdir(parents=True, exist_ok=True)
+                refuse_link(grid.parent), refuse_link(grid)
                 shutil.copyfile(png, grid)
                 if evaluate.tracker is not None:
                     evaluate.tracker.log_images({"samples": str(grid)}, step=0)

@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from fed_ddp.files import jsonl_rows, read_json, read_yaml
+
+log = logging.getLogger(__name__)
 
 SPLIT = ("local_training", "client_overhead", "communication", "aggregation", "evaluation", "other")
 ALWAYS = ("fed.num_clients", "lora.rank", "comm.uplink")
@@ -104,29 +108,65 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
+    """A run directory's config, rows and summary, checked: every failure one line naming the file (and line).
+    A last line cut short by a crash is skipped with a warning (as a resume skips it)."""
     p = Path(path)
     missing = [n for n in ("config.yaml", "metrics.jsonl") if not (p / n).is_file()]
     if missing:
         raise ValueError(f"run_dir={str(path)!r}: not a run directory (no {' and no '.join(missing)})")
-    config = _flatten(yaml.safe_load((p / "config.yaml").read_text()) or {})
-    run = Run(p, config)
-    for i, line in enumerate((p / "metrics.jsonl").read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"run_dir={str(path)!r}: metrics.jsonl line {i} is not JSON") from None
+    try:
+        stored = read_yaml(p / "config.yaml")
+        lines, warning = jsonl_rows(p / "metrics.jsonl")
+        summary = read_json(p / "summary.json") if (p / "summary.json").is_file() else None
+    except OSError as e:  # damaged, not UTF-8, a link, too large: named
+        raise ValueError(str(e)) from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{p / 'config.yaml'}: not a mapping of config groups")  # noqa: TRY004 (bad input, one line)
+    if warning:
+        log.warning(warning)
+    run = Run(p, _flatten(stored))
+    for i, row in lines:
+        where = f"{p / 'metrics.jsonl'}:{i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a row must be a JSON object, not {type(row).__name__}")  # noqa: TRY004
+        _check_row(row, where)
         if "final" in row:
             run.final = row["final"]
         elif row.get("round") == 0:
             run.base = row
         elif isinstance(row.get("round"), int) and row["round"] > 0:
             run.rounds[row["round"]] = row
-    if (p / "summary.json").is_file():
-        run.summary = json.loads((p / "summary.json").read_text())
-        run.final = run.final or run.summary.get("final", {})
+    if summary is not None:
+        if not isinstance(summary, dict):
+            raise ValueError(f"{p / 'summary.json'}: must be a JSON object, not {type(summary).__name__}")
+        final = summary.get("final", {})
+        if not isinstance(final, dict):
+            raise ValueError(f"{p / 'summary.json'}: 'final' must be a JSON object")
+        run.summary = summary
+        run.final = run.final or final
     return run
+
+
+_NUMBER = (int, float, type(None))
+# what the table and the plots read from a row, and its shape
+_ROW_SHAPE = {"round": int, "seconds": dict, "comm": dict, "final": dict, "val_loss": _NUMBER, "gen_acc_clients": _NUMBER,
+              "bytes_up": _NUMBER, "bytes_down": _NUMBER, "sim_latency_s": _NUMBER, "sim_energy_j": _NUMBER,
+              "sim_time_s": _NUMBER, "sim_stragglers": list}
+
+
+def _check_row(row: dict, where: str) -> None:
+    for key, kind in _ROW_SHAPE.items():
+        if key in row and (not isinstance(row[key], kind) or isinstance(row[key], bool)):
+            raise ValueError(f"{where}: {key!r} is {json.dumps(row[key])[:40]}, not what a fed_ddp run writes there")
+    for key in ("seconds", "final"):
+        for k, v in (row.get(key) or {}).items():
+            if key == "seconds" and (not isinstance(v, _NUMBER) or isinstance(v, bool)):
+                raise ValueError(f"{where}: seconds.{k} is {json.dumps(v)[:40]}, not a number")
+    comm = row.get("comm") or {}
+    for part in (comm, comm.get("air") if isinstance(comm.get("air"), dict) else {}):
+        for d in ("up", "down", "air"):
+            if d in part and not isinstance(part[d], dict):
+                raise ValueError(f"{where}: comm.{d} is {json.dumps(part[d])[:40]}, not a JSON object")
 
 
 def parameters(runs: list[Run]) -> list[str]:
@@ -310,7 +350,9 @@ def report(run_dirs: list[str | Path], out: str | Path) -> dict:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"run_dirs: two runs named {dup[0]!r}; rows are keyed by directory name")
-    out = Path(out)
+    out = Path(out).expanduser()
+    if os.path.lexists(out) and not out.is_dir():
+        raise ValueError(f"--out={str(out)!r}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     columns, rows = table_rows(runs)
     write_tables(columns, rows, out)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,12 +30,14 @@ from fed_ddp.data.federated import FederatedData
 from fed_ddp.diffusion.families import denoiser, family_of
 from fed_ddp.distributed.collectives import GatherTimeout
 from fed_ddp.evaluation import Evaluator, cached_base_eval, reference_classifier
+from fed_ddp.files import read_text, write_text
 from fed_ddp.lora_names import is_lora_name
 from fed_ddp.population import WorkerCaches, assign, read_trace, select_round
 from fed_ddp.privacy.engine import ServerPrivacy, pack_fields, round_trip
 from fed_ddp.privacy.engine import resolve as resolve_privacy
 from fed_ddp.privacy.masked import MaskedServer
 from fed_ddp.protocol import ControlWire, Wire, wire_for
+from fed_ddp.rundir import clear
 from fed_ddp.seeds import server_codec
 from fed_ddp.strategies import ClientUpdate, Strategy, lora_pairs, product_error, screen
 from fed_ddp.strategies.robust import lower_median
@@ -110,7 +112,7 @@ class Server:
         global_flat = self.engine.read_adapter()
         num_params = global_flat.numel()
         start = 1
-        ckpt = latest_checkpoint(self.run_dir) if cfg.run.resume else None
+        ckpt = self._resume_point() if cfg.run.resume else None
         if ckpt is not None:
             state = load_state(ckpt)
             global_flat, start = state["global"], state["round"] + 1
@@ -133,7 +135,7 @@ class Server:
         elif self.privacy is not None:  # a resume before any checkpoint: rounds computed before the crash count
             self.privacy.load_state_dict({})
         if ckpt is None and (self.run_dir / "clients").exists():  # a fresh start: no client inherits older state
-            shutil.rmtree(self.run_dir / "clients")
+            clear(self.run_dir, only=("clients",))
             log.warning("fresh start: removed the client states of an earlier run in %s", self.run_dir / "clients")
         f = cfg.fed
         who = (f"all {f.num_clients}" if f.sampling == "all" else f"q={f.sample_rate} of {f.num_clients}"
@@ -175,22 +177,44 @@ class Server:
         self.transport.stop(w.pack_head(self.strategy.configure_round(f.rounds + 1), 0, stop=True))
         return self.finish(global_flat, base_eval, history)
 
-    def _history_before(self, start: int) -> tuple[list[dict], dict | None]:
-        """Rows of rounds 0 .. start - 1 already in metrics.jsonl (a resumed run; the last line of a round wins)."""
+    def _logged_rows(self) -> dict[int, dict]:
+        """Complete round rows already in metrics.jsonl (a resumed run; the last line of a round wins)."""
         path = self.run_dir / "metrics.jsonl"
-        if start == 1 or not path.is_file():
-            return [], None
         rows: dict[int, dict] = {}
-        for line in path.read_text().splitlines():
+        if not path.is_file():
+            return rows
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
+            except json.JSONDecodeError:  # a line an older version glued to a cut one: skipped, said
+                log.warning("%s:%d is not a JSON line: skipped", path, n)
                 continue
-            if isinstance(row, dict) and "seconds" in row and isinstance(row.get("round"), int) and row["round"] < start:
+            if isinstance(row, dict) and isinstance(row.get("seconds"), dict) and isinstance(row.get("round"), int):
                 rows[row["round"]] = row
+        return rows
+
+    def _history_before(self, start: int) -> tuple[list[dict], dict | None]:
+        """Rows of rounds 0 .. start - 1 already in metrics.jsonl (a resumed run)."""
+        if start == 1:
+            return [], None
+        rows = {r: row for r, row in self._logged_rows().items() if r < start}
         base = rows.get(0)
         bookkeeping = ("round", "started_at", "base_eval_cached")  # of the row, not of the base's evaluation
         return [rows[r] for r in sorted(rows)], ({k: v for k, v in base.items() if k not in bookkeeping} if base else None)
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint a resume continues from: the newest whose round's row reached metrics.jsonl whole. A
+        row cut by a crash after its checkpoint was written makes the resume compute that round again (from the
+        checkpoint before it, bit for bit), so no round's row is lost."""
+        newest = latest_checkpoint(self.run_dir)
+        if newest is None or not (self.run_dir / "metrics.jsonl").is_file():
+            return newest
+        logged = set(self._logged_rows())
+        ckpt = latest_checkpoint(self.run_dir, logged=logged)
+        if ckpt != newest:
+            log.warning("%s: the metrics row of %s is missing (cut by a crash): resuming from %s to compute it "
+                        "again", self.run_dir / "metrics.jsonl", newest.name, ckpt.name if ckpt else "the start")
+        return ckpt
 
     def round(self, rnd: int, global_flat: torch.Tensor) -> dict:
         """One round, start to checkpoint; returns its metrics row (and the new global under ``_global``)."""
@@ -555,7 +579,7 @@ class Server:
             summary["personal"] = personalize(self, global_flat, final)
         if last < f.rounds:
             summary["stopped_early"] = f"privacy budget: privacy.dp.max_epsilon={self.cfg.privacy.dp.max_epsilon}"
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.tracker.log({"round": last, "final": final}, step=last)
         self.tracker.finish(summary)
         return summary
@@ -572,10 +596,12 @@ def run_server(cfg: RunConfig, pipe, scheduler, data: FederatedData, transport, 
     from fed_ddp.tracking import JsonlLogger, MultiLogger, maybe_wandb
 
     run_dir = cfg.run.dir
-    lock = open_run(cfg)
+    lock, warnings = open_run(cfg)
     try:
+        for warning in warnings:
+            log.warning(warning)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "partition.json").write_text(json.dumps(data.summary(), indent=2))
+        write_text(run_dir / "partition.json", json.dumps(data.summary(), indent=2))
         tracker = MultiLogger(JsonlLogger(run_dir / "metrics.jsonl", append=cfg.run.resume),
                               maybe_wandb(cfg, run_dir, to_dict(cfg)))
         layout = wire.layout if wire is not None else layout_of(denoiser(pipe))

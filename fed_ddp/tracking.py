@@ -12,6 +12,8 @@ import math
 import sys
 from pathlib import Path
 
+from fed_ddp.files import open_new
+
 
 def setup_logging(role: str, rank: int, level: str = "INFO") -> logging.Logger:
     fmt = f"%(asctime)s [{role} r{rank}] %(levelname)s %(message)s"
@@ -48,7 +50,7 @@ class JsonlLogger:
     def __init__(self, path: str | Path, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a" if append else "w")  # noqa: SIM115 (closed in finish)
+        self._f = open_new(self.path, append=append)  # never through a planted link; closed in finish
 
     def log(self, metrics: dict, step: int) -> None:
         self._f.write(json.dumps(_clean(metrics)) + "\n")

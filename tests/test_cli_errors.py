@@ -25,7 +25,7 @@ def _one_line_error(proc, *needles):
     ("fed.roundz=3", ["fed.roundz", "unknown key"]),
     ("fed.rounds=many", ["fed.rounds", "many"]),
     ("fed.strategy=fedmagic", ["fed.strategy", "fedmagic", "fedavg"]),
-    ("lora.rank=0", ["lora.rank", "> 0"]),
+    ("lora.rank=0", ["lora.rank", "[1, 4,096]"]),
 ])
 def test_bad_config_values(override, needles):
     _one_line_error(run_cli("run", TINY, override), *needles)
@@ -124,10 +124,15 @@ def test_run_directory_is_owned(tmp_path):
     from fed_ddp.rundir import RunLock
 
     run = tmp_path / "runs" / "taken"
-    run.mkdir(parents=True)
+    (run / "checkpoints" / "round_0001").mkdir(parents=True)
+    (run / ".fed_ddp_run").write_text("{}\n")
     (run / "metrics.jsonl").write_text("{}\n")
     proc = run_cli("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=taken")
     _one_line_error(proc, "already holds a run", "run.resume=true", "run.overwrite=true")
+    (run / ".fed_ddp_run").unlink()  # the same files without the marker: not ours, refused even with overwrite
+    proc = run_cli("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=taken", "run.overwrite=true")
+    _one_line_error(proc, "no fed_ddp run wrote", "neither overwrites nor deletes")
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
     with RunLock(tmp_path / "runs" / "busy"):
         proc = run_cli("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=busy")
         _one_line_error(proc, "in use by host", "pid")

@@ -6,6 +6,7 @@ partitioning through ``data.label_field``.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ import torch
 from PIL import Image
 
 from fed_ddp.data.digits import CaptionedImages
+from fed_ddp.errors import ConfigError
+from fed_ddp.files import read_text
+
+MAX_CAPTION = 10_000
 
 
 def read_metadata(folder: str | Path) -> list[dict]:
@@ -21,7 +26,11 @@ def read_metadata(folder: str | Path) -> list[dict]:
     if not meta.exists():
         raise FileNotFoundError(f"{folder}: no metadata.jsonl (imagefolder layout: file_name, text)")
     rows = []
-    for n, line in enumerate(meta.read_text().splitlines(), 1):
+    try:
+        text = read_text(meta, follow=True)
+    except OSError as e:  # not UTF-8, too large: the file and line named
+        raise ValueError(str(e)) from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -33,6 +42,13 @@ def read_metadata(folder: str | Path) -> list[dict]:
                              f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
         if not isinstance(row["text"], str) or not row["text"].strip():
             raise ValueError(f"{meta}:{n}: 'text' must be a non-empty caption string, got {row['text']!r}")
+        if len(row["text"]) > MAX_CAPTION:
+            raise ValueError(f"{meta}:{n}: 'text' is {len(row['text']):,} characters: at most {MAX_CAPTION:,} "
+                             "(the text encoder reads the first 77 tokens)")
+        name = row["file_name"]
+        if isinstance(name, str) and (Path(name).is_absolute() or ".." in Path(name).parts or not name.strip()):
+            raise ValueError(f"{meta}:{n}: image {name!r} is outside the data folder: file_name must be a path "
+                             "relative to it, without '..'")
         if not isinstance(row["file_name"], str) or not (folder / row["file_name"]).is_file():
             raise FileNotFoundError(f"{meta}:{n}: image {row['file_name']!r} does not exist")
         rows.append({**row, "_line": n})
@@ -46,11 +62,25 @@ def load_imagefolder(folder: str | Path, resolution: int, channels: int = 3, lab
     """Load, centre-crop and resize every listed image to ``resolution``, scaled to [-1, 1]."""
     folder = Path(folder).expanduser()
     rows = read_metadata(folder)
+    meta = folder / "metadata.jsonl"
+    if label_field != "text":  # the field partitioning reads: on every line, or a line named
+        lacking = [row["_line"] for row in rows if label_field not in row]
+        if len(lacking) == len(rows):
+            fields = sorted({k for row in rows for k in row if k != "_line"})
+            raise ConfigError("data.label_field", label_field, f"no line of {meta} has it (fields: {', '.join(fields)})")
+        if lacking:
+            raise ConfigError("data.label_field", label_field, f"{meta}:{lacking[0]} lacks it "
+                              f"({len(lacking)} of {len(rows)} lines do)")
     mode = "L" if channels == 1 else "RGB"
     pics = []
     for row in rows:
         try:
-            im = Image.open(folder / row["file_name"]).convert(mode)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own limit, not ours
+                im = Image.open(folder / row["file_name"]).convert(mode)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"{meta}:{row['_line']}: image {row['file_name']!r} is refused by PIL's decompression-"
+                             f"bomb limit ({' '.join(str(e).split())[:120]})") from None
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             raise ValueError(f"{folder / 'metadata.jsonl'}:{row['_line']}: image {row['file_name']!r} does not "
                              f"decode ({type(e).__name__})") from None

@@ -243,6 +243,6 @@ def load_unet(unet, ckpt: str | Path) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"{ckpt}: no {UNET_DIR}/ folder (a train.method=full checkpoint has one)")
     try:
-        unet.load_state_dict(type(unet).from_pretrained(path).state_dict())
+        unet.load_state_dict(type(unet).from_pretrained(path, use_safetensors=True).state_dict())
     except RuntimeError as e:  # missing, unexpected or misshapen tensors
         raise ValueError(f"{path}: this UNet does not fit the base model's: {' '.join(str(e).split())[:300]}") from None

@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fed_ddp.files import refuse_link
+
 _FILE = re.compile(r"round_(\d{4,})\.safetensors")
 
 
@@ -73,6 +75,7 @@ class ClientStateStore:
         """Write atomically (temporary file, then rename), then drop all but this and the previous file (``keep``:
         the round of the file this state continued from, kept instead: the server may point at it again)."""
         folder = self.folder(client)
+        refuse_link(self.root), refuse_link(folder)  # a link planted in the run directory is never followed
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"round_{rnd:04d}.safetensors"
         tmp = folder / f".round_{rnd:04d}.safetensors.tmp"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fed_ddp.files import open_new
 from fed_ddp.privacy import accountant as acc
 from fed_ddp.privacy import dp
 from fed_ddp.privacy.config import min_clients, sample_rate, secagg_bits
@@ -214,7 +215,7 @@ class ServerPrivacy:
         is released: a round replayed after a crash is counted twice, as it was released twice."""
         self.accountant.step(self.setup.q, self.setup.z)
         if self.ledger is not None:
-            with open(self.ledger, "a") as f:
+            with open_new(self.ledger, append=True) as f:  # never through a planted link
                 f.write(json.dumps({"round": rnd, "q": self.setup.q, "z": self.setup.z}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fed_ddp.errors import check, one_of, positive
+from fed_ddp.errors import check, one_of, positive, seed
 
 SCHEDULERS = ("random", "best_channel", "age")
 
@@ -34,6 +34,8 @@ class WirelessSection:
     seed: int | None = None  # placement, device classes and fading; null = run.seed
 
     def __post_init__(self):
+        if self.seed is not None:
+            seed("wireless.seed", self.seed)
         positive("wireless.radius_m", self.radius_m)
         positive("wireless.min_distance_m", self.min_distance_m)
         check(self.min_distance_m < self.radius_m, "wireless.min_distance_m", self.min_distance_m,

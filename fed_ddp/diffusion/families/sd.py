@@ -39,7 +39,8 @@ class SD:
 
     def load(self, path: str, device: torch.device, revision: str | None = None):
         """The pipeline with every model frozen and in eval mode, on ``device``."""
-        pipe = self.pipeline_class().from_pretrained(path, revision=revision, **self.load_kwargs)
+        # safetensors only: a folder that holds pickled weights alone is refused, never unpickled
+        pipe = self.pipeline_class().from_pretrained(path, revision=revision, use_safetensors=True, **self.load_kwargs)
         for m in pipe.components.values():
             if isinstance(m, torch.nn.Module):
                 m.requires_grad_(False)
