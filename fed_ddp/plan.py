@@ -84,12 +84,16 @@ def denoiser_config(cfg: RunConfig, denoiser: str | None = None) -> tuple[dict |
             raise ConfigError("model.pretrained", cfg.model.pretrained, f"is a {found} model: set model.family={found}")
         return (json.loads((UNET_CONFIGS / file).read_text()),
                 f"{cfg.model.pretrained} (its {attr} config, shipped as {file})", family)
+    import warnings
+
     import diffusers
 
     try:
-        return (dict(getattr(diffusers, cls).load_config(cfg.model.pretrained, subfolder=attr,
-                                                         revision=cfg.model.revision)),
-                f"{cfg.model.pretrained} (hub)", family)
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument: not the user's
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = getattr(diffusers, cls).load_config(cfg.model.pretrained, subfolder=attr,
+                                                         revision=cfg.model.revision)
+        return dict(loaded), f"{cfg.model.pretrained} (hub)", family
     except (OSError, ValueError) as e:  # offline, unknown repo, bad id
         raise ConfigError("model.pretrained", cfg.model.pretrained,
                           f"cannot read its {attr}/config.json ({type(e).__name__}); "
