@@ -34,7 +34,7 @@ class RunSection:
     output_dir: str = "runs"  # parent folder of run directories
     seed: int = 0  # seeds data partitioning, model init, local training and sampling
     resume: bool = False  # continue from the run directory's latest checkpoint (the stored config must match)
-    overwrite: bool = False  # replace an earlier run in the same directory (otherwise a fresh run refuses it)
+    overwrite: bool = False  # replace an earlier run in the same directory (only what a run wrote; otherwise refused)
     max_restarts: int = 0  # fed-ddp run: restart every rank from the last complete round when one dies, up to N times
     log_level: str = "INFO"  # python logging level for all ranks
 
@@ -568,8 +568,8 @@ def reference_table() -> str:
             v = getattr(inst, f.name)
             if is_dataclass(v):
                 yield from walk(type(v), f"{prefix}{f.name}.")
-            else:
-                yield f"{prefix}{f.name}", v, notes.get(f.name, "")
+            else:  # the default as written (``~`` unexpanded), not as this machine resolves it
+                yield f"{prefix}{f.name}", f.default if isinstance(f.default, str) else v, notes.get(f.name, "")
 
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     rows += [f"| `{k}` | `{v}` | {note} |" for k, v, note in walk(RunConfig, "")]

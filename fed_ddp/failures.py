@@ -1,0 +1,73 @@
+"""A rank's failure where the user finds it (torchtitan's ``@record`` pattern, without its teardown).
+
+``record(exc, role, rank, run_dir)``, called in a rank's ``except`` block, writes the exception twice:
+
+- to torch elastic's error file (``TORCHELASTIC_ERROR_FILE``, the JSON its launcher reads), so the
+  launcher's ``ChildFailedError`` carries it and ``fed-ddp run`` prints it as its last line:
+  ``fed-ddp: worker1 rank 2 failed: RuntimeError: ...``;
+- to ``RUN_DIR/errors/rank_N.txt`` (role, rank, host, pid, time, traceback), once the run directory is a
+  run's (its marker exists; never through a link).
+
+The rank then leaves with ``os._exit`` as before: a dead peer cannot hang the exit in
+``destroy_process_group``. ``first_failure(e)`` turns the launcher's ``ChildFailedError`` into that line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+ERRORS = "errors"
+
+
+def message(exc: BaseException, role: str, rank: int) -> str:
+    text = " ".join(str(exc).split())
+    return f"{role} rank {rank} failed: {type(exc).__name__}{': ' + text[:500] if text else ''}"
+
+
+def record(exc: BaseException, role: str, rank: int, run_dir: Path | None) -> Path | None:
+    """Write the exception being handled to the launcher's error file and the run directory; returns the run
+    directory's file (None if there is none). Never raises: a failure to record must not hide the failure."""
+    line, tb = message(exc, role, rank), traceback.format_exc()
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": tb,
+                                                                     "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass
+    if run_dir is None:
+        return None
+    from fed_ddp.files import refuse_link, write_text
+    from fed_ddp.rundir import MARKER
+
+    out = Path(run_dir) / ERRORS / f"rank_{rank}.txt"
+    try:
+        if not (Path(run_dir) / MARKER).is_file():
+            return None  # not (yet) a run's directory: the terminal has it
+        refuse_link(out.parent)
+        out.parent.mkdir(exist_ok=True)
+        write_text(out, f"{line}\nhost {socket.gethostname()} pid {os.getpid()} at "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n\n{tb}")
+    except OSError:
+        return None
+    return out
+
+
+def first_failure(err, run_dir: Path | None = None) -> str:
+    """The line ``fed-ddp run`` ends with when a rank failed: the first failed rank's recorded exception (or,
+    with no record, e.g. a rank killed by a signal, its exit code), and where its traceback is."""
+    rank, failure = err.get_first_failure()
+    msg = failure.message if isinstance(failure.message, str) else (failure.message or {}).get("message", "")
+    if not msg or msg.startswith("To enable traceback"):  # no record: the rank died before, or not in Python
+        return f"rank {rank} failed (exit code {failure.exitcode}); see its log lines above"
+    if " failed: " not in msg:  # the launcher's own words (a signal)
+        return f"rank {rank} failed: {msg}"
+    where = Path(run_dir) / ERRORS / f"rank_{rank}.txt" if run_dir is not None else None
+    return msg + (f" (traceback above and in {where})" if where is not None and where.is_file() else
+                  " (traceback above)")
