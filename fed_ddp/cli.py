@@ -51,7 +51,8 @@ def cmd_run(args) -> int:
     plan_cfg(cfg, nnodes=1)  # more ranks than GPUs here (train.device=auto): one config-error line, nothing started
     from fed_ddp.preflight import preflight
 
-    preflight(cfg, cores=cpu_cores())  # launch size, model and LoRA targets, data, privacy: one line each
+    for warning in preflight(cfg, cores=cpu_cores()):  # launch size, model and LoRA targets, data, privacy
+        print(f"fed-ddp: warning: {warning}", file=sys.stderr)
     from fed_ddp.rundir import RunBusy, RunLock, check
 
     check(cfg)  # an earlier run in the directory, or a resume with other settings: one line, nothing started
@@ -79,8 +80,9 @@ def cmd_run(args) -> int:
     try:
         elastic_launch(launch, sys.executable)("-u", "-m", "fed_ddp.train", args.config, *args.overrides)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        return _fail(f"rank {rank} failed (exit code {failure.exitcode}); see its log lines above", 1)
+        from fed_ddp.failures import first_failure
+
+        return _fail(first_failure(e, cfg.run.dir), 1)
     except (KeyboardInterrupt, SignalException) as e:
         import signal
 

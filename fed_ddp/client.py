@@ -14,38 +14,13 @@ import numpy as np
 import torch
 
 from fed_ddp.data.digits import CaptionedImages
+from fed_ddp.data.encoded import EncodedSet, take
 from fed_ddp.diffusion.families import denoiser, family_of
 from fed_ddp.diffusion.families.sd import to_device
 from fed_ddp.diffusion.lora import lora_parameters
-from fed_ddp.diffusion.models import encode_captions, encode_images, unet_autocast
+from fed_ddp.diffusion.models import encode_set, unet_autocast
 from fed_ddp.seeds import client_round
 from fed_ddp.strategies import RoundPlan
-
-
-class EncodedSet:
-    """Images as VAE latents and captions as the family's conditioning tensors (``cond``: name -> (N, ...);
-    ``embeds`` the text states, SDXL/SD3/Flux add ``pooled`` and SDXL ``time_ids``), ready for training steps."""
-
-    def __init__(self, latents: torch.Tensor, cond: dict[str, torch.Tensor]):
-        self.latents, self.cond = latents, cond
-
-    @property
-    def embeds(self) -> torch.Tensor:
-        return self.cond["embeds"]
-
-    def __len__(self) -> int:
-        return len(self.latents)
-
-
-def encode_set(pipe, data: CaptionedImages) -> EncodedSet:
-    table = encode_captions(pipe, data.captions)
-    cond = {k: torch.stack([table[c][k] for c in data.captions]) for k in next(iter(table.values()), {})}
-    return EncodedSet(encode_images(pipe, _channels(data.images, pipe.vae.config.in_channels)), cond)
-
-
-def take(cond: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
-    """The rows ``index`` of every conditioning tensor."""
-    return {k: v[index] for k, v in cond.items()}
 
 
 def autocast_for(device: torch.device, mixed_precision: str, engine: str = "torch"):
@@ -138,16 +113,6 @@ class LocalTrainer:
         delta = eng.read_adapter().cpu() - global_flat.cpu()
         train_loss = float(torch.stack(losses).double().mean()) if losses else float("nan")
         return delta, {"train_loss": train_loss, "train_seconds": time.perf_counter() - t0}
-
-
-def _channels(images: torch.Tensor, want: int) -> torch.Tensor:
-    """Grey digits into an RGB autoencoder (or RGB into a grey one)."""
-    have = images.shape[1]
-    if have == want:
-        return images
-    if have == 1:
-        return images.repeat(1, want, 1, 1)
-    return images.mean(dim=1, keepdim=True).repeat(1, want, 1, 1)
 
 
 @torch.no_grad()

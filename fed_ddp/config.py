@@ -79,7 +79,7 @@ class PretrainSection:
 
 @dataclass(kw_only=True)
 class ModelSection:
-    family: str = "sd"  # sd (SD 1.x/2.x), sdxl, sd3, flux: pipeline class, LoRA module, prompt encoding, loss (README, "Model families")
+    family: str = "sd"  # sd (SD 1.x/2.x), sdxl, sd3, flux: pipeline class, LoRA module, prompt encoding, loss (docs/models.md)
     pretrained: str | None = None  # local diffusers pipeline directory or hub id; null = tiny base
     revision: str | None = None  # hub revision for `pretrained`
     cache_dir: str = "~/.cache/fed_ddp"  # where the built-in tiny base is cached
@@ -109,7 +109,7 @@ class LoraSection:
     rank: int = 4  # LoRA rank r
     alpha: float = 4.0  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # LoRA dropout
-    targets: list[str] = field(default_factory=list)  # denoiser module names; empty = model.family's default targets (README, "Model families")
+    targets: list[str] = field(default_factory=list)  # denoiser module names; empty = model.family's default targets (docs/models.md)
     client_ranks: list[int] = field(default_factory=list)  # heterogeneous ranks: client c trains and sends rank client_ranks[c % len] <= rank (device classes in turn); empty = every client at rank
 
     def __post_init__(self):

@@ -89,7 +89,7 @@ class Evaluator:
     and (digits) generation accuracy. Owns the encoded validation sets and the prompts."""
 
     def __init__(self, cfg, pipe, scheduler, data, tracker=None):
-        from fed_ddp.client import encode_set
+        from fed_ddp.diffusion.models import encode_set
 
         self.cfg, self.pipe, self.scheduler, self.tracker = cfg, pipe, scheduler, tracker
         self.val_sets = {"val_loss": encode_set(pipe, data.val)}
@@ -99,6 +99,15 @@ class Evaluator:
             [caption(d) for d in range(10)] if cfg.data.source == "digits" else sorted(set(data.val.captions))[:8])
         self.client_digits = list(cfg.data.digits)
         self.base_digits = [d for d in cfg.model.tiny.digits if d not in self.client_digits]
+
+    def at_round(self, rnd: int) -> dict:
+        """A round's evaluation, as configured: the losses and the sample grid every ``eval.every`` rounds and at
+        the last; generation accuracy every ``eval.accuracy_every`` rounds (not at the last: the final
+        evaluation measures it)."""
+        e, last = self.cfg.eval, rnd == self.cfg.fed.rounds
+        every = last or rnd % e.every == 0
+        return self(rnd, losses=every, grid=every, accuracy=e.accuracy_every > 0 and rnd % e.accuracy_every == 0
+                    and not last)
 
     def __call__(self, rnd: int, losses: bool = True, grid: bool = True, accuracy: bool = False) -> dict:
         """Evaluate the pipeline's current adapter. On CPU with ``eval.num_threads`` > 1 (0: every core) the

@@ -63,7 +63,8 @@ def split_states(server) -> dict[int, dict[str, torch.Tensor]]:
 
 def finetune_adapters(server, global_flat: torch.Tensor) -> dict[int, torch.Tensor]:
     """personal.mode=finetune: every client's adapter after ``personal.steps`` local steps from ``global_flat``."""
-    from fed_ddp.client import LocalTrainer, encode_set
+    from fed_ddp.client import LocalTrainer
+    from fed_ddp.diffusion.models import encode_set
     from fed_ddp.engines import TorchEngine
     from fed_ddp.strategies import RoundPlan
 

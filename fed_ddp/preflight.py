@@ -26,10 +26,12 @@ def check_launch(cfg, cores: int) -> None:
                           f"{limit} here); launch larger worlds with torchrun or SLURM (docs/cluster.md)")
 
 
-def check_model(cfg) -> None:
-    """``model.pretrained`` resolves, and every ``lora.targets`` entry names layers of its denoiser with a
-    rank no larger than they can hold."""
-    from fed_ddp.plan import denoiser_config, meta_denoiser
+def check_model(cfg) -> list[str]:
+    """``model.pretrained`` resolves, ``lora.targets`` names layers of its denoiser (as peft matches them: by
+    full name or name suffix; entries that match nothing are returned as warnings, since a config's target
+    list may cover several families, but a list matching nothing is refused), and the LoRA ranks are no
+    larger than the targeted layers can hold."""
+    from fed_ddp.diffusion.meta import denoiser_config, meta_denoiser
 
     pretrained = cfg.model.pretrained
     try:
@@ -41,21 +43,24 @@ def check_model(cfg) -> None:
         raise
     model = meta_denoiser(config, family)
     if cfg.train.method != "lora":
-        return
+        return []
+    from fed_ddp.diffusion.families import DEFAULT_TARGETS
+
+    targets = list(cfg.lora.targets) or list(DEFAULT_TARGETS[family])
     layers = {n: m for n, m in model.named_modules() if type(m).__name__ in LAYERS}
-    smallest = {}
-    for t in cfg.lora.targets:
-        hits = [m for n, m in layers.items() if n == t or n.endswith("." + t)]
-        if not hits:
-            names = sorted({n.rsplit(".", 1)[-1] for n in layers})
-            raise ConfigError("lora.targets", list(cfg.lora.targets), f"{t!r} matches no layer of the {family} "
-                              f"denoiser ({source}); its layer names include {', '.join(names[:12])}")
-        smallest[t] = max(_rank_cap(m) for m in hits)
-    cap = max(smallest.values())
+    caps = {t: [_rank_cap(m) for n, m in layers.items() if n == t or n.endswith("." + t)] for t in targets}
+    missing = [t for t, hits in caps.items() if not hits]
+    if len(missing) == len(targets):
+        names = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        raise ConfigError("lora.targets", targets, f"matches no layer of the {family} denoiser ({source}); its layer "
+                          f"names include {', '.join(names[:12])}")
+    cap = max(c for hits in caps.values() for c in hits)
     for key, rank in (("lora.rank", cfg.lora.rank), ("personal.rank", cfg.personal.rank)):
         if rank is not None and rank > cap:
             raise ConfigError(key, rank, f"exceeds the largest rank any targeted layer can hold ({cap}: the smaller "
                               "side of its weight): a higher rank adds parameters, not capacity")
+    return [(f"lora.targets: {', '.join(map(repr, missing))} match no layer of the {family} denoiser ({source}); "
+            "the other targets get adapters")] if missing else []
 
 
 def _rank_cap(m) -> int:
@@ -96,10 +101,11 @@ def check_data(cfg) -> None:
                           f"{' '.join(str(e).split())}") from None
 
 
-def preflight(cfg, cores: int | None = None) -> None:
-    """Every launcher check of ``fed-ddp run``, before any rank starts."""
+def preflight(cfg, cores: int | None = None) -> list[str]:
+    """Every launcher check of ``fed-ddp run``, before any rank starts; returns warnings to show."""
     if cores is not None:
         check_launch(cfg, cores)
-    check_model(cfg)
+    warnings = check_model(cfg)
     check_data(cfg)
     check_privacy(cfg)
+    return warnings

@@ -343,6 +343,9 @@ def plot(runs: list[Run], columns: list[str], rows: list[dict], out: Path) -> li
 
 def report(run_dirs: list[str | Path], out: str | Path) -> dict:
     """Load the runs, write the table (md + csv) and the plots into ``out``; returns what was written."""
+    out = Path(out).expanduser()
+    # a glob like runs/scaling-* also matches an earlier report's folder (--out runs/scaling-report): not a run
+    run_dirs = [d for d in run_dirs if Path(d).expanduser().resolve() != out.resolve()]
     if not run_dirs:
         raise ValueError("run_dirs: give at least one run directory")
     runs = [load_run(d) for d in run_dirs]
@@ -350,7 +353,6 @@ def report(run_dirs: list[str | Path], out: str | Path) -> dict:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"run_dirs: two runs named {dup[0]!r}; rows are keyed by directory name")
-    out = Path(out).expanduser()
     if os.path.lexists(out) and not out.is_dir():
         raise ValueError(f"--out={str(out)!r}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -34,11 +34,12 @@ from fed_ddp.files import UnsafePath, open_new, read_yaml, refuse_link, repair_j
 LOCK = ".lock"
 MARKER = ".fed_ddp_run"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "partition.json", "privacy_ledger.jsonl", MARKER)
-RUN_DIRS = ("checkpoints", "clients", "samples", "wandb")
+RUN_DIRS = ("checkpoints", "clients", "samples", "wandb", "errors")
 # inside each run folder, the entries the project (or W&B, in wandb/) creates: all that run.overwrite removes
 OWNED = {"checkpoints": re.compile(r"(round_\d{4,}|final)(\.tmp)?"),
          "clients": re.compile(r"client_\d{6,}"),
          "samples": re.compile(r"round_\d{4,}\.png"),
+         "errors": re.compile(r"rank_\d+\.txt"),
          "wandb": re.compile(r"(offline-)?run-[\w.-]+|latest-run|debug(-internal|-cli\.[\w.-]+)?\.log")}
 CLIENT_FILE = re.compile(r"\.?round_\d{4,}\.safetensors(\.tmp)?")
 # what a resume may change (where the run lives, how long it runs, what it reports, machine resources);

@@ -88,7 +88,8 @@ def shared_replay(cfg: RunConfig, pipe, data, topo: Topology, device: torch.devi
     frozen and the server encodes at the ranks' thread count). None without replay."""
     if data.replay is None or cfg.data.replay_fraction <= 0:
         return None
-    from fed_ddp.client import EncodedSet, encode_set
+    from fed_ddp.data.encoded import EncodedSet
+    from fed_ddp.diffusion.models import encode_set
     from fed_ddp.distributed.collectives import broadcast_tensors
 
     mine = None
@@ -172,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted: the last complete round's checkpoint is in %s", cfg.run.dir / "checkpoints")
         _exit_now(130)
-    except Exception:
+    except Exception as e:
         log.exception("failed")
+        from fed_ddp.failures import record
+
+        record(e, topo.role, topo.rank, cfg.run.dir)  # the launcher's error file and RUN_DIR/errors/rank_N.txt
         _exit_now(1)
     dist.destroy_process_group()
     return 0

@@ -25,11 +25,13 @@ from collections import OrderedDict
 
 import torch
 
-from fed_ddp.client import EncodedSet, LocalTrainer, encode_set
+from fed_ddp.client import LocalTrainer
 from fed_ddp.compression import ChainState
+from fed_ddp.data.encoded import EncodedSet
 from fed_ddp.data.federated import FederatedData
 from fed_ddp.diffusion.families import denoiser
 from fed_ddp.diffusion.lora import clear_personal, init_personal, personal_state, set_personal
+from fed_ddp.diffusion.models import encode_set
 from fed_ddp.population import ClientStateStore
 from fed_ddp.protocol import ROUND, ControlWire, Wire, client_codec_state
 from fed_ddp.seeds import client_personal

@@ -1,5 +1,5 @@
-"""A real fed_ddp rank that SIGKILLs (or, with ``FED_DDP_CHAOS_SIGNAL=STOP``, SIGSTOPs) itself at chosen
-points, one per launcher attempt.
+"""A real fed_ddp rank that SIGKILLs (or, with ``FED_DDP_CHAOS_SIGNAL=STOP``, SIGSTOPs; with ``RAISE``, raises
+a RuntimeError) itself at chosen points, one per launcher attempt.
 
 ``FED_DDP_CHAOS="2:2,0:3,1:4"``: in attempt 0 (``TORCHELASTIC_RESTART_COUNT``), rank 2 dies in round 2; after
 the launcher restarts every rank, rank 0 dies in round 3; after the next restart, rank 1 dies in round 4. A
@@ -19,7 +19,8 @@ from fed_ddp.server import Server
 from fed_ddp.worker import Worker
 
 KILLS = [tuple(map(int, x.split(":"))) for x in os.environ.get("FED_DDP_CHAOS", "").split(",") if x]
-SIG = signal.SIGSTOP if os.environ.get("FED_DDP_CHAOS_SIGNAL") == "STOP" else signal.SIGKILL  # hang, or die
+MODE = os.environ.get("FED_DDP_CHAOS_SIGNAL", "KILL")
+SIG = signal.SIGSTOP if MODE == "STOP" else signal.SIGKILL  # hang, or die
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 RANK = int(os.environ.get("RANK", "0"))
 WHO, WHEN = KILLS[ATTEMPT] if ATTEMPT < len(KILLS) else (-1, -1)
@@ -27,6 +28,8 @@ WHO, WHEN = KILLS[ATTEMPT] if ATTEMPT < len(KILLS) else (-1, -1)
 
 def _die(rnd: int) -> None:
     if RANK == WHO and rnd == WHEN:
+        if MODE == "RAISE":
+            raise RuntimeError(f"chaos: rank {RANK} gives up in round {rnd}")
         os.kill(os.getpid(), SIG)
 
 

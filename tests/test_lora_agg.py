@@ -184,15 +184,15 @@ def test_ffa_lora_run_sends_b_only_keeps_a_and_exports_for_diffusers(tiny_base, 
                                                       if "lora_" in n)
     ref.load_lora_weights(str(run / "checkpoints" / "final"))  # diffusers reads it
     # a resume whose frozen A would differ from the one the clients trained against is refused
-    import fed_ddp.server
+    import fed_ddp.server.loop
 
-    real = fed_ddp.server._frozen_digest
-    fed_ddp.server._frozen_digest = lambda unet: "0" * 64
+    real = fed_ddp.server.loop.frozen_digest
+    fed_ddp.server.loop.frozen_digest = lambda unet: "0" * 64
     try:
         with pytest.raises(RuntimeError, match="frozen LoRA factors differ"):
             finished_run(tiny_base, tmp_path, "ffa", "fed.strategy=ffa_lora", "run.resume=true", "fed.rounds=3")
     finally:
-        fed_ddp.server._frozen_digest = real
+        fed_ddp.server.loop.frozen_digest = real
 
 
 def test_fedavg_run_reports_the_aggregation_error_flexlora_its_truncation(tiny_base, tmp_path):

@@ -1,6 +1,6 @@
-"""Every shell command in the README's code blocks, checked, so the README cannot drift from the code.
+"""Every shell command in the code blocks of README.md and docs/*.md, checked, so neither can drift from the code.
 
-Commands come from README.md's fenced blocks (```bash / ```sh / ```console: every line; untagged blocks:
+Commands come from the fenced blocks of README.md and every docs/*.md (```bash / ```sh / ```console: every line; untagged blocks:
 the lines that start with a known executable or an existing file, so output samples are not commands),
 with ``\\`` continuations joined, ``$ `` / ``host0$ `` prompts and ``# comments`` dropped and ``&&`` chains
 split. Each one must have an entry in CHECKS (the command as written, whitespace collapsed; or a pattern
@@ -50,6 +50,7 @@ class Command:
     text: str  # as written (prompt and comment dropped), whitespace collapsed: the CHECKS key
     shell: str  # what bash runs
     comment: str  # the line's trailing "# ..." text
+    file: str = "README.md"  # README.md or docs/NAME.md
 
     @property
     def words(self) -> list[str]:
@@ -104,7 +105,7 @@ def _split(line: str) -> list[tuple[str, str]]:
     return [(" ".join(words), m.group(1).strip() if m else "") for words in out if words]
 
 
-def extract(markdown: str) -> list[Command]:
+def extract(markdown: str, file: str = "README.md") -> list[Command]:
     """The shell commands of a markdown text's fenced code blocks."""
     cmds, lang, pending, start = [], None, "", 0
     for no, raw in enumerate(markdown.splitlines(), 1):
@@ -123,11 +124,12 @@ def extract(markdown: str) -> list[Command]:
         line = PROMPT.sub("", line)
         if not line or line.startswith("#") or (not lang and not _is_command(line)):
             continue
-        cmds += [Command(start, text, text, comment) for text, comment in _split(line)]
+        cmds += [Command(start, text, text, comment, file) for text, comment in _split(line)]
     return cmds
 
 
-COMMANDS = extract((ROOT / "README.md").read_text())
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+COMMANDS = [c for f in DOCS for c in extract((ROOT / f).read_text(), f)]
 
 
 # ---- how each README command is checked ---------------------------------------------------------------------------
@@ -204,6 +206,21 @@ CHECKS: dict[str | re.Pattern, Check] = {
     "sbatch --array=0-26 slurm/sweep.sbatch configs/sweeps/scaling.yaml tracking.wandb.mode=offline": SBATCH,
     "wandb sync runs/scaling-*/wandb/offline-run-*": network("uploads the offline runs to the W&B server"),
     "fed-ddp report runs/scaling-* --out runs/scaling-report": EXEC_ON_RUNS,
+    # docs/cluster.md
+    "sbatch slurm/fed_ddp.sbatch configs/quickstart.yaml": SBATCH,
+    "sbatch slurm/fed_ddp.sbatch configs/quickstart.yaml fed.rounds=20 lora.rank=16": SBATCH,
+    "sbatch --nodes 2 --cpus-per-task 16 -p cpu slurm/fed_ddp.sbatch configs/quickstart.yaml fed.num_clients=15": SBATCH,
+    "sbatch --nodes 2 --gpus-per-node 4 -p gpu slurm/fed_ddp.sbatch configs/quickstart.yaml fed.num_clients=7": SBATCH,
+    "sbatch slurm/fed_ddp_multinode.sbatch configs/quickstart.yaml fed.num_clients=7": SBATCH,
+    "launch/single_node.sh configs/quickstart.yaml fed.rounds=3": MULTI_NODE,
+    re.compile(r"NNODES=2 NODE_RANK=[01] RDZV_ENDPOINT=host0:29400 launch/multi_node\.sh configs/quickstart\.yaml"
+               r" fed\.num_clients=7"): MULTI_NODE,
+    "python -m fed_ddp.sweep check configs/sweeps/scaling.yaml": EXEC,
+    "sbatch --array=0-26%3 slurm/sweep.sbatch configs/sweeps/scaling.yaml": SBATCH,
+    "wandb sync --dry-run runs/scaling-*/wandb/offline-run-*": network("asks the W&B server what it holds"),
+    "sudo slurm/local_cluster.sh": Check("root", "root and Debian's slurm-wlm (tests/test_slurm.py runs it)"),
+    "sinfo": Check("root", "a running SLURM controller (tests/test_slurm.py starts one)"),
+    "FED_DDP_PYTHON=$PWD/.venv/bin/python sbatch --wait slurm/fed_ddp.sbatch configs/tiny_test.yaml": SBATCH,
     # compressed exchange
     "fed-ddp plan configs/quickstart.yaml comm.uplink=[topk,int8] comm.downlink=[fp16]": EXEC,
     'fed-ddp plan configs/quickstart.yaml --unet sd15 lora.rank=4 "lora.targets=[to_q,to_k,to_v,to_out.0]"': EXEC,
@@ -230,7 +247,7 @@ def check_of(cmd: Command) -> Check | None:
 
 
 def _id(cmd: Command) -> str:
-    return f"L{cmd.line}:{cmd.text[:70]}"
+    return f"{'' if cmd.file == 'README.md' else cmd.file + ':'}L{cmd.line}:{cmd.text[:70]}"
 
 
 # ---- the extractor --------------------------------------------------------------------------------------------------
@@ -267,7 +284,7 @@ def test_readme_has_commands_and_every_one_is_classified():
     assert len(COMMANDS) >= 40, [c.text for c in COMMANDS]
     missing = [c for c in COMMANDS if check_of(c) is None]
     assert not missing, ("README commands with no entry in CHECKS (add them, with how to check them):\n"
-                         + "\n".join(f"    {c.text!r}: ...,  # README line {c.line}" for c in missing))
+                         + "\n".join(f"    {c.text!r}: ...,  # {c.file} line {c.line}" for c in missing))
 
 
 def test_no_stale_entries():
@@ -297,7 +314,7 @@ def _env(cwd: Path) -> dict[str, str]:
 def _exec(cmd: Command, check: Check, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run(["bash", "-c", cmd.shell], cwd=cwd, env=_env(cwd), capture_output=True, text=True,
                           timeout=timeout, check=False)
-    assert proc.returncode == 0, f"README line {cmd.line} fails as written: {cmd.shell}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{cmd.file} line {cmd.line} fails as written: {cmd.shell}\n{proc.stderr[-3000:]}"
     if check.stdout:
         assert proc.stdout.strip() == cmd.comment, (cmd.shell, proc.stdout, cmd.comment)
     return proc
@@ -346,6 +363,8 @@ def _launch(argv: list[str], monkeypatch, capsys) -> None:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("FED_DDP_LAUNCHER_PID", "0")  # cmd_run sets it; restored after the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the pre-flight reads a denoiser config: never from the network here
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert argv[0] == "fed-ddp" and argv[1] in ("run", "compare"), argv
     try:
         rc = cli.main(argv[1:])
@@ -424,6 +443,9 @@ def _sbatch(cmd: Command, cwd: Path, capsys) -> None:
     p = argparse.ArgumentParser(prog="sbatch")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("-p", "--partition", default=None)
+    p.add_argument("--wait", action="store_true")
     p.add_argument("--array", default=None)
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -435,19 +457,22 @@ def _sbatch(cmd: Command, cwd: Path, capsys) -> None:
     if a.script == "slurm/sweep.sbatch":  # one array task per grid point, each a valid fed_ddp.sbatch job
         from fed_ddp.sweep import grid, load_sweep, point_args
 
-        first, last = map(int, a.array.split("-"))
+        first, last = map(int, a.array.split("%")[0].split("-"))  # %K: at most K at a time
         sweep = load_sweep(a.args[0])
         assert (first, last) == (0, len(grid(sweep)) - 1), f"--array={a.array} for {len(grid(sweep))} grid points"
         for i in range(first, last + 1):
             _nodes(["--nnodes", "1", *point_args(sweep, i, a.args[1:])], capsys)
     else:
-        assert a.script == "slurm/fed_ddp.sbatch" and a.array is None, a
+        assert a.script in ("slurm/fed_ddp.sbatch", "slurm/fed_ddp_multinode.sbatch") and a.array is None, a
+        header = re.search(r"^#SBATCH --nodes[= ](\d+)", (cwd / a.script).read_text(), re.MULTILINE)
+        if header and "--nodes" not in cmd.argv:  # the script's own default
+            a.nodes = int(header.group(1))
         gpus = ["--gpus", str(a.gpus_per_node)] if a.gpus_per_node else []
         _nodes(["--nnodes", str(a.nodes), *gpus, *a.args], capsys)
 
 
 def _multi_node(cmd: Command, cwd: Path, capsys) -> None:
-    env = cmd.env
+    env = cmd.env if cmd.env else {"NNODES": "1", "NODE_RANK": "0", "RDZV_ENDPOINT": "localhost:0"}  # single_node.sh
     assert {"NNODES", "NODE_RANK", "RDZV_ENDPOINT"} <= set(env), env
     assert re.fullmatch(r"[\w.-]+:\d+", env["RDZV_ENDPOINT"]), env["RDZV_ENDPOINT"]
     script = cwd / cmd.argv[0]
@@ -496,8 +521,11 @@ def _needs_model(cmd: Command, check: Check, monkeypatch, capsys) -> None:
     argv = list(cmd.argv)
     i = next(i for i, a in enumerate(argv) if a.startswith("model.pretrained="))
     path = Path(argv[i].split("=", 1)[1])
-    if not (path / "model_index.json").exists():
-        argv[i] = "model.pretrained=some-org/not-on-this-machine"  # a hub id: nothing is read or downloaded
+    if not (path / "model_index.json").exists():  # a hub id whose denoiser config ships here: read, not downloaded
+        from fed_ddp.diffusion.meta import BUILTIN_DENOISERS, KNOWN_HUB_IDS
+
+        family = _config([a for a in argv[2:] if a is not argv[i]]).model.family
+        argv[i] = "model.pretrained=" + next(h for h, n in KNOWN_HUB_IDS.items() if BUILTIN_DENOISERS[n][0] == family)
     _launch(argv, monkeypatch, capsys)
     if argv != cmd.argv:
         pytest.skip(f"needs {check.note}; the rest of the line was checked with a hub id in its place")
@@ -527,7 +555,7 @@ def runs_checkout(tmp_path_factory):
 def test_readme_command(cmd: Command, tmp_path, monkeypatch, capsys, request):
     check = check_of(cmd)
     if check is None:
-        pytest.fail(f"README line {cmd.line}: {cmd.text!r} has no entry in CHECKS")
+        pytest.fail(f"{cmd.file} line {cmd.line}: {cmd.text!r} has no entry in CHECKS")
     cwd = _checkout(tmp_path / "repo")
     monkeypatch.chdir(cwd)
     if check.kind == "exec":
@@ -555,5 +583,9 @@ def test_readme_command(cmd: Command, tmp_path, monkeypatch, capsys, request):
         _script(cmd, cwd)
     elif check.kind == "network":
         _network(cmd, check, cwd)
+    elif check.kind == "root":  # what it runs is there; running it needs what the note says
+        if "/" in cmd.argv[-1]:
+            assert os.access(cwd / cmd.argv[-1], os.X_OK), cmd.argv[-1]
+        pytest.skip(f"needs {check.note}")
     else:
         pytest.fail(f"unknown check kind {check.kind!r}")

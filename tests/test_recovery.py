@@ -59,6 +59,28 @@ def test_three_kills_recover_bit_for_bit(tiny_base, tmp_path):
     assert summary["base"] and summary["sampling"]["clients_sampled"] == 4 * 3  # whole run, across restarts
 
 
+def test_a_rank_that_raises_names_its_exception_rank_and_role(tiny_base, tmp_path):
+    """A worker raises in round 2: the launcher's failure carries the exception with the rank and its role (what
+    ``fed-ddp run`` prints as its last line), and the run directory holds the rank's traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from fed_ddp.failures import first_failure
+
+    os.environ["FED_DDP_CHAOS_SIGNAL"] = "RAISE"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ChildFailedError) as info:
+            _launch(tiny_base, tmp_path, "raises", "1:2", 0, "fed.rounds=3")
+    finally:
+        os.environ.pop("FED_DDP_CHAOS_SIGNAL")
+    line = first_failure(info.value, tmp_path / "raises")
+    assert line.startswith("worker0 rank 1 failed: RuntimeError: chaos: rank 1 gives up in round 2"), line
+    assert f"in {tmp_path / 'raises' / 'errors' / 'rank_1.txt'}" in line
+    text = (tmp_path / "raises" / "errors" / "rank_1.txt").read_text()
+    assert text.startswith("worker0 rank 1 failed: RuntimeError") and "Traceback" in text and "chaos_play" in text
+    assert time.monotonic() - t0 < 120  # the server, waiting on the dead worker, does not hang the exit
+
+
 def _fed_ddp_run(tiny_base, out, name: str, steps: int, **popen) -> subprocess.Popen:
     """A long `fed-ddp run` of the tiny config, started the way a user starts it (its own launcher)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

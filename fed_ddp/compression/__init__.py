@@ -8,6 +8,7 @@
 No process-group code here: moving the buffers is ``fed_ddp.distributed.collectives``.
 """
 
+from fed_ddp.compression import cast, lowrank, quantize, sparsify  # noqa: F401  (the built-in codecs register)
 from fed_ddp.compression.base import ENCODER, TRANSFORM, Codec, PieceState
 from fed_ddp.compression.chain import CodecChain, Message, build_chain, downlink_chain, layout_of, uplink_chain
 from fed_ddp.compression.config import CommConfig

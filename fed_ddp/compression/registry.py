@@ -70,4 +70,3 @@ def build_codecs(names: list[str], comm, key: str = "comm.uplink") -> list[Codec
 
 
 # the built-in codecs register themselves on import
-from fed_ddp.compression import cast, lowrank, quantize, sparsify  # noqa: F401

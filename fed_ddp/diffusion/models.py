@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fed_ddp.config import ModelSection
+from fed_ddp.data.encoded import EncodedSet, channels
+
+if TYPE_CHECKING:
+    from fed_ddp.data.digits import CaptionedImages
 
 
 def quiet_libraries() -> None:
@@ -90,3 +95,8 @@ def unet_autocast(unet):
         return torch.autocast(unet.device.type, dtype=unet.dtype)
     return contextlib.nullcontext()
 
+
+def encode_set(pipe, data: CaptionedImages) -> EncodedSet:
+    table = encode_captions(pipe, data.captions)
+    cond = {k: torch.stack([table[c][k] for c in data.captions]) for k in next(iter(table.values()), {})}
+    return EncodedSet(encode_images(pipe, channels(data.images, pipe.vae.config.in_channels)), cond)

@@ -109,7 +109,7 @@ def train_base(unet, text_encoder, tokenizer, scheduler, latents, captions, cfg:
 
 def train_denoiser(pipe, family, latents, captions, cfg: PretrainSection, show: bool):
     """The non-SD families: the denoiser alone, on the family's conditioning of frozen text encoders."""
-    from fed_ddp.client import take
+    from fed_ddp.data.encoded import take
 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)

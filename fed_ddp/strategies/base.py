@@ -3,42 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 
 import torch
 
+from fed_ddp.strategies.robust import combine
+from fed_ddp.strategies.updates import ClientUpdate, RoundPlan, weighted_mean
 
-@dataclass
-class RoundPlan:
-    """What the server asks of every client in one round (travels in the downlink header)."""
-
-    round: int
-    local_steps: int
-    lr: float
-    proximal_mu: float = 0.0
-
-
-@dataclass
-class ClientUpdate:
-    """What one client sent: its adapter delta (local - global), sample count and metrics (scaffold: and the
-    change of its control variate, ``control``)."""
-
-    client_id: int
-    delta: torch.Tensor
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    control: torch.Tensor | None = None
-
-
-def weighted_mean(updates: list[ClientUpdate]) -> torch.Tensor:
-    """Sample-weighted mean of the clients' deltas (FedAvg's aggregate), in fp64 for exactness."""
-    total = sum(u.num_examples for u in updates)
-    if total <= 0:
-        raise ValueError("clients reported no examples: nothing to average")
-    acc = torch.zeros_like(updates[0].delta, dtype=torch.float64)
-    for u in updates:
-        acc.add_(u.delta, alpha=u.num_examples / total)  # in fp64, without a product temporary
-    return acc.to(updates[0].delta.dtype)
+__all__ = ["ClientUpdate", "RoundPlan", "Strategy", "weighted_mean"]
 
 
 class Strategy(ABC):
@@ -53,8 +24,6 @@ class Strategy(ABC):
 
     def combine(self, updates: list[ClientUpdate]) -> torch.Tensor:
         """The round's mean delta: sample-weighted (FedAvg), or robust (``fed.aggregator``)."""
-        from fed_ddp.strategies.robust import combine
-
         return combine(updates, self.aggregator, self.trim_fraction)
 
     def downlink(self, global_state: torch.Tensor) -> torch.Tensor:

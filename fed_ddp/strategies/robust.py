@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from fed_ddp.strategies.base import ClientUpdate, weighted_mean
+from fed_ddp.strategies.updates import ClientUpdate, weighted_mean
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "clipped_mean")
 

@@ -42,7 +42,7 @@ def unet_step_flops(cfg, unet_config: dict | None, latent_shape: tuple[int, ...]
     batch = batch_size x ranks_per_client), counted on a meta copy of the ``family``'s denoiser (default SD) built
     from ``unet_config`` (None: the family's tiny base)."""
     from fed_ddp.diffusion.lora import prepare_trainable
-    from fed_ddp.plan import meta_denoiser
+    from fed_ddp.diffusion.meta import meta_denoiser
 
     model = meta_denoiser(unet_config, family.name if family is not None else "sd")
     prepare_trainable(model, cfg)

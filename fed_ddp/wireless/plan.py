@@ -28,7 +28,7 @@ def wireless_rows(cfg, unet_config: dict | None, latent_shape, embed_shape) -> l
     from dataclasses import replace
 
     from fed_ddp.diffusion.lora import prepare_trainable
-    from fed_ddp.plan import meta_unet
+    from fed_ddp.diffusion.meta import meta_unet
     from fed_ddp.protocol import PLAN_BYTES, UP_TAIL_BYTES, Wire
     from fed_ddp.wireless.flops import unet_step_flops
 
