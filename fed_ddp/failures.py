@@ -9,7 +9,8 @@
   run's (its marker exists; never through a link).
 
 The rank then leaves with ``os._exit`` as before: a dead peer cannot hang the exit in
-``destroy_process_group``. ``first_failure(e)`` turns the launcher's ``ChildFailedError`` into that line.
+``destroy_process_group``. ``first_failure(e)`` turns the launcher's ``ChildFailedError`` into that line: the
+rank that failed first (by the recorded clock), whose failure the others' are consequences of.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def record(exc: BaseException, role: str, rank: int, run_dir: Path | None) -> Pa
     if path:
         try:
             with open(path, "w") as f:
-                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": tb,
-                                                                     "timestamp": str(int(time.time()))}}}, f)
+                json.dump({"message": {"message": line, "extraInfo": {
+                    "py_callstack": tb, "timestamp": str(int(time.time())), "time_ns": str(time.time_ns())}}}, f)
         except OSError:
             pass
     if run_dir is None:
@@ -59,10 +60,21 @@ def record(exc: BaseException, role: str, rank: int, run_dir: Path | None) -> Pa
     return out
 
 
+def _when(failure) -> int:
+    """When a rank failed, in ns: our record's clock (the launcher's own is whole seconds, so a worker that raised
+    and the server that saw it die a moment later tie, and the server, the consequence, would win on rank)."""
+    data = getattr(failure, "error_file_data", None) or {}
+    extra = data.get("message", {}).get("extraInfo", {}) if isinstance(data.get("message"), dict) else {}
+    try:
+        return int(extra["time_ns"])
+    except (KeyError, TypeError, ValueError):
+        return int(getattr(failure, "timestamp", 0) or 0) * 10 ** 9
+
+
 def first_failure(err, run_dir: Path | None = None) -> str:
     """The line ``fed-ddp run`` ends with when a rank failed: the first failed rank's recorded exception (or,
     with no record, e.g. a rank killed by a signal, its exit code), and where its traceback is."""
-    rank, failure = err.get_first_failure()
+    rank, failure = min(err.failures.items(), key=lambda kv: (_when(kv[1]), kv[0]))
     msg = failure.message if isinstance(failure.message, str) else (failure.message or {}).get("message", "")
     if not msg or msg.startswith("To enable traceback"):  # no record: the rank died before, or not in Python
         return f"rank {rank} failed (exit code {failure.exitcode}); see its log lines above"
