@@ -19,11 +19,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fed_ddp.compat import check as check_compat
 from fed_ddp.compression.config import CommSection
 from fed_ddp.errors import ConfigError, check, integer, one_of, positive, seed
 from fed_ddp.files import MAX_YAML, read_text
-from fed_ddp.privacy.config import PrivacySection, check_privacy
-from fed_ddp.wireless.config import WirelessSection, check_wireless
+from fed_ddp.privacy.config import PrivacySection
+from fed_ddp.wireless.config import WirelessSection
 
 _check, _one_of, _positive = check, one_of, positive
 
@@ -119,27 +120,6 @@ class LoraSection:
         _check(all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.rank for k in self.client_ranks),
                "lora.client_ranks", list(self.client_ranks),
                f"every client rank must be an integer in [1, lora.rank={self.rank}] (the global adapter's rank)")
-
-
-def check_client_ranks(cfg) -> None:
-    """``lora.client_ranks`` against the settings that cannot use per-client ranks (one line each)."""
-    ranks = list(cfg.lora.client_ranks)
-    if not ranks:
-        return
-    _check(cfg.train.method == "lora", "lora.client_ranks", ranks,
-           f"per-client LoRA ranks need train.method=lora (not {cfg.train.method})")
-    _check(cfg.fed.strategy != "ffa_lora", "lora.client_ranks", ranks, "fed.strategy=ffa_lora freezes A and sends B "
-           "whole: use fedavg (zero-padding) or flexlora (SVD redistribution) with per-client ranks")
-    _check(cfg.fed.strategy != "scaffold", "lora.client_ranks", ranks, "fed.strategy=scaffold's control variates "
-           "cover the whole rank-r adapter: use fedavg (zero-padding) or flexlora (SVD redistribution)")
-    _check(not cfg.privacy.clips, "lora.client_ranks", ranks, "privacy (privacy.dp, privacy.secagg or clipping) "
-           "clips, noises and masks one message size for every client: set lora.client_ranks=[] or turn privacy off")
-    _check(not cfg.wireless.enabled, "lora.client_ranks", ranks, "the simulated cell (wireless.enabled) times one "
-           "message size for every client: set lora.client_ranks=[] or wireless.enabled=false")
-    _check(cfg.fed.aggregator == "mean", "lora.client_ranks", ranks, f"fed.aggregator={cfg.fed.aggregator} would "
-           "vote the components a low-rank client lacks down to zero (its zero-padded adapter): needs fed.aggregator=mean")
-    _check(cfg.personal.mode == "none", "lora.client_ranks", ranks, "per-client ranks with a personal adapter "
-           f"(personal.mode={cfg.personal.mode}) are not supported yet: set personal.mode=none")
 
 
 PARTITIONS = ("iid", "dirichlet", "shards")
@@ -425,53 +405,11 @@ class RunConfig:
         if self.data.source == "imagefolder" and self.data.client_dirs:
             _check(len(self.data.client_dirs) == self.fed.num_clients, "data.client_dirs",
                    self.data.client_dirs, f"needs one folder per client (fed.num_clients={self.fed.num_clients})")
-        check_privacy(self.privacy, self.fed, self.comm)
-        check_wireless(self.wireless, self.fed, self.privacy)
-        check_client_ranks(self)
-        _check(self.fed.strategy not in ("ffa_lora", "flexlora") or self.train.method == "lora", "fed.strategy",
-               self.fed.strategy, "aggregates LoRA factors: needs train.method=lora")
-        stateful = sorted(set(self.comm.uplink) & {"topk", "randomk", "blocktopk", "segtopk", "lowrank"})
-        _check(self.fed.strategy != "flexlora" or not stateful, "fed.strategy", self.fed.strategy,
-               f"re-factorises A and B every round, so the clients' error-feedback residuals of {stateful} would "
-               "land in another basis: use a stateless uplink (fp16, int8, int4) or fed.strategy=fedavg")
-        _check(self.fed.strategy != "flexlora" or not self.privacy.clips, "fed.strategy", self.fed.strategy,
-               "re-factorises the clients' own products: it cannot work on a clipped, noised or masked mean "
-               "(privacy); use fedavg or ffa_lora")
-        check_personal(self)
-        check_scaffold(self)
+        check_compat(self)  # every rule across groups: fed_ddp/compat.py, docs/compatibility.md
 
     @property
     def world_size(self) -> int:
         return 1 + self.fed.num_workers * self.fed.ranks_per_client
-
-
-def check_scaffold(cfg: RunConfig) -> None:
-    """``fed.strategy=scaffold`` against the settings its control variates cannot work with (one line each)."""
-    if cfg.fed.strategy != "scaffold":
-        return
-    s = "scaffold"
-    _check(not cfg.privacy.clips, "fed.strategy", s, "control variates travel unclipped, unnoised and unmasked: "
-           "privacy (privacy.dp, privacy.secagg or clipping) does not compose with it; turn privacy off")
-    _check(cfg.train.engine == "torch", "fed.strategy", s, "corrects gradients by hooks on the torch engine's "
-           f"parameters: needs train.engine=torch (not {cfg.train.engine})")
-    _check(cfg.fed.ranks_per_client == 1, "fed.strategy", s, "a client's control variate is the mean gradient it "
-           f"saw, one rank's: needs fed.ranks_per_client=1 (not {cfg.fed.ranks_per_client})")
-
-
-def check_personal(cfg: RunConfig) -> None:
-    """``personal.mode`` against the settings that cannot carry a personal adapter (one line each)."""
-    mode = cfg.personal.mode
-    if mode == "none":
-        return
-    _check(cfg.train.method == "lora", "personal.mode", mode, "personal adapters are LoRA adapters: needs "
-           f"train.method=lora (not {cfg.train.method})")
-    _check(cfg.train.engine == "torch", "personal.mode", mode, "needs train.engine=torch (the personal adapter has "
-           "an optimizer of its own, outside DeepSpeed's)")
-    if mode == "split":
-        _check(cfg.fed.ranks_per_client == 1, "personal.mode", mode, "split needs fed.ranks_per_client=1 (the "
-               "personal adapter is trained and stored by one rank per client)")
-        _check(not cfg.privacy.secagg, "personal.mode", mode, "split does not run with privacy.secagg (its rounds "
-               "carry no client state); use differential privacy without secure aggregation, or personal.mode=finetune")
 
 
 def _format_omegaconf_error(e: OmegaConfBaseException) -> ConfigError:

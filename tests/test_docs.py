@@ -19,6 +19,13 @@ def test_config_reference_is_current():
     assert reference_table() in text, "docs/configuration.md is stale: paste fed_ddp.config.reference_table()"
 
 
+def test_compatibility_table_is_current():
+    from fed_ddp.compat import table
+
+    assert table() in (ROOT / "docs" / "compatibility.md").read_text(), "docs/compatibility.md is stale: paste " \
+        "fed_ddp.compat.table()"
+
+
 def test_readme_commands_exist():
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()

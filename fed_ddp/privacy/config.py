@@ -4,7 +4,7 @@
       dp: {noise_multiplier: 1.0, clip_norm: 0.05}    # or target_epsilon: 8 (z calibrated before round 1)
       secagg: true                                     # the server sees only the masked sum
 
-Checks that need other groups (sampling, codecs, aggregator) are in ``check_privacy``.
+Checks that need other groups (sampling, codecs, aggregator) are rules in ``fed_ddp.compat``.
 """
 
 from __future__ import annotations
@@ -115,43 +115,6 @@ def min_clients(privacy: PrivacySection, fed) -> int:
     return max(1, math.floor(fed.expected_round_size / 2))
 
 
-def check_privacy(privacy: PrivacySection, fed, comm) -> None:
-    """Cross-group rules, one line each (raised before any rank starts)."""
-    dp = privacy.dp
-    if dp.enabled:
-        check(fed.sampling in ("poisson", "all"), "fed.sampling", fed.sampling,
-              "differential privacy needs poisson (each client joins independently with fed.sample_rate) or all: "
-              "the accountant's amplification by sampling assumes it")
-        check(fed.aggregator == "mean", "fed.aggregator", fed.aggregator,
-              "must be mean with differential privacy: clipping bounds each client, a robust aggregator would "
-              "select updates by their data")
-        if dp.min_clients is not None:
-            check(dp.min_clients <= fed.num_clients, "privacy.dp.min_clients", dp.min_clients,
-                  f"must be <= fed.num_clients={fed.num_clients}")
-    if dp.adaptive_clip:
-        check(dp.enabled, "privacy.dp.adaptive_clip", True, "needs differential privacy (noise_multiplier or "
-              "target_epsilon): the clip is learnt from a noised count")
-        check(not privacy.secagg, "privacy.dp.adaptive_clip", True, "is not supported with privacy.secagg yet: "
-              "the count of unclipped clients would have to travel masked too")
-        check(dp.mode == "central", "privacy.dp.adaptive_clip", True, "needs privacy.dp.mode=central")
-    if privacy.secagg:
-        from fed_ddp.compression.registry import REGISTRY, TRANSFORM
-
-        nonlinear = [n for n in comm.uplink if REGISTRY[n].kind == TRANSFORM]
-        check(not nonlinear, "comm.uplink", list(comm.uplink),
-              f"{nonlinear[0] if nonlinear else ''} is not linear: secure aggregation sums masked fixed-point "
-              "vectors, so only [], fp16, bf16, int8 or int4 compose with privacy.secagg")
-        check(privacy.clip > 0, "privacy.dp.clip_norm", dp.clip_norm,
-              "must be > 0 with privacy.secagg: clients clip before masking (the server cannot check a masked update)")
-        check(fed.aggregator == "mean", "fed.aggregator", fed.aggregator,
-              "must be mean with privacy.secagg: the server sees only the sum")
-        m = fed.expected_round_size
-        t = privacy.secagg_threshold
-        if t is not None:
-            check(t <= m, "privacy.secagg_threshold", t, f"is larger than the round ({m:g} clients expected per "
-                  "round): no round could be unmasked")
-
-
 def secagg_bits(privacy: PrivacySection, comm) -> int:
     if privacy.secagg_bits is not None:
         return privacy.secagg_bits
@@ -159,4 +122,4 @@ def secagg_bits(privacy: PrivacySection, comm) -> int:
     return enc[0] if enc else 16
 
 
-__all__ = ["ConfigError", "DpSection", "PrivacySection", "check_privacy"]
+__all__ = ["ConfigError", "DpSection", "PrivacySection"]

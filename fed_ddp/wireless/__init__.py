@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 from fed_ddp.wireless.cell import Cell, dbm_to_watts, path_loss_db, shannon_rate
-from fed_ddp.wireless.config import SCHEDULERS, WirelessSection, check_wireless
+from fed_ddp.wireless.config import SCHEDULERS, WirelessSection
 from fed_ddp.wireless.flops import count_step_flops, unet_step_flops
 from fed_ddp.wireless.sim import RoundSim, energy_until, schedule, simulate
 
-__all__ = ["SCHEDULERS", "Cell", "RoundSim", "Wireless", "WirelessSection", "check_wireless", "count_step_flops",
+__all__ = ["SCHEDULERS", "Cell", "RoundSim", "Wireless", "WirelessSection", "count_step_flops",
            "dbm_to_watts", "energy_until", "path_loss_db", "schedule", "shannon_rate", "simulate",
            "unet_step_flops"]
 

@@ -62,19 +62,3 @@ class WirelessSection:
             positive(f"wireless.devices.{name}.watts", d["watts"], zero_ok=True)
         check(sum(d["share"] for d in self.devices.values()) > 0, "wireless.devices", self.devices,
               "needs at least one class with share > 0")
-
-
-def check_wireless(w: WirelessSection, fed, privacy) -> None:
-    """Rules across groups (one line each, before any rank starts)."""
-    if not w.enabled:
-        return
-    if w.scheduler != "random":
-        check(not privacy.dp.enabled, "wireless.scheduler", w.scheduler,
-              "differential privacy needs random (Poisson) sampling: a channel- or age-based choice of clients "
-              "breaks amplification by sampling; use wireless.scheduler=random")
-        check(fed.sampling == "uniform" and fed.clients_per_round is not None, "wireless.scheduler", w.scheduler,
-              "picks fed.clients_per_round clients itself: set fed.sampling=uniform and fed.clients_per_round "
-              f"(now fed.sampling={fed.sampling}, fed.clients_per_round={fed.clients_per_round})")
-    check(not privacy.secagg, "wireless.enabled", w.enabled,
-          "the wireless simulation does not model secure aggregation's four exchanges yet; "
-          "set privacy.secagg=false or wireless.enabled=false")
