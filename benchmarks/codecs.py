@@ -15,10 +15,11 @@ are reused (their summary.json) unless ``--force``. Prints a markdown table and 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
+
+from fed_ddp.results import read_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAINS = {  # name -> comm.* overrides
@@ -55,7 +56,7 @@ def run(name: str, overrides: list[str], out: Path, extra: list[str], force: boo
                *overrides, *extra]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-    return json.loads(summary.read_text())
+    return read_summary(summary.parent).to_json()  # typed and checked (fed_ddp.results), read as its JSON
 
 
 def table(results: dict[str, dict]) -> str:

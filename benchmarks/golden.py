@@ -5,7 +5,7 @@ config, two SHA-256 hashes:
 
 - ``adapter``: the final adapter's tensors (``checkpoints/final/pytorch_lora_weights.safetensors``), key by
   key: name, dtype, shape and raw bytes, in sorted order. Not the file's bytes: peft's metadata order varies.
-- ``rows``: every number of every ``metrics.jsonl`` row but the measured times (``seconds``, ``started_at``,
+- ``rows``: every number of every ``metrics.jsonl`` row (and the final evaluation) but the measured times (``seconds``, ``started_at``,
   ``train_seconds``, ``*_seconds``) and ``base_eval_cached`` (whether an earlier run's base evaluation was
   reused, which depends on the cache, not on the code).
 
@@ -52,9 +52,17 @@ def _untimed(x):
     return x
 
 
-def rows_hash(path: Path) -> str:
-    rows = [_untimed(json.loads(ln)) for ln in path.read_text().splitlines() if ln.strip()]
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+def rows_hash(run_dir: Path) -> str:
+    """Over the run's lines as schema 1 wrote them (the baseline's): each round's row without the ``schema``
+    field, then the final evaluation as a line ``{"round": R, "final": ...}`` (schema 2 keeps it in summary.json
+    only), so a file of either schema hashes the same when its numbers are the same."""
+    from fed_ddp.results import read_rows, read_summary
+
+    rows, _ = read_rows(run_dir)
+    lines = [{k: v for k, v in r.to_json().items() if k != "schema"} for r in rows.ordered()]
+    summary = read_summary(run_dir)
+    lines.append({"round": summary.rounds, "final": rows.final if rows.final is not None else summary.final})
+    return hashlib.sha256(json.dumps([_untimed(x) for x in lines], sort_keys=True).encode()).hexdigest()
 
 
 def run(config: str, out: Path, extra: list[str]) -> dict:
@@ -65,7 +73,7 @@ def run(config: str, out: Path, extra: list[str]) -> dict:
         sys.exit(f"{config}: fed-ddp run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     d = out / config
     return {"adapter": adapter_hash(d / "checkpoints" / "final" / "pytorch_lora_weights.safetensors"),
-            "rows": rows_hash(d / "metrics.jsonl")}
+            "rows": rows_hash(d)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from fed_ddp.results import read_rows, read_summary
+
 RESULTS = ROOT / "benchmarks" / "results"
 FULL_LR = "1e-3"  # full fine-tuning needs a smaller step than LoRA (train.lr; see the README)
 TARGET = 0.3  # accuracy on the clients' digits the "to reach" columns ask for
@@ -127,9 +129,8 @@ def digits(out: Path) -> list[str]:
         printed = fed_ddp("configs/wireless.yaml", f"run.output_dir={out}", f"run.name={run}", "run.overwrite=true",
                           "tracking.progress=false", "eval.accuracy_every=2", *extra)
         (out / f"{run}.txt").write_text(printed)
-        s = json.loads((out / run / "summary.json").read_text())
-        rows = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
-        rows = {r["round"]: r for r in rows if isinstance(r.get("round"), int) and "seconds" in r}
+        s = read_summary(out / run).to_json()  # typed and checked (fed_ddp.results), read as its JSON
+        rows = {r.round: r.to_json() for r in read_rows(out / run)[0].ordered()}
         curve = [(0, 0.0, 0.0, rows[0]["gen_acc_clients"])]
         for rnd in sorted(r for r in rows if r > 0):
             acc = s["final"]["gen_acc_clients"] if rnd == s["rounds"] else rows[rnd].get("gen_acc_clients")

@@ -24,7 +24,6 @@ Goals (issue 10): air bytes with secure aggregation <= 1.75x the same fixed-poin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from fed_ddp.results import read_rows, read_summary
 
 
 def fed_ddp(*args: str) -> str:
@@ -64,8 +64,8 @@ def accuracy(out: Path) -> list[str]:
         printed = fed_ddp("configs/population.yaml", f"run.output_dir={out}", f"run.name={run}", "run.overwrite=true",
                           "tracking.progress=false", *extra)
         (out / f"{run}.txt").write_text(printed)  # what the user sees at the end of the run
-        s = json.loads((out / run / "summary.json").read_text())
-        metrics = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
+        s = read_summary(out / run).to_json()  # typed and checked (fed_ddp.results), read as its JSON
+        metrics = [r.to_json() for r in read_rows(out / run)[0].ordered()]
         p = s["privacy"]
         unclipped = [r["privacy"].get("unclipped", 0) for r in metrics if "privacy" in r and "comm" in r]
         arrived = [len(r["clients"]["arrived"]) for r in metrics if "privacy" in r and "comm" in r]
@@ -192,12 +192,11 @@ def secagg_time(out: Path) -> list[str]:
     for name, extra in (("off", []), ("on", ["privacy.secagg=true"])):
         run = f"secagg_{name}"
         fed_ddp("configs/quickstart.yaml", f"run.name={run}", *common, *extra)
-        rows = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
-        rounds = [r for r in rows if r["round"] > 0 and "comm" in r]
+        rounds = [r.to_json() for r in read_rows(out / run)[0].ordered() if r.round > 0]
         res[name] = {"round_s": np.mean([r["seconds"]["round"] - r["seconds"]["evaluation"] for r in rounds]),
                      "train_s": np.mean([r["seconds"]["local_training"] for r in rounds]),
                      "air_up": np.mean([r["comm"]["air"]["up"]["total"] for r in rounds]),
-                     "acc": json.loads((out / run / "summary.json").read_text())["final"]["gen_acc_clients"]}
+                     "acc": read_summary(out / run).final["gen_acc_clients"]}
         if name == "on":
             res[name]["steps"] = {k: np.mean([r["privacy"]["secagg"]["steps"][k]["seconds"] for r in rounds])
                                   for k in ("keys", "shares", "masked", "unmask")}

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from fed_ddp.distributed.nodes import cpu_cores  # the cores the launcher counts (affinity mask)
+from fed_ddp.results import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("local_training", "client_overhead", "communication", "aggregation", "other")  # + evaluation = round
@@ -62,6 +63,7 @@ from fed_ddp.config import load_config
 from fed_ddp.data.federated import build_federated_data
 from fed_ddp.diffusion.models import load_pipeline
 from fed_ddp.evaluation import reference_classifier
+from fed_ddp.results import read_rows
 t = time.time(); cfg = load_config(sys.argv[2], json.loads(sys.argv[3])); out["fed_ddp_imports_config"] = time.time() - t
 t = time.time(); pipe = load_pipeline(sys.argv[1], torch.device("cpu"), cfg.model.revision, cfg.model.family)
 out["fed_ddp_load_pipeline"] = time.time() - t
@@ -86,10 +88,9 @@ def fed_run(config: str, overrides: list[str]) -> dict:
         raise SystemExit(f"fed-ddp run {config} {' '.join(overrides)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run.output_dir="))) / next(
         o.split("=", 1)[1] for o in overrides if o.startswith("run.name="))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = {r["round"]: r for r in rows if "seconds" in r}
-    return {"launch": launch, "wall": time.time() - launch, "base": rows[0],
-            "rounds": [rows[r] for r in sorted(rows) if r > 0]}
+    rows, _ = read_rows(run_dir)  # typed and checked (fed_ddp.results); read below as the rows' JSON
+    return {"launch": launch, "wall": time.time() - launch, "base": rows.base.to_json(),
+            "rounds": [r.to_json() for r in rows.ordered() if r.round > 0]}
 
 
 def breakdown(row: dict) -> dict:

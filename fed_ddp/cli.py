@@ -13,7 +13,6 @@ Inside ``torchrun`` or SLURM (``RANK``/``WORLD_SIZE`` set), ``fed-ddp run`` does
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import uuid
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from fed_ddp.config import ConfigError, load_config, split_args
 from fed_ddp.diffusion.families import denoiser
+from fed_ddp.results import RunSummary, read_summary
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -89,21 +89,20 @@ def cmd_run(args) -> int:
         sig = getattr(e, "sigval", signal.SIGINT)
         return _fail(f"stopped by {signal.Signals(sig).name}; every complete round is checkpointed in "
                      f"{cfg.run.dir / 'checkpoints'} (continue with run.resume=true)", 128 + int(sig))
-    summary_path = cfg.run.dir / "summary.json"
-    if summary_path.exists():
-        s = json.loads(summary_path.read_text())
+    s = read_summary(cfg.run.dir)
+    if s is not None:
         print_table(s, list(cfg.data.digits), [d for d in cfg.model.tiny.digits if d not in cfg.data.digits])
-        if s.get("personal", {}).get("clients"):  # personal.mode: each client's digits, global vs personal
+        if (s.personal or {}).get("clients"):  # personal.mode: each client's digits, global vs personal
             from fed_ddp.personal import table
 
-            print("\n" + table(s["personal"]))
-        t = s["seconds_total"]
-        print(f"\nTime over {s['rounds']} rounds: {t['round']:.1f} s = local training {t['local_training']:.1f}"
+            print("\n" + table(s.personal))
+        t = s.seconds_total
+        print(f"\nTime over {s.rounds} rounds: {t['round']:.1f} s = local training {t['local_training']:.1f}"
               f" + client overhead {t['client_overhead']:.1f}"
               f" + communication {t['communication']:.1f} + aggregation {t['aggregation']:.2f}"
               f" + evaluation {t['evaluation']:.1f} + other {t['other']:.1f}")
         print_bytes(s)
-        if sim := s.get("sim"):
+        if sim := s.sim:
             print(f"Simulated wireless cell (not measured): {sim['time_s']:,.1f} s of synchronous rounds, "
                   f"{sim['energy_j']:,.1f} J on the devices ({sim['energy_wasted_j']:,.1f} J by "
                   f"{sim['stragglers']} straggler(s) past the deadline); median client round by device: "
@@ -115,15 +114,15 @@ def cmd_run(args) -> int:
     return 0
 
 
-def print_table(summary: dict, client_digits: list[int], base_digits: list[int], file=None) -> None:
+def print_table(summary: RunSummary, client_digits: list[int], base_digits: list[int], file=None) -> None:
     """The quickstart's closing table: generation accuracy of the base vs the federated adapter."""
     file = file or sys.stdout
-    b, f = summary.get("base", {}), summary["final"]
+    b, f = summary.base, summary.final
     if "gen_acc" not in f:
         return
-    n = summary.get("images_per_prompt", "?")
+    n = summary.images_per_prompt or "?"
     print(f"\nGeneration accuracy: share of {n} images per prompt that a reference classifier "
-          f"({summary['classifier_test_accuracy']:.1%} on real digits) assigns to the prompted digit", file=file)
+          f"({summary.classifier_test_accuracy:.1%} on real digits) assigns to the prompted digit", file=file)
     print(f"  {'':26s}{'base':>8s}{'federated':>11s}", file=file)
     rows = [(f"digit {d} ({'client' if d in client_digits else 'base'} concept)",
              b.get("gen_acc", {}).get(str(d), float("nan")), f["gen_acc"][str(d)])
@@ -142,17 +141,17 @@ def _times(ratio: float) -> str:
     return f"{1 / ratio:.2f}x more than"
 
 
-def print_bytes(s: dict, file=None) -> None:
+def print_bytes(s: RunSummary, file=None) -> None:
     """The closing byte lines: over the air (per client) and in the cluster (collectives), never mixed."""
-    c = s["comm"]
+    c = s.comm
     up, down = c["air"]["up"], c["air"]["down"]
     print(f"Bytes over the air: up {up['total']:,} in {up['messages']:,} client messages ({c['uplink']}), down "
-          f"{down['total']:,} to {down['messages']:,} clients ({c['downlink']}), for {s['lora_parameters']:,} "
-          f"{'UNet (train.method=full)' if s.get('method') == 'full' else 'LoRA'} parameters; uplink "
-          f"{_times(up.get('vs_dense_lora', 0))} dense fp32 {'weights' if s.get('method') == 'full' else 'LoRA'}, "
+          f"{down['total']:,} to {down['messages']:,} clients ({c['downlink']}), for {s.lora_parameters:,} "
+          f"{'UNet (train.method=full)' if s.method == 'full' else 'LoRA'} parameters; uplink "
+          f"{_times(up.get('vs_dense_lora', 0))} dense fp32 {'weights' if s.method == 'full' else 'LoRA'}, "
           f"{_times(up.get('vs_full_unet', 0))} the full denoiser ({c['unet_parameters']:,} parameters)", file=file)
-    print(f"Bytes in the cluster (collectives): up {s['bytes_up_total']:,} / down {s['bytes_down_total']:,} "
-          f"over {s['workers']} worker(s)", file=file)
+    print(f"Bytes in the cluster (collectives): up {s.bytes_up_total:,} / down {s.bytes_down_total:,} "
+          f"over {s.workers} worker(s)", file=file)
 
 
 def cmd_pretrain(args) -> int:

@@ -33,13 +33,14 @@ from fed_ddp.diffusion.lora import get_flat, prepare_trainable, set_flat
 from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
 from fed_ddp.lora_ranks import client_rank
 from fed_ddp.protocol import wire_for
+from fed_ddp.results import RunSummary
 from fed_ddp.server import run_server
 from fed_ddp.tracking import setup_logging
 from fed_ddp.transport import InMemoryTransport
 from fed_ddp.worker import Worker
 
 
-def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Tensor, base: str) -> dict:
+def run_arm(cfg: RunConfig, pipe, scheduler, data: FederatedData, init: torch.Tensor, base: str) -> RunSummary:
     """One arm: the production server loop and worker over the in-memory transport (one worker plays every
     sampled client in turn; a client's update does not depend on which worker plays it)."""
     set_flat(denoiser(pipe), init)
@@ -85,19 +86,20 @@ def compare(cfg: RunConfig, client: int = 0, strategies: list[str] | None = None
         print(f"\n== {name}: {arm_cfg.fed.num_clients} trainer(s) x {arm_cfg.fed.local_steps} steps x "
               f"{arm_cfg.fed.rounds} rounds on {sum(len(d) for d in arm_data.clients)} private examples", flush=True)
         results[name] = run_arm(arm_cfg, pipe, scheduler, arm_data, _start_arm(denoiser(pipe), start, arm_cfg), base)
-    table = {name: {"total_local_steps": (1 if name in ("centralized", "local_only") else n)
-                    * arms[name][0].fed.local_steps * cfg.fed.rounds,
+    # the pooled and the local-only trainer send nothing: their one-client runs' wire bytes are not theirs (None)
+    sent = {name: name not in ("centralized", "local_only") for name in results}
+    table = {name: {"total_local_steps": (1 if not sent[name] else n) * arms[name][0].fed.local_steps * cfg.fed.rounds,
                     "examples": sum(len(d) for d in arms[name][1].clients),
-                    "gen_acc_clients": r["final"].get("gen_acc_clients"),
-                    "gen_acc_base": r["final"].get("gen_acc_base"),
-                    "val_loss": r["final"].get("val_loss"),
-                    "bytes_up_total": r["bytes_up_total"],
-                    "air_up_total": r["comm"]["air"]["up"]["total"]}
+                    "gen_acc_clients": r.final.get("gen_acc_clients"),
+                    "gen_acc_base": r.final.get("gen_acc_base"),
+                    "val_loss": r.final.get("val_loss"),
+                    "bytes_up_total": r.bytes_up_total if sent[name] else None,
+                    "air_up_total": r.comm["air"]["up"]["total"] if sent[name] else None}
              for name, r in results.items()}
     first = results[next(iter(federated))]
-    table["base"] = {"gen_acc_clients": first["base"].get("gen_acc_clients"),
-                     "gen_acc_base": first["base"].get("gen_acc_base"),
-                     "val_loss": first["base"].get("val_loss")}
+    table["base"] = {"gen_acc_clients": first.base.get("gen_acc_clients"),
+                     "gen_acc_base": first.base.get("gen_acc_base"),
+                     "val_loss": first.base.get("val_loss")}
     out = cfg.run.dir.parent / root / "compare.json"
     out.write_text(json.dumps(table, indent=2))
     print_compare(table)
@@ -143,6 +145,10 @@ def _start_arm(unet, start: dict[str, torch.Tensor], cfg: RunConfig) -> torch.Te
     return get_flat(unet)
 
 
+def _bytes(n) -> str:
+    return "-" if n is None else f"{n:,}"  # the base, and the pooled and local-only trainers, send nothing
+
+
 def print_compare(table: dict) -> None:
     rows = ["base", *[k for k in table if k.startswith("federated")], "centralized", "local_only"]
     width = max(14, *(len(r) + 2 for r in rows))
@@ -157,7 +163,7 @@ def print_compare(table: dict) -> None:
 
         steps = r.get("total_local_steps", 0)
         print(f"{name:{width}s}{steps:8d}{r.get('examples', 0):10d}{pct(r['gen_acc_clients']):>22s}"
-              f"{pct(r['gen_acc_base']):>20s}{r['val_loss']:10.4f}{r.get('air_up_total', 0):16,}")
+              f"{pct(r['gen_acc_base']):>20s}{r['val_loss']:10.4f}{_bytes(r.get('air_up_total')):>16s}")
     if isinstance(central, float) and central > 0:
         for name in rows[1:-2]:
             acc = table[name].get("gen_acc_clients")

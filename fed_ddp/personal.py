@@ -28,8 +28,17 @@ import numpy as np
 import torch
 
 from fed_ddp.diffusion.families import denoiser
-from fed_ddp.diffusion.lora import export_adapter, export_personal, personal_state, set_personal
+from fed_ddp.diffusion.lora import (
+    clear_personal,
+    export_adapter,
+    export_personal,
+    init_personal,
+    personal_state,
+    set_personal,
+)
 from fed_ddp.evaluation import generation_accuracy, mean_over
+from fed_ddp.hooks import ClientHook, ClientJob
+from fed_ddp.seeds import client_personal
 
 log = logging.getLogger("fed_ddp.personal")
 FOLDER = "personal"
@@ -46,10 +55,36 @@ def read_index(ckpt: str | Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+PERSONAL_KEY = "personal|"  # prefix of the personal adapter's tensors in a client's state file
+
+
+class PersonalClient(ClientHook):
+    """personal.mode=split on the client: its personal adapter from its state file (or peft's initialisation from
+    its own seed) before training, trained alongside the shared one, then kept in its state file, never in the
+    message; the model is left without it."""
+
+    prefix = PERSONAL_KEY
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def before_fit(self, worker, job: ClientJob) -> None:
+        if job.state_round < 0:
+            init_personal(denoiser(worker.pipe), client_personal(self.seed, job.client))
+            return
+        tensors, _ = worker.saved_state(job.client, job.state_round)
+        set_personal(denoiser(worker.pipe), {k[len(PERSONAL_KEY):]: v for k, v in tensors.items()
+                                             if k.startswith(PERSONAL_KEY)})
+
+    def after_fit(self, worker, job: ClientJob, delta: torch.Tensor) -> torch.Tensor:
+        job.saved.update({PERSONAL_KEY + k: v for k, v in personal_state(denoiser(worker.pipe)).items()})
+        clear_personal(denoiser(worker.pipe))
+        return delta
+
+
 def split_states(server) -> dict[int, dict[str, torch.Tensor]]:
     """personal.mode=split: each client's personal adapter as of the last round it played."""
     from fed_ddp.population import ClientStateStore
-    from fed_ddp.worker import PERSONAL_KEY
 
     store = ClientStateStore(server.run_dir / "clients", cache_size=0)
     out = {}

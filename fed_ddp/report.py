@@ -32,7 +32,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fed_ddp.files import jsonl_rows, read_json, read_yaml
+from fed_ddp.files import read_yaml
+from fed_ddp.results import RoundRecord, RunSummary, read_rows, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,6 @@ ALWAYS = ("fed.num_clients", "lora.rank", "comm.uplink")
 NOT_PARAMETERS = ("run.name", "run.output_dir", "run.resume", "run.log_level", "tracking.")
 SHORT = {"fed.num_clients": "clients", "lora.rank": "rank", "comm.uplink": "uplink", "comm.downlink": "downlink"}
 CHAINS = ("comm.uplink", "comm.downlink")  # codec chains: [] is dense fp32
-
-
-def _air(row: dict, direction: str) -> dict:
-    """Over-the-air bytes of a round, one direction (``comm.air.up``; runs before populations: ``comm.up``)."""
-    comm = row.get("comm") or {}
-    return (comm.get("air") or {}).get(direction) or comm.get(direction) or {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -71,10 +66,10 @@ def _mean(xs: list) -> float | int | None:
 class Run:
     path: Path
     config: dict  # flattened: {"fed.num_clients": 4, ...}
-    rounds: dict[int, dict] = field(default_factory=dict)  # training rounds 1..R
-    base: dict = field(default_factory=dict)  # round 0 (the base model's evaluation)
+    rounds: dict[int, RoundRecord] = field(default_factory=dict)  # training rounds 1..R
+    base: RoundRecord | None = None  # round 0 (the base model's evaluation)
     final: dict = field(default_factory=dict)  # the final evaluation
-    summary: dict | None = None
+    summary: RunSummary | None = None
 
     @property
     def name(self) -> str:
@@ -83,90 +78,52 @@ class Run:
     @property
     def has_sim(self) -> bool:
         """A run of the simulated wireless cell (sim_* in its rounds)."""
-        return any("sim_time_s" in row for row in self.rounds.values())
+        return any("sim_time_s" in row.metrics for row in self.rounds.values())
 
     def sim_series(self, key: str, at: str) -> list[tuple[float, float]]:
         """(simulated ``at`` so far, ``key``) at round 0 (nothing spent yet), at every training round that
         measured ``key``, and at the final evaluation: for plots of accuracy against simulated time or energy."""
         if not self.has_sim:
             return []
-        spent = {r: row.get(at) for r, row in self.rounds.items()}
+        spent = {r: row.value(at) for r, row in self.rounds.items()}
         return [(0.0 if r == 0 else spent.get(r), v) for r, v in self.series(key)
-                if r == 0 or isinstance(spent.get(r), (int, float))]
+                if r == 0 or spent.get(r) is not None]
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """(round, value) of a top-level metric over round 0, the training rounds and the final evaluation."""
         pts = {}
-        if isinstance(self.base.get(key), (int, float)):
-            pts[0] = self.base[key]
+        if self.base is not None and self.base.value(key) is not None:
+            pts[0] = self.base.value(key)
         for r, row in self.rounds.items():
-            if isinstance(row.get(key), (int, float)):
-                pts[r] = row[key]
+            if row.value(key) is not None:
+                pts[r] = row.value(key)
         if isinstance(self.final.get(key), (int, float)) and self.rounds:
             pts.setdefault(max(self.rounds), self.final[key])
         return sorted(pts.items())
 
 
 def load_run(path: str | Path) -> Run:
-    """A run directory's config, rows and summary, checked: every failure one line naming the file (and line).
-    A last line cut short by a crash is skipped with a warning (as a resume skips it)."""
+    """A run directory's config, rows and summary (schema 2, or 1: before the schema field), checked: every
+    failure one line naming the file (and line). A last line cut short by a crash is skipped with a warning
+    (as a resume skips it)."""
     p = Path(path)
     missing = [n for n in ("config.yaml", "metrics.jsonl") if not (p / n).is_file()]
     if missing:
         raise ValueError(f"run_dir={str(path)!r}: not a run directory (no {' and no '.join(missing)})")
     try:
         stored = read_yaml(p / "config.yaml")
-        lines, warning = jsonl_rows(p / "metrics.jsonl")
-        summary = read_json(p / "summary.json") if (p / "summary.json").is_file() else None
+        rows, warning = read_rows(p)
+        summary = read_summary(p)
     except OSError as e:  # damaged, not UTF-8, a link, too large: named
         raise ValueError(str(e)) from None
     if not isinstance(stored, dict):
         raise ValueError(f"{p / 'config.yaml'}: not a mapping of config groups")  # noqa: TRY004 (bad input, one line)
     if warning:
         log.warning(warning)
-    run = Run(p, _flatten(stored))
-    for i, row in lines:
-        where = f"{p / 'metrics.jsonl'}:{i}"
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: a row must be a JSON object, not {type(row).__name__}")  # noqa: TRY004
-        _check_row(row, where)
-        if "final" in row:
-            run.final = row["final"]
-        elif row.get("round") == 0:
-            run.base = row
-        elif isinstance(row.get("round"), int) and row["round"] > 0:
-            run.rounds[row["round"]] = row
+    run = Run(p, _flatten(stored), rounds=rows.rounds, base=rows.base, final=rows.final or {}, summary=summary)
     if summary is not None:
-        if not isinstance(summary, dict):
-            raise ValueError(f"{p / 'summary.json'}: must be a JSON object, not {type(summary).__name__}")
-        final = summary.get("final", {})
-        if not isinstance(final, dict):
-            raise ValueError(f"{p / 'summary.json'}: 'final' must be a JSON object")
-        run.summary = summary
-        run.final = run.final or final
+        run.final = run.final or summary.final
     return run
-
-
-_NUMBER = (int, float, type(None))
-# what the table and the plots read from a row, and its shape
-_ROW_SHAPE = {"round": int, "seconds": dict, "comm": dict, "final": dict, "val_loss": _NUMBER, "gen_acc_clients": _NUMBER,
-              "bytes_up": _NUMBER, "bytes_down": _NUMBER, "sim_latency_s": _NUMBER, "sim_energy_j": _NUMBER,
-              "sim_time_s": _NUMBER, "sim_stragglers": list}
-
-
-def _check_row(row: dict, where: str) -> None:
-    for key, kind in _ROW_SHAPE.items():
-        if key in row and (not isinstance(row[key], kind) or isinstance(row[key], bool)):
-            raise ValueError(f"{where}: {key!r} is {json.dumps(row[key])[:40]}, not what a fed_ddp run writes there")
-    for key in ("seconds", "final"):
-        for k, v in (row.get(key) or {}).items():
-            if key == "seconds" and (not isinstance(v, _NUMBER) or isinstance(v, bool)):
-                raise ValueError(f"{where}: seconds.{k} is {json.dumps(v)[:40]}, not a number")
-    comm = row.get("comm") or {}
-    for part in (comm, comm.get("air") if isinstance(comm.get("air"), dict) else {}):
-        for d in ("up", "down", "air"):
-            if d in part and not isinstance(part[d], dict):
-                raise ValueError(f"{where}: comm.{d} is {json.dumps(part[d])[:40]}, not a JSON object")
 
 
 def parameters(runs: list[Run]) -> list[str]:
@@ -199,21 +156,20 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
     out = []
     for run in runs:
         rows = [run.rounds[r] for r in sorted(run.rounds)]
-        val = [row["val_loss"] for row in rows if isinstance(row.get("val_loss"), (int, float))]
+        val = [v for row in rows if (v := row.value("val_loss")) is not None]
         d = {"run": run.name, **{k: run.config.get(k) for k in keys},
-             "lora_parameters": (run.summary or {}).get("lora_parameters"),
+             "lora_parameters": run.summary.lora_parameters if run.summary else None,
              "rounds": len(rows),
-             "round_s": _mean([row.get("seconds", {}).get("round") for row in rows]),
-             **{f"{s}_s": _mean([row.get("seconds", {}).get(s) for row in rows]) for s in SPLIT},
-             "bytes_up_per_round": _mean([_air(row, "up").get("total", row.get("bytes_up")) for row in rows]),
-             "bytes_down_per_round": _mean([_air(row, "down").get("total", row.get("bytes_down")) for row in rows]),
-             "up_vs_dense_lora": _mean([_air(row, "up").get("vs_dense_lora")
-                                        for row in rows]),
+             "round_s": _mean([row.seconds.get("round") for row in rows]),
+             **{f"{s}_s": _mean([row.seconds.get(s) for row in rows]) for s in SPLIT},
+             "bytes_up_per_round": _mean([row.air("up").get("total", row.bytes_up) for row in rows]),
+             "bytes_down_per_round": _mean([row.air("down").get("total", row.bytes_down) for row in rows]),
+             "up_vs_dense_lora": _mean([row.air("up").get("vs_dense_lora") for row in rows]),
              "val_loss_final": val[-1] if val else None,
-             "gen_acc_clients_base": run.base.get("gen_acc_clients"),
+             "gen_acc_clients_base": run.base.value("gen_acc_clients") if run.base else None,
              "gen_acc_clients_final": run.final.get("gen_acc_clients")}
         if "sim_time_s" in columns:
-            sims = [row for row in rows if "sim_latency_s" in row]
+            sims = [row.metrics for row in rows if "sim_latency_s" in row.metrics]
             d.update({"sim_time_s": sum(row["sim_latency_s"] for row in sims) if sims else None,
                       "sim_energy_j": sum(row["sim_energy_j"] for row in sims) if sims else None,
                       "sim_stragglers": sum(len(row["sim_stragglers"]) for row in sims) if sims else None})

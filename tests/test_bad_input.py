@@ -705,7 +705,7 @@ def test_a_resume_after_a_cut_line_keeps_every_row_and_the_totals_of_an_uninterr
     whole = finished_run(tiny_base, tmp_path, "whole", "fed.rounds=3")
     cut = finished_run(tiny_base, tmp_path, "cut", "fed.rounds=2")
     lines = (cut / "metrics.jsonl").read_text().splitlines(keepends=True)
-    assert [json.loads(ln).get("round") for ln in lines] == [0, 1, 2, 2]  # base, rounds, the final evaluation
+    assert [json.loads(ln).get("round") for ln in lines] == [0, 1, 2]  # base, rounds (the final: summary.json)
     (cut / "metrics.jsonl").write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # no newline: cut
     shutil.rmtree(cut / "checkpoints" / "final")
     (cut / "summary.json").unlink()
@@ -721,8 +721,8 @@ def test_a_resume_after_a_cut_line_keeps_every_row_and_the_totals_of_an_uninterr
     assert any("metrics.jsonl: line 3 was cut short" in m for m in said), said
     assert any("resuming from round_0001" in m for m in said), said
     got, want = rows(cut), rows(whole)
-    assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 1, 2, 3, 3]
-    for a, b in zip(got[1:4], want[1:4]):
+    assert [r["round"] for r in got] == [r["round"] for r in want] == [0, 1, 2, 3]
+    for a, b in zip(got[1:], want[1:]):
         assert (a["num_examples"], a["bytes_up"], a["bytes_down"], a["comm"]) == (
             b["num_examples"], b["bytes_up"], b["bytes_down"], b["comm"])
         assert a["train_loss"] == b["train_loss"]
@@ -731,6 +731,44 @@ def test_a_resume_after_a_cut_line_keeps_every_row_and_the_totals_of_an_uninterr
     assert (s_cut["rounds"], s_cut["bytes_up_total"], s_cut["bytes_down_total"]) == (
         s_whole["rounds"], s_whole["bytes_up_total"], s_whole["bytes_down_total"])
     a, b = (load_file(r / "checkpoints" / "final" / "pytorch_lora_weights.safetensors") for r in (cut, whole))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _untimed(row: dict) -> dict:
+    """A row's numbers but its clocks, and without the schema field (what schema 1 did not write)."""
+    clocks = ("seconds", "started_at", "train_seconds", "schema", "base_eval_cached")
+    return {k: v for k, v in row.items() if k not in clocks}
+
+
+def test_a_run_directory_written_before_the_schema_still_reports_and_resumes_bit_for_bit(tiny_base, tmp_path):
+    """Schema 1 (before ``RoundRecord``): rows without a ``schema`` field and the final evaluation as one more
+    line carrying the last round's number. Such a directory loads in ``report`` (its final from that line, not a
+    second round 2), and a resume to round 3 gives the adapter and the rows of an uninterrupted run."""
+    import torch
+    from inproc_runs import finished_run
+    from safetensors.torch import load_file
+
+    from fed_ddp.report import load_run
+
+    whole = finished_run(tiny_base, tmp_path, "whole", "fed.rounds=3")
+    old = finished_run(tiny_base, tmp_path, "old", "fed.rounds=2")
+    rows = [json.loads(ln) for ln in (old / "metrics.jsonl").read_text().splitlines()]
+    assert [r["schema"] for r in rows] == [2, 2, 2] and [r["round"] for r in rows] == [0, 1, 2]
+    summary = json.loads((old / "summary.json").read_text())
+    v1 = [{k: v for k, v in r.items() if k != "schema"} for r in rows] + [{"round": 2, "final": summary["final"]}]
+    (old / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in v1))
+    (old / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "schema"}))
+    run = load_run(old)
+    assert sorted(run.rounds) == [1, 2] and run.base.round == 0 and run.rounds[2].schema == 1
+    assert run.final == summary["final"] and run.summary.schema == 1
+    finished_run(tiny_base, tmp_path, "old", "fed.rounds=3", "run.resume=true")
+    got = [json.loads(ln) for ln in (old / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(ln) for ln in (whole / "metrics.jsonl").read_text().splitlines()]
+    # the schema-1 lines stay as they were; the resumed round is schema 2; a round indexes one line
+    assert [r["round"] for r in got] == [0, 1, 2, 2, 3] and "final" in got[3] and got[4]["schema"] == 2
+    assert [_untimed(r) for r in got[:3] + got[4:]] == [_untimed(r) for r in want]
+    assert sorted(load_run(old).rounds) == [1, 2, 3]
+    a, b = (load_file(r / "checkpoints" / "final" / "pytorch_lora_weights.safetensors") for r in (old, whole))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -103,7 +103,7 @@ def full_run(tiny_base, tmp_path_factory):
     prepare_trainable(p.unet, cfg)
     init = get_flat(p.unet)
     data = build_federated_data(cfg)
-    summary = run_arm(cfg, p, training_scheduler(p), data, init, str(tiny_base))
+    summary = run_arm(cfg, p, training_scheduler(p), data, init, str(tiny_base)).to_json()  # as summary.json holds it
     return cfg, p, data, init, summary
 
 

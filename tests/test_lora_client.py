@@ -94,7 +94,7 @@ def test_in_memory_server_loop_matches_weighted_mean(tiny_base, tmp_path):
     init = get_flat(p.unet)
     data = build_federated_data(cfg)
     sched = training_scheduler(p)
-    summary = run_arm(cfg, p, sched, data, init, str(tiny_base))
+    summary = run_arm(cfg, p, sched, data, init, str(tiny_base)).to_json()  # as summary.json holds it
     # recompute each client's delta independently with a fresh trainer on the same data and seed
     from fed_ddp.client import LocalTrainer
     deltas, counts = [], []

@@ -53,7 +53,8 @@ def _run(base: Path, out: Path, name: str, *overrides: str) -> tuple[Path, dict,
         sent.append(up.clone())
         return up, sizes
 
-    summary = run_server(cfg, pipe, training_scheduler(pipe), data, InMemoryTransport([handle]), str(base), wire=wire)
+    summary = run_server(cfg, pipe, training_scheduler(pipe), data, InMemoryTransport([handle]), str(base),
+                         wire=wire).to_json()  # as summary.json holds it
     return cfg.run.dir, summary, sent
 
 

@@ -238,7 +238,7 @@ def _run(tiny_base, out: Path, name: str, *extra: str, parts: list | None = None
     attach_lora(pipe.unet, cfg.lora, seed=cfg.run.seed)
     data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
     init = get_flat(pipe.unet)
-    summary = run_arm(cfg, pipe, training_scheduler(pipe), data, init, str(tiny_base))
+    summary = run_arm(cfg, pipe, training_scheduler(pipe), data, init, str(tiny_base)).to_json()  # as summary.json holds it
     if parts is not None:
         parts.extend([cfg, pipe, data, init])
     return cfg.run.dir, summary

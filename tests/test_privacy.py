@@ -481,7 +481,7 @@ def _in_process(tiny_base, tmp_path, name, extra, tamper=None):
         return h
 
     summary = run_server(cfg, pipe, training_scheduler(pipe), data, InMemoryTransport([handler(0), handler(1)]),
-                         str(tiny_base), wire=wire)
+                         str(tiny_base), wire=wire).to_json()  # as summary.json holds it
     return summary, _rows(cfg.run.dir), cfg.run.dir
 
 

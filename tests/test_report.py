@@ -37,7 +37,7 @@ def expected(run_dir) -> dict:
     """The figures, recomputed from metrics.jsonl and config.yaml here, independently of fed_ddp.report."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rows if r.get("round", 0) > 0 and "seconds" in r]
-    final = [r["final"] for r in rows if "final" in r][-1]
+    final = json.loads((run_dir / "summary.json").read_text())["final"]  # schema 2: not a line of metrics.jsonl
     base = next(r for r in rows if r["round"] == 0)
     n = len(rounds)
     e = {"rounds": n, "round_s": sum(r["seconds"]["round"] for r in rounds) / n,

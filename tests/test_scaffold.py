@@ -177,19 +177,20 @@ def test_a_poisoned_control_variate_is_rejected_and_c_stays_the_mean(tiny_base, 
     from inproc_runs import finished_run
 
     from fed_ddp.population import ClientStateStore
-    from fed_ddp.worker import Worker
+    from fed_ddp.strategies.scaffold import CLIENT_CONTROL, ScaffoldClient
 
-    real = Worker.fit_scaffold
+    real = ScaffoldClient.after_fit
 
-    def poisoned(self, client, plan, global_flat, control, state_round):
-        up, metrics, c_new = real(self, client, plan, global_flat, control, state_round)
-        if client == 1 and plan.round == 2:
-            n = control.numel()
-            up, c_new = up.clone(), c_new + 1e30
+    def poisoned(self, worker, job, delta):  # SCAFFOLD's own client hook, after it built [Δx_i, Δc_i]
+        up = real(self, worker, job, delta)
+        if job.client == 1 and job.plan.round == 2:
+            n = self.control.numel()
+            up = up.clone()
             up[n:] += 1e30
-        return up, metrics, c_new
+            job.saved[CLIENT_CONTROL] = job.saved[CLIENT_CONTROL] + 1e30
+        return up
 
-    monkeypatch.setattr(Worker, "fit_scaffold", poisoned)
+    monkeypatch.setattr(ScaffoldClient, "after_fit", poisoned)
     run = finished_run(tiny_base, tmp_path, "poison", "fed.strategy=scaffold", "fed.num_clients=3", "fed.rounds=3")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rejected = {r["round"]: r["clients"].get("rejected", {}) for r in rows if r.get("clients")}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fed_ddp.files import open_new
+from fed_ddp.hooks import ClientHook
 from fed_ddp.privacy import accountant as acc
 from fed_ddp.privacy import dp
 from fed_ddp.privacy.config import min_clients, sample_rate, secagg_bits
@@ -180,6 +181,21 @@ def unpack_fields(buf: torch.Tensor) -> tuple[float, float]:
     if not (math.isfinite(clip) and clip > 0 and math.isfinite(std) and std >= 0):
         raise ValueError(f"downlink privacy fields: clip={clip}, noise std={std}")
     return clip, std
+
+
+class ClientClip(ClientHook):
+    """Local or distributed DP, or secure aggregation's clip, on the client: the round's clip and noise std from
+    the downlink, applied to the delta before it is encoded (``client_side``)."""
+
+    def __init__(self, noise_seed: int | None):
+        self.noise_seed = noise_seed
+
+    def downlink(self, wire, body, slots, start):
+        self.clip, self.noise_std = unpack_fields(wire.body_fields(body, slots))
+        return start
+
+    def before_encode(self, worker, job, delta: torch.Tensor) -> torch.Tensor:
+        return client_side(delta, self.clip, self.noise_std, self.noise_seed, job.plan.round, job.client)
 
 
 def client_side(delta: torch.Tensor, clip: float, noise_std: float, noise_seed: int | None, rnd: int,

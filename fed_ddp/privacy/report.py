@@ -55,8 +55,9 @@ def plan_lines(cfg, numel: int) -> list[str]:
     return lines
 
 
-def closing_lines(summary: dict) -> list[str]:
-    p = summary.get("privacy") or {}
+def closing_lines(summary) -> list[str]:
+    """The privacy lines under ``fed-ddp run`` (``summary``: a ``results.RunSummary``)."""
+    p = summary.privacy or {}
     lines = [f"Privacy: {p.get('guarantee', 'no differential privacy')}"]
     if p.get("epsilon_rdp") is not None:
         lines[0] += f" (RDP bound: epsilon = {p['epsilon_rdp']:.3g})"

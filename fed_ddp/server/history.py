@@ -8,14 +8,16 @@ from pathlib import Path
 
 from fed_ddp.checkpoint import latest_checkpoint
 from fed_ddp.files import read_text
+from fed_ddp.results import RoundRecord
 
 log = logging.getLogger("fed_ddp.server")
 
 
-def logged_rows(run_dir: Path) -> dict[int, dict]:
-    """Complete round rows already in metrics.jsonl (a resumed run; the last line of a round wins)."""
+def logged_rows(run_dir: Path) -> dict[int, RoundRecord]:
+    """Complete round records already in metrics.jsonl (a resumed run; the last line of a round wins). A line
+    that is not a round's record (a schema-1 final line, damage an older version left) does not count."""
     path = run_dir / "metrics.jsonl"
-    rows: dict[int, dict] = {}
+    rows: dict[int, RoundRecord] = {}
     if not path.is_file():
         return rows
     for n, line in enumerate(read_text(path).splitlines(), 1):
@@ -25,18 +27,20 @@ def logged_rows(run_dir: Path) -> dict[int, dict]:
             log.warning("%s:%d is not a JSON line: skipped", path, n)
             continue
         if isinstance(row, dict) and isinstance(row.get("seconds"), dict) and isinstance(row.get("round"), int):
-            rows[row["round"]] = row
+            rows[row["round"]] = RoundRecord.from_json(row, f"{path}:{n}")
     return rows
 
 
-def before(run_dir: Path, start: int) -> tuple[list[dict], dict | None]:
-    """Rows of rounds 0 .. start - 1 already in metrics.jsonl (a resumed run)."""
+def before(run_dir: Path, start: int) -> tuple[list[RoundRecord], dict | None]:
+    """Records of rounds 0 .. start - 1 already in metrics.jsonl (a resumed run), and the base's evaluation."""
     if start == 1:
         return [], None
     rows = {r: row for r, row in logged_rows(run_dir).items() if r < start}
     base = rows.get(0)
-    bookkeeping = ("round", "started_at", "base_eval_cached")  # of the row, not of the base's evaluation
-    return [rows[r] for r in sorted(rows)], ({k: v for k, v in base.items() if k not in bookkeeping} if base else None)
+    # of the row, not of the base's evaluation
+    base_eval = {**{k: v for k, v in base.metrics.items() if k != "base_eval_cached"}, "seconds": base.seconds} \
+        if base else None
+    return [rows[r] for r in sorted(rows)], base_eval
 
 
 def resume_point(run_dir: Path) -> Path | None:

@@ -37,6 +37,7 @@ from fed_ddp.privacy.engine import ServerPrivacy, pack_fields, round_trip
 from fed_ddp.privacy.engine import resolve as resolve_privacy
 from fed_ddp.privacy.masked import MaskedServer
 from fed_ddp.protocol import ControlWire, Wire, wire_for
+from fed_ddp.results import RoundRecord, RunSummary
 from fed_ddp.rundir import clear
 from fed_ddp.seeds import server_codec
 from fed_ddp.server import history, records
@@ -180,11 +181,10 @@ class Server:
                 log.warning("round %d would take epsilon to %.4g > privacy.dp.max_epsilon=%g: training stops after "
                             "round %d", rnd, over, cfg.privacy.dp.max_epsilon, rnd - 1)
                 break
-            row = self.round(rnd, global_flat)
-            global_flat = row.pop("_global")
+            row, global_flat = self.round(rnd, global_flat)
             rows.append(row)
-            bar.set_postfix(loss=f"{row['train_loss_mean'] or float('nan'):.4f}",
-                            val=f"{row.get('val_loss', float('nan')):.4f}")
+            bar.set_postfix(loss=f"{row.train_loss_mean or float('nan'):.4f}",
+                            val=f"{row.metrics.get('val_loss', float('nan')):.4f}")
         bar.close()
         self.transport.stop(self.wire.pack_head(self.strategy.configure_round(cfg.fed.rounds + 1), 0, stop=True))
         return self.finish(global_flat, base_eval, rows)
@@ -205,19 +205,21 @@ class Server:
         if warning := f.idle_workers_warning():
             log.warning(warning)
 
-    def _base_round(self, rows: list[dict]) -> dict:
+    def _base_round(self, rows: list[RoundRecord]) -> dict:
         """Round 0: the base model's evaluation (reused from an earlier run with the same base and settings)."""
         t0, started = time.perf_counter(), time.time()
         base_eval, cached = cached_base_eval(self.evaluate, self.cfg, self.info["base_model"])
-        base_eval["seconds"] = {"evaluation": time.perf_counter() - t0}
-        self.tracker.log({"round": 0, "started_at": started, **base_eval, "base_eval_cached": cached}, step=0)
-        rows.append({"round": 0, **base_eval})
+        seconds = {"evaluation": time.perf_counter() - t0}
+        row = RoundRecord(round=0, seconds=seconds, started_at=started, metrics={**base_eval, "base_eval_cached": cached})
+        self.tracker.log(row.to_json(), step=0)
+        rows.append(row)
         log.info("base model%s: %s", " (its evaluation reused from an earlier run with the same base and "
-                 "settings: eval.cache_base)" if cached else "", records.brief(base_eval))
+                 "settings: eval.cache_base)" if cached else "", records.brief(row))
+        base_eval["seconds"] = seconds
         return base_eval
 
-    def round(self, rnd: int, global_flat: torch.Tensor) -> dict:
-        """One round, start to checkpoint; returns its metrics row (and the new global under ``_global``)."""
+    def round(self, rnd: int, global_flat: torch.Tensor) -> tuple[RoundRecord, torch.Tensor]:
+        """One round, start to checkpoint: its record and the new global adapter."""
         clock = records.Clock()
         plan = self.strategy.configure_round(rnd)
         chosen, sim = self.select(rnd, plan)
@@ -237,14 +239,14 @@ class Server:
         self.save(f"round_{rnd:04d}", global_flat, rnd)
         clock.mark("end")
         comm = self.bytes.row(got.stats, len(chosen.sampled), [u.client_id for u in got.updates], got.outcome)
-        row = {**records.round_row(rnd, clock, chosen, job.table, got, kept, ev, comm, agg, private, sim), **sim_row}
-        self.tracker.log(row, step=rnd)
+        row = records.round_row(rnd, clock, chosen, job.table, got, kept, ev, comm, agg, private, sim, sim_row)
+        self.tracker.log(row.to_json(), step=rnd)
         log.info("round %d: %s", rnd, records.brief(row))
         if got.stats.parallel and got.stats.seconds > 0.5 * self.cfg.fed.timeout_s:
             log.warning("round %d: the exchange took %.0f s, over half of fed.timeout_s=%g (one gather waits for the "
                         "busiest worker's %d clients): raise fed.timeout_s or fed.workers", rnd, got.stats.seconds,
                         self.cfg.fed.timeout_s, job.slots)
-        return {**row, "_global": global_flat}
+        return row, global_flat
 
     # -- the stages --------------------------------------------------------------------------------------------
     def select(self, rnd: int, plan):
@@ -325,48 +327,46 @@ class Server:
         return global_flat, agg
 
     # -- the end -------------------------------------------------------------------------------------
-    def finish(self, global_flat: torch.Tensor, base_eval: dict | None, rows: list[dict]) -> dict:
+    def finish(self, global_flat: torch.Tensor, base_eval: dict | None, rows: list[RoundRecord]) -> RunSummary:
         t0 = time.perf_counter()
         f = self.cfg.fed
         last = f.rounds if self.stopped_at is None else self.stopped_at
         # the last round's validation losses were computed on this same adapter: reuse them
-        row = next((h for h in reversed(rows) if h.get("round") == last), {})
+        row = next((h.metrics for h in reversed(rows) if h.round == last), {})
         losses = {k: row[k] for k in self.evaluate.val_sets if row.get(k) is not None}  # a resumed NaN reads None
         final = {**losses, **self.evaluate(last, losses=len(losses) < len(self.evaluate.val_sets), grid=False,
                                            accuracy=True)}
         self.save("final", global_flat, last)
-        rounds = [h for h in rows if h["round"] > 0]
-        summary = {
-            "run": self.cfg.run.name, "rounds": last, "num_clients": f.num_clients, "workers": self.workers,
-            "sampling": records.sampling_totals(f, rounds), "method": self.cfg.train.method,
-            "lora_parameters": int(global_flat.numel()),  # the trained parameters (train.method=full: the whole UNet)
-            "images_per_prompt": self.cfg.eval.images_per_prompt,
-            "classifier_test_accuracy": reference_classifier().test_accuracy,
-            "base": {k: v for k, v in (base_eval or {}).items() if k != "seconds"},
-            "final": final,
-            "bytes_up_total": sum(h["bytes_up"] for h in rounds),
-            "bytes_down_total": sum(h["bytes_down"] for h in rounds),
-            "comm": self.bytes.summary(rounds),
-            "seconds_total": {k: sum(h["seconds"][k] for h in rounds) for k in records.SECONDS},
-            "final_eval_seconds": time.perf_counter() - t0,
-            "privacy": records.privacy_summary(self.setup, self.privacy, rounds),
-        }
+        rounds = [h for h in rows if h.round > 0]
+        summary = RunSummary(
+            run=self.cfg.run.name, rounds=last, num_clients=f.num_clients, workers=self.workers,
+            sampling=records.sampling_totals(f, rounds), method=self.cfg.train.method,
+            lora_parameters=int(global_flat.numel()),  # the trained parameters (train.method=full: the whole UNet)
+            images_per_prompt=self.cfg.eval.images_per_prompt,
+            classifier_test_accuracy=reference_classifier().test_accuracy,
+            base={k: v for k, v in (base_eval or {}).items() if k != "seconds"},
+            final=final,
+            bytes_up_total=sum(h.bytes_up for h in rounds),
+            bytes_down_total=sum(h.bytes_down for h in rounds),
+            comm=self.bytes.summary(rounds),
+            seconds_total={k: sum(h.seconds[k] for h in rounds) for k in records.SECONDS},
+            final_eval_seconds=time.perf_counter() - t0,
+            privacy=records.privacy_summary(self.setup, self.privacy, rounds))
         if self.wireless is not None:
-            summary["sim"] = self.wireless.summary(rounds)
+            summary.sim = self.wireless.summary(rounds)
         if self.cfg.personal.mode != "none":  # personal adapters next to the final checkpoint, global vs personal
             from fed_ddp.personal import personalize
 
-            summary["personal"] = personalize(self, global_flat, final)
+            summary.personal = personalize(self, global_flat, final)
         if last < f.rounds:
-            summary["stopped_early"] = f"privacy budget: privacy.dp.max_epsilon={self.cfg.privacy.dp.max_epsilon}"
-        write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.tracker.log({"round": last, "final": final}, step=last)
-        self.tracker.finish(summary)
+            summary.stopped_early = f"privacy budget: privacy.dp.max_epsilon={self.cfg.privacy.dp.max_epsilon}"
+        write_text(self.run_dir / "summary.json", json.dumps(summary.to_json(), indent=2))
+        self.tracker.finish(summary.to_json())  # W&B: the final evaluation in the run's summary (final/...)
         return summary
 
 
 def run_server(cfg: RunConfig, pipe, scheduler, data: FederatedData, transport, base_model: str, engine=None,
-               wire: Wire | None = None) -> dict:
+               wire: Wire | None = None) -> RunSummary:
     """Take the run directory (lock, checks, ``run.overwrite``), write its config and partition, track to
     metrics.jsonl (+ W&B), and run the server loop; the lock is held until the loop ends. Shared by the
     server rank (``fed_ddp.train``) and in-process runs (``fed_ddp.compare``, tests, benchmarks)."""

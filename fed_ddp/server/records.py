@@ -11,7 +11,9 @@ import time
 
 import numpy as np
 
-SECONDS = ("local_training", "client_overhead", "communication", "aggregation", "evaluation", "other", "round")
+from fed_ddp.results import SECONDS, RoundRecord
+
+__all__ = ["SECONDS", "Bytes", "Clock", "brief", "privacy_summary", "round_row", "sampling_totals"]
 
 
 class Clock:
@@ -81,7 +83,7 @@ class Bytes:
                    "down": {"moved": stats.bytes_down}, "collectives": stats.collectives}
         return {"air": air, "cluster": cluster}
 
-    def summary(self, rounds: list[dict]) -> dict:
+    def summary(self, rounds: list[RoundRecord]) -> dict:
         w = self.wire
         out = {"uplink": w.up.describe(), "downlink": w.down.describe(), "lora_parameters": w.num_params,
                "unet_parameters": self.unet_parameters,
@@ -89,57 +91,58 @@ class Bytes:
                                     "down": {"payload": w.down_bytes.payload, "metadata": w.down_bytes.metadata}},
                "air": {}, "cluster": {}}
         for d in ("up", "down"):
-            tot = {k: sum(h["comm"]["air"][d][k] for h in rounds) for k in ("messages", "payload", "metadata", "total")}
+            tot = {k: sum(h.comm["air"][d][k] for h in rounds) for k in ("messages", "payload", "metadata", "total")}
             if tot["total"]:
                 tot.update(self.ratios(tot["total"], tot["messages"]))
             out["air"][d] = tot
-            out["cluster"][d] = {"moved": sum(h["comm"]["cluster"][d]["moved"] for h in rounds)}
+            out["cluster"][d] = {"moved": sum(h.comm["cluster"][d]["moved"] for h in rounds)}
         if w.client_ranks:  # bytes per rank class: one message, and all of the run's
             out["client_ranks"] = w.client_ranks
             out["rank_classes"] = {
                 str(r): {"clients": sum(1 for c in range(self.num_clients) if w.rank_of(c) == r),
                          "up_per_client_round": {"payload": b.payload, "metadata": b.metadata, "total": b.total},
-                         "messages": sum(h["comm"]["air"]["up"].get("by_rank", {}).get(str(r), {}).get("messages", 0)
+                         "messages": sum(h.air("up").get("by_rank", {}).get(str(r), {}).get("messages", 0)
                                          for h in rounds),
-                         "up_total": sum(h["comm"]["air"]["up"].get("by_rank", {}).get(str(r), {}).get("total", 0)
+                         "up_total": sum(h.air("up").get("by_rank", {}).get(str(r), {}).get("total", 0)
                                          for h in rounds)}
                 for r, b in w.up_bytes_by_rank.items()}
         return out
 
 
 def round_row(rnd: int, clock: Clock, chosen, table, got, kept, ev: dict, comm: dict, agg: dict, private: dict,
-              sim) -> dict:
-    """One round's metrics row (metrics.jsonl, W&B)."""
+              sim, sim_row: dict) -> RoundRecord:
+    """One round's record (metrics.jsonl, W&B)."""
     ok = {u.client_id for u in kept}
     if got.outcome is not None:
         ok = set(got.outcome.survivors) if got.outcome.total is not None else set()
     shown = [u for u in kept if "train_loss" in u.metrics]  # secure aggregation: no client reports its own
-    return {"round": rnd,
-            "clients": {"reachable": chosen.reachable, "sampled": chosen.sampled, "dropped": chosen.dropped,
-                        **({"late": list(chosen.late)} if sim is not None else {}), "arrived": got.arrived,
-                        "rejected": {str(c): r for c, r in got.rejected.items()}, "per_worker": [len(r) for r in table]},
-            "train_loss": {str(u.client_id): u.metrics["train_loss"] for u in shown},
-            "train_loss_mean": float(np.average([u.metrics["train_loss"] for u in shown],
-                                                weights=[u.num_examples for u in shown])) if shown else None,
-            "num_examples": {str(u.client_id): u.num_examples for u in shown},
-            "train_seconds": {str(u.client_id): u.metrics["train_seconds"] for u in shown},
-            **ev, "bytes_up": got.stats.bytes_up, "bytes_down": got.stats.bytes_down, "comm": comm,
-            "seconds": clock.seconds(got, ok), "started_at": clock.started, **agg,
-            **({"privacy": private} if private else {})}
+    return RoundRecord(
+        round=rnd,
+        clients={"reachable": chosen.reachable, "sampled": chosen.sampled, "dropped": chosen.dropped,
+                 **({"late": list(chosen.late)} if sim is not None else {}), "arrived": got.arrived,
+                 "rejected": {str(c): r for c, r in got.rejected.items()}, "per_worker": [len(r) for r in table]},
+        train_loss={str(u.client_id): u.metrics["train_loss"] for u in shown},
+        train_loss_mean=float(np.average([u.metrics["train_loss"] for u in shown],
+                                         weights=[u.num_examples for u in shown])) if shown else None,
+        num_examples={str(u.client_id): u.num_examples for u in shown},
+        train_seconds={str(u.client_id): u.metrics["train_seconds"] for u in shown},
+        bytes_up=got.stats.bytes_up, bytes_down=got.stats.bytes_down, comm=comm,
+        seconds=clock.seconds(got, ok), started_at=clock.started,
+        metrics={**ev, **agg, **({"privacy": private} if private else {}), **sim_row})
 
 
-def sampling_totals(fed, rounds: list[dict]) -> dict:
+def sampling_totals(fed, rounds: list[RoundRecord]) -> dict:
     return {"mode": fed.sampling, "clients_per_round": fed.clients_per_round, "sample_rate": fed.sample_rate,
             "dropout_rate": fed.dropout_rate,
-            "clients_sampled": sum(len(h["clients"]["sampled"]) for h in rounds),
-            "clients_arrived": sum(len(h["clients"]["arrived"]) for h in rounds),
-            "distinct_clients": len({c for h in rounds for c in h["clients"]["arrived"]}),
-            "empty_rounds": sum(1 for h in rounds if h.get("empty_round")),
-            "rejected_updates": sum(len(h["clients"].get("rejected", {})) for h in rounds),
-            "rejected_rounds": sum(1 for h in rounds if h.get("round_rejected"))}
+            "clients_sampled": sum(len(h.clients["sampled"]) for h in rounds),
+            "clients_arrived": sum(len(h.clients["arrived"]) for h in rounds),
+            "distinct_clients": len({c for h in rounds for c in h.clients["arrived"]}),
+            "empty_rounds": sum(1 for h in rounds if h.metrics.get("empty_round")),
+            "rejected_updates": sum(len(h.clients.get("rejected", {})) for h in rounds),
+            "rejected_rounds": sum(1 for h in rounds if h.metrics.get("round_rejected"))}
 
 
-def privacy_summary(setup, privacy, rounds: list[dict]) -> dict:
+def privacy_summary(setup, privacy, rounds: list[RoundRecord]) -> dict:
     if setup is None:
         return {"guarantee": "no differential privacy"}
     s, p = setup, privacy
@@ -154,7 +157,7 @@ def privacy_summary(setup, privacy, rounds: list[dict]) -> dict:
 
             out["epsilon_rdp"] = epsilon("rdp", p.accountant.steps, s.delta)
     if s.secagg:
-        steps = [h["privacy"]["secagg"]["steps"] for h in rounds if "secagg" in h.get("privacy", {})]
+        steps = [h.metrics["privacy"]["secagg"]["steps"] for h in rounds if "secagg" in h.metrics.get("privacy", {})]
         per = {}
         for k in ("keys", "shares", "masked", "unmask"):
             got = [st[k] for st in steps if k in st]
@@ -166,7 +169,7 @@ def privacy_summary(setup, privacy, rounds: list[dict]) -> dict:
     return out
 
 
-def brief(row: dict) -> str:
+def brief(row: RoundRecord) -> str:
     keys = ("train_loss_mean", "val_loss", "val_loss_base", "gen_acc_clients", "gen_acc_base", "bytes_up",
             "sim_latency_s", "sim_energy_j")
-    return ", ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))
+    return ", ".join(f"{k}={v:.4g}" for k in keys if (v := row.value(k)) is not None)

@@ -17,6 +17,11 @@ class Strategy(ABC):
 
     controls = False  # scaffold: control variates travel with the adapter (``protocol.ControlWire``)
 
+    @classmethod
+    def client_hook(cls, cfg):
+        """What this strategy adds to each client's round on the workers (a ``hooks.ClientHook``), or None."""
+        return
+
     def __init__(self, local_steps: int, lr: float, proximal_mu: float = 0.0, server_lr: float = 1.0,
                  aggregator: str = "mean", trim_fraction: float = 0.2):
         self.local_steps, self.lr, self.proximal_mu, self.server_lr = local_steps, lr, proximal_mu, server_lr

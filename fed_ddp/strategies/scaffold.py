@@ -25,6 +25,7 @@ import contextlib
 
 import torch
 
+from fed_ddp.hooks import ClientHook, ClientJob
 from fed_ddp.strategies.base import ClientUpdate
 from fed_ddp.strategies.fedavg import FedAvg
 
@@ -47,6 +48,10 @@ class Scaffold(FedAvg):
             raise ValueError(f"fed.aggregator={self.aggregator!r}: fed.strategy=scaffold needs fed.aggregator=mean")
         self.num_clients = int(num_clients)
         self.c: torch.Tensor | None = None
+
+    @classmethod
+    def client_hook(cls, cfg) -> ClientHook:
+        return ScaffoldClient(cfg.train.gradient_accumulation_steps)
 
     def control(self, global_state: torch.Tensor) -> torch.Tensor:
         """The server's control variate c (zeros before the first round)."""
@@ -73,6 +78,47 @@ class Scaffold(FedAvg):
 
     def load_state_dict(self, state: dict) -> None:
         self.c = state.get("c")
+
+
+class ScaffoldClient(ClientHook):
+    """SCAFFOLD on the client: the downlink's control c, the client's c_i from its state file, every gradient
+    corrected by c - c_i, and the message [Δx_i, Δc_i] with c_i+ = the mean raw gradient over the K local steps
+    kept in the client's state file (the server points at the file its older c_i came from until Δc_i counts)."""
+
+    prefix = CLIENT_CONTROL
+
+    def __init__(self, accumulation: int):
+        self.accumulation = accumulation
+        self.control: torch.Tensor | None = None
+
+    def downlink(self, wire, body, slots, start):
+        start, self.control = wire.split(start)  # [global, c]
+        return start
+
+    def before_fit(self, worker, job: ClientJob) -> None:
+        self.c_i = self.client_control(worker, job.client, job.state_round)
+
+    def client_control(self, worker, client: int, state_round: int) -> torch.Tensor:
+        """The client's control variate c_i as of its round ``state_round`` (-1: zero, it never played)."""
+        if state_round < 0:
+            return torch.zeros_like(self.control)
+        c_i = worker.saved_state(client, state_round)[0].get(CLIENT_CONTROL)
+        if c_i is None or c_i.shape != self.control.shape:
+            raise RuntimeError(f"client {client}: its state of round {state_round} holds no control variate of "
+                               f"{self.control.numel()} values (a run started with another fed.strategy?)")
+        return c_i
+
+    @contextlib.contextmanager
+    def fitting(self, worker, job: ClientJob):
+        params = worker.trainer(job.client).engine.params
+        with corrected_gradients(params, self.control - self.c_i, self.accumulation) as raw:
+            self.raw = raw
+            yield
+
+    def after_fit(self, worker, job: ClientJob, delta: torch.Tensor) -> torch.Tensor:
+        c_new = (self.raw.cpu() / job.plan.local_steps).to(self.control.dtype)
+        job.saved[CLIENT_CONTROL], job.keep = c_new, job.state_round
+        return torch.cat([delta, c_new - self.c_i])
 
 
 @contextlib.contextmanager

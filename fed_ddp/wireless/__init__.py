@@ -149,8 +149,9 @@ class Wireless:
             "sim_energy_total_j": self.energy_j,
         }
 
-    def summary(self, rounds: list[dict]) -> dict:
-        sims = [h for h in rounds if "sim_latency_s" in h]
+    def summary(self, rounds) -> dict:
+        """Over the run's ``RoundRecord``s (their ``sim_*`` metrics)."""
+        sims = [h.metrics for h in rounds if "sim_latency_s" in h.metrics]
         by_class: dict[str, list[float]] = {k: [] for k in self.cell.classes}
         for h in sims:
             for c in h["sim_clients"].values():
