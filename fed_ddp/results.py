@@ -64,7 +64,7 @@ class RoundRecord:
         out = {"schema": self.schema, "round": self.round}
         for f in _ROW_FIELDS:
             v = getattr(self, f)
-            if f in ("round", "schema") or (f in _OMITTED_EMPTY and not v) or (f in _TRAINING and self.clients is None):
+            if f in ("round", "schema") or (f in _TRAINING and self.clients is None):
                 continue  # round 0 (the base's evaluation) trained nothing: no training fields at all
             out[f] = v
         return {**out, **self.metrics}
@@ -82,8 +82,6 @@ class RoundRecord:
 
 
 _ROW_FIELDS = tuple(f.name for f in dataclasses.fields(RoundRecord) if f.name != "metrics")
-_OMITTED_EMPTY = ("started_at", "clients", "train_loss", "num_examples", "train_seconds", "bytes_up", "bytes_down",
-                  "comm")
 _TRAINING = ("clients", "train_loss", "train_loss_mean", "num_examples", "train_seconds", "bytes_up", "bytes_down",
              "comm")
 _ROW_SHAPE = {"round": int, "seconds": dict, "comm": dict, "clients": dict, "final": dict, "val_loss": _NUMBER,
