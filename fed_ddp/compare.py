@@ -135,13 +135,17 @@ def arm_config(cfg: RunConfig, spec: str) -> RunConfig:
 
 
 def _start_arm(unet, start: dict[str, torch.Tensor], cfg: RunConfig) -> torch.Tensor:
-    """Every arm starts from the same adapter; FFA-LoRA's arm trains B only (its flat vector holds no A)."""
+    """Every arm starts from the same adapter, and trains what its strategy trains (FFA-LoRA's arm: B only, its flat
+    vector holds no A)."""
+    from fed_ddp.strategies import REGISTRY
+
+    frozen = REGISTRY[cfg.fed.strategy].frozen_factors
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if name in start:
                 p.copy_(start[name])
                 if ".lora_A." in name:
-                    p.requires_grad_(cfg.fed.strategy != "ffa_lora")
+                    p.requires_grad_("lora_A" not in frozen)
     return get_flat(unet)
 
 

@@ -36,8 +36,8 @@ def attacking_fit(self, global_flat, plan):
 _play = Worker.play
 
 
-def attacking_play(self, client, plan, global_flat, state_round=-1, privacy=None):
-    msg = _play(self, client, plan, global_flat, state_round, privacy)
+def attacking_play(self, client, plan, global_flat, state_round=-1):
+    msg = _play(self, client, plan, global_flat, state_round)
     kind = ATTACKS.get(client)
     if not msg.numel() or kind not in ("count", "negative", "index"):
         return msg

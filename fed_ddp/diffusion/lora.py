@@ -26,8 +26,8 @@ UNET_DIR = "unet"  # train.method=full: the whole UNet, diffusers format (UNet2D
 
 def prepare_trainable(unet, cfg) -> None:
     """Make ``unet`` trainable the way ``cfg.train.method`` says (``cfg``: a RunConfig): ``lora`` attaches
-    adapters on ``cfg.lora.targets``; ``full`` trains every UNet weight (fp32). With ``fed.strategy=ffa_lora``
-    the A factors stay frozen at their shared initialisation (from ``run.seed``): only B is trained and sent.
+    adapters on ``cfg.lora.targets``; ``full`` trains every UNet weight (fp32). The strategy's ``frozen_factors``
+    (``fed.strategy=ffa_lora``: A) stay frozen at their shared initialisation (from ``run.seed``), never sent.
     With ``personal.mode=split`` a second adapter, ``personal``, is attached and active next to the shared one."""
     if cfg.train.method == "full":
         unet.requires_grad_(True)
@@ -37,10 +37,12 @@ def prepare_trainable(unet, cfg) -> None:
     attach_lora(unet, cfg.lora, seed=cfg.run.seed)
     if cfg.personal.mode == "split":
         attach_personal(unet, cfg.lora, cfg.personal.rank)
-    if cfg.fed.strategy == "ffa_lora":  # the shared adapter's A only: a personal adapter is never averaged
-        for name, p in unet.named_parameters():
-            if ".lora_A." in name and not is_personal_name(name):
-                p.requires_grad_(False)
+    from fed_ddp.strategies import REGISTRY
+
+    frozen = REGISTRY[cfg.fed.strategy].frozen_factors  # FFA-LoRA: A. The shared adapter's only: a personal
+    for name, p in unet.named_parameters():             # adapter is never averaged
+        if any(f".{f}." in name for f in frozen) and not is_personal_name(name):
+            p.requires_grad_(False)
 
 
 def attach_lora(unet, cfg: LoraSection, seed: int = 0) -> None:

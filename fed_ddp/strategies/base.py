@@ -16,6 +16,7 @@ class Strategy(ABC):
     """A server strategy: plans rounds, aggregates client deltas, owns the server state."""
 
     controls = False  # scaffold: control variates travel with the adapter (``protocol.ControlWire``)
+    frozen_factors: tuple[str, ...] = ()  # LoRA factors every client keeps frozen (FFA-LoRA: "lora_A"), never sent
 
     @classmethod
     def client_hook(cls, cfg):

@@ -128,6 +128,8 @@ class FfaLora(FedAvg):
     square layers, 3.3x fewer on the quickstart, whose conv layers' A is the larger factor)
     and FedAvg on B is exact: mean(B_i)·A = mean(B_i·A)."""
 
+    frozen_factors = ("lora_A",)
+
     def __init__(self, *args, layout=None, **kw):
         super().__init__(*args, **kw)
         if layout is not None and lora_pairs(layout):
