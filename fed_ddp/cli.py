@@ -39,7 +39,7 @@ def cmd_run(args) -> int:
         from fed_ddp.train import main as rank_main
 
         return rank_main([args.config, *args.overrides])
-    from fed_ddp.distributed.nodes import auto_workers, cpu_cores, describe, plan_cfg
+    from fed_ddp.distributed.nodes import auto_workers, cpu_cores, plan_cfg
 
     capped = None
     if (w := auto_workers(cfg)) is not None:  # fed.workers=null on CPU: one single-thread worker rank per core
@@ -66,15 +66,22 @@ def cmd_run(args) -> int:
 
     quiet_libraries()
     base_path(cfg.model)  # pretrain the tiny base here, once, before any rank starts
+    if capped:
+        print(capped, file=sys.stderr)
+    return _launch(cfg, args)
+
+
+def _launch(cfg, args) -> int:
+    """Start 1 + workers ranks of ``fed_ddp.train`` under torch elastic; a failed rank's exception in one line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from fed_ddp.distributed.nodes import describe
+
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=uuid.uuid4().hex[:8],
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=cfg.run.max_restarts,
                           monitor_interval=0.5)
-    if capped:
-        print(capped, file=sys.stderr)
     print(f"fed-ddp: launching {describe(cfg)} -> {cfg.run.dir}", file=sys.stderr)
     os.environ["FED_DDP_LAUNCHER_PID"] = str(os.getpid())  # ranks die with this process (fed_ddp.train)
     try:
@@ -89,6 +96,13 @@ def cmd_run(args) -> int:
         sig = getattr(e, "sigval", signal.SIGINT)
         return _fail(f"stopped by {signal.Signals(sig).name}; every complete round is checkpointed in "
                      f"{cfg.run.dir / 'checkpoints'} (continue with run.resume=true)", 128 + int(sig))
+    print_closing(cfg)
+    return 0
+
+
+def print_closing(cfg) -> None:
+    """What ``fed-ddp run`` prints after its ranks finish: accuracy table, time split, bytes, the simulated cell,
+    privacy, where the adapter is."""
     s = read_summary(cfg.run.dir)
     if s is not None:
         print_table(s, list(cfg.data.digits), [d for d in cfg.model.tiny.digits if d not in cfg.data.digits])
@@ -111,7 +125,6 @@ def cmd_run(args) -> int:
 
         print("\n".join(closing_lines(s)))
         print(f"Run directory: {cfg.run.dir}  (adapter: {cfg.run.dir / 'checkpoints' / 'final'})")
-    return 0
 
 
 def print_table(summary: RunSummary, client_digits: list[int], base_digits: list[int], file=None) -> None:

@@ -220,8 +220,13 @@ def plot(runs: list[Run], columns: list[str], rows: list[dict], out: Path) -> li
         labels = [f"{lab} ({r.name})" for lab, r in zip(labels, runs)]
     order = sorted(range(len(runs)), key=lambda i: (runs[i].config.get("fed.num_clients") or 0, labels[i]))
     xt = [labels[i].replace(" ", "\n") for i in order]
-    written = []
+    written = [_plot_time(plt, runs, rows, order, xt, out), _plot_bytes(plt, runs, rows, order, xt, out),
+               _plot_quality(plt, runs, labels, order, out)]
+    wireless = _plot_wireless(plt, runs, labels, out)
+    return written + ([wireless] if wireless else [])
 
+
+def _plot_time(plt, runs, rows, order, xt, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(runs) + 2) + 1.8, 4.2))  # + the legend
     bottom = [0.0] * len(order)
     for s in SPLIT:
@@ -235,8 +240,10 @@ def plot(runs: list[Run], columns: list[str], rows: list[dict], out: Path) -> li
     fig.tight_layout()
     fig.savefig(out / "time_split.png", dpi=120)
     plt.close(fig)
-    written.append(out / "time_split.png")
+    return out / "time_split.png"
 
+
+def _plot_bytes(plt, runs, rows, order, xt, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(runs) + 2), 4.2))
     w = 0.4
     for j, (col, name) in enumerate((("bytes_up_per_round", "up"), ("bytes_down_per_round", "down"))):
@@ -250,8 +257,10 @@ def plot(runs: list[Run], columns: list[str], rows: list[dict], out: Path) -> li
     fig.tight_layout()
     fig.savefig(out / "bytes.png", dpi=120)
     plt.close(fig)
-    written.append(out / "bytes.png")
+    return out / "bytes.png"
 
+
+def _plot_quality(plt, runs, labels, order, out: Path) -> Path:
     acc = [r.series("gen_acc_clients") for r in runs]
     panels = 2 if any(acc) else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
@@ -271,30 +280,33 @@ def plot(runs: list[Run], columns: list[str], rows: list[dict], out: Path) -> li
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=120)
     plt.close(fig)
-    written.append(out / "quality.png")
+    return out / "quality.png"
 
+
+def _plot_wireless(plt, runs, labels, out: Path) -> Path | None:
+    """Accuracy against *simulated* time and energy, for runs of the simulated cell (None: no such run)."""
     sim = [(i, r.sim_series("gen_acc_clients", "sim_time_s"), r.sim_series("gen_acc_clients", "sim_energy_total_j"))
            for i, r in enumerate(runs)]
-    if any(t for _, t, _ in sim):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for i, t, e in sim:
-            if t:
-                axes[0].plot(*zip(*t), marker="o", label=labels[i])
-                axes[1].plot(*zip(*e), marker="o", label=labels[i])
-        axes[0].set(xlabel="simulated time (s, sim_time_s)", ylabel="gen_acc_clients",
-                    title="Accuracy vs simulated wall-clock time", ylim=(-0.02, 1.02))
-        axes[1].set(xlabel="simulated energy, all clients (J, sim_energy_total_j)", ylabel="gen_acc_clients",
-                    title="Accuracy vs simulated energy", ylim=(-0.02, 1.02))
-        for a in axes:
-            a.set_xscale("symlog", linthresh=1.0)
-            a.legend(fontsize=7)
-        fig.text(0.5, 0.005, "simulated (fed_ddp.wireless): cell and devices modelled, bytes and FLOPs real",
-                 ha="center", fontsize=7, color="gray")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(out / "wireless.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "wireless.png")
-    return written
+    if not any(t for _, t, _ in sim):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, t, e in sim:
+        if t:
+            axes[0].plot(*zip(*t), marker="o", label=labels[i])
+            axes[1].plot(*zip(*e), marker="o", label=labels[i])
+    axes[0].set(xlabel="simulated time (s, sim_time_s)", ylabel="gen_acc_clients",
+                title="Accuracy vs simulated wall-clock time", ylim=(-0.02, 1.02))
+    axes[1].set(xlabel="simulated energy, all clients (J, sim_energy_total_j)", ylabel="gen_acc_clients",
+                title="Accuracy vs simulated energy", ylim=(-0.02, 1.02))
+    for a in axes:
+        a.set_xscale("symlog", linthresh=1.0)
+        a.legend(fontsize=7)
+    fig.text(0.5, 0.005, "simulated (fed_ddp.wireless): cell and devices modelled, bytes and FLOPs real",
+             ha="center", fontsize=7, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out / "wireless.png", dpi=120)
+    plt.close(fig)
+    return out / "wireless.png"
 
 
 def report(run_dirs: list[str | Path], out: str | Path) -> dict:

@@ -78,6 +78,25 @@ class MaskedOutcome:
     steps: dict = field(default_factory=dict)  # per step: seconds, cluster bytes up/down, air bytes up/down
 
 
+class _Round:
+    """One secure-aggregation round on the server: its table, outcome and exchanges, and what each step leaves
+    for the next (roster, threshold, ring, the protocol's server, rows, share size, masked inputs)."""
+
+    def __init__(self, ms, plan, table):
+        self.ms, self.plan, self.table, self.out, self.stats = ms, plan, table, MaskedOutcome(), []
+        self.slots = max((len(r) for r in table), default=0)
+
+    def step(self, kind, body, sizes, air_down_each, count_down, training=False, slots_=None):
+        """One exchange of the protocol: every worker's uplink, its stats and bytes recorded under the step."""
+        t0 = time.perf_counter()
+        head = self.ms.wire.pack_head(self.plan, self.slots if slots_ is None else slots_, kind=kind)
+        ups, st = self.ms.exchange(head, body, sizes, self.slots, training)
+        self.stats.append(st)
+        self.out.steps[STEPS[kind]] = {"seconds": time.perf_counter() - t0, "cluster_up": st.bytes_up,
+                                       "cluster_down": st.bytes_down, "air_down": air_down_each * count_down}
+        return ups
+
+
 class MaskedServer:
     """The server's side. ``exchange(head, body, sizes, slots, training)`` -> (per-worker uplinks, stats), where
     ``slots`` is the most clients any worker plays (the round deadline scales with it)."""
@@ -86,56 +105,58 @@ class MaskedServer:
         self.wire, self.setup, self.numel, self.exchange = wire, setup, numel, exchange
 
     def run(self, plan, table, body: torch.Tensor, clip: float, noise_std: float) -> MaskedOutcome:
-        w, out = self.wire, MaskedOutcome()
-        slots = max((len(r) for r in table), default=0)
-        stats = []
+        """The round's four exchanges: keys, shares, masked inputs (the clients train here), unmask."""
+        rd = _Round(self, plan, table)
+        if self._keys(rd, body) and self._masked(rd, self._shares(rd)):
+            self._unmask(rd, clip, noise_std)
+        return self._done(rd.out, rd.stats)
 
-        def step(kind, body_, sizes, air_down_each, count_down, training=False, slots_=None):
-            t0 = time.perf_counter()
-            ups, st = self.exchange(w.pack_head(plan, slots if slots_ is None else slots_, kind=kind), body_, sizes,
-                                    slots, training)
-            stats.append(st)
-            out.steps[STEPS[kind]] = {"seconds": time.perf_counter() - t0, "cluster_up": st.bytes_up,
-                                      "cluster_down": st.bytes_down, "air_down": air_down_each * count_down}
-            return ups
-
-        # 1. keys (the round's body: table, fields, global)
+    def _keys(self, rd: _Round, body: torch.Tensor) -> bool:
+        """1. Every client's key advert (the round's body: table, fields, global); False: too few valid keys."""
+        out, table = rd.out, rd.table
         everyone = [c for row in table for c in row]
-        ups = step(KEYS, body, up_sizes(table, everyone, up_each(KEYS, 0)), w.down_bytes.total, len(everyone))
+        ups = rd.step(KEYS, body, up_sizes(table, everyone, up_each(KEYS, 0)), self.wire.down_bytes.total,
+                      len(everyone))
         adverts = {c: _raw(m) for row, buf in zip(table, ups) for c, m in zip(row, _cut(buf, sa.ADVERT_BYTES, len(row)))}
         out.steps["keys"]["air_up"] = sa.ADVERT_BYTES * len(adverts)
-        bits = self.setup.bits
-        roster, bad = sa.collect_adverts(adverts)
+        rd.roster, bad = sa.collect_adverts(adverts)
         out.rejected.update(bad)
-        out.roster = [a.client for a in roster]
-        r = len(roster)
-        t = secagg_threshold(self.setup, r)
-        ring = sa.ring_bits(bits, r)
-        server = sa.Server(plan.round, t, self.numel, ring, roster)
-        if r < max(2, t):
-            out.failure = f"{r} clients with valid keys < threshold {max(2, t)}"
-            return self._done(out, stats)
-        # 2. shares
-        rows = _rows(table, out.roster)
-        per = up_each(SHARES, r)
-        body2 = torch.frombuffer(bytearray(b"".join(a.to_bytes() for a in roster)), dtype=torch.uint8)
-        ups = step(SHARES, body2, up_sizes(table, out.roster, per), r * sa.ADVERT_BYTES, r, slots_=r)
+        out.roster = [a.client for a in rd.roster]
+        rd.r = r = len(rd.roster)
+        rd.t = secagg_threshold(self.setup, r)
+        rd.ring = sa.ring_bits(self.setup.bits, r)
+        rd.server = sa.Server(rd.plan.round, rd.t, self.numel, rd.ring, rd.roster)
+        if r < max(2, rd.t):
+            out.failure = f"{r} clients with valid keys < threshold {max(2, rd.t)}"
+            return False
+        return True
+
+    def _shares(self, rd: _Round) -> bytes:
+        """2. The roster out, every client's encrypted shares back; routed to their recipients (the matrix)."""
+        out, r = rd.out, rd.r
+        rd.rows = _rows(rd.table, out.roster)
+        rd.per = per = up_each(SHARES, r)
+        body2 = torch.frombuffer(bytearray(b"".join(a.to_bytes() for a in rd.roster)), dtype=torch.uint8)
+        ups = rd.step(SHARES, body2, up_sizes(rd.table, out.roster, per), r * sa.ADVERT_BYTES, r, slots_=r)
         out.steps["shares"]["air_up"] = per * r
         routed = {}  # (sender, recipient) -> ciphertext
-        for row, buf in zip(rows, ups):
+        for row, buf in zip(rd.rows, ups):
             for c, m in zip(row, _cut(buf, per, len(row))):
                 for ct in _cut(m, sa.CIPHER_BYTES, r - 1):
                     frm, to = struct.unpack("<ii", _raw(ct[:8]))
                     if frm == c and to in out.roster and to != c:
                         routed[(frm, to)] = _raw(ct)
         zero = bytes(sa.CIPHER_BYTES)
-        matrix = b"".join(routed.get((u, v), zero) for v in out.roster for u in out.roster if u != v)
-        # 3. masked inputs (clients train here)
-        size = up_each(MASKED, r, self.numel, ring)
-        ups = step(MASKED, torch.frombuffer(bytearray(matrix), dtype=torch.uint8), up_sizes(table, out.roster, size),
-                   per, r, training=True, slots_=r)
+        return b"".join(routed.get((u, v), zero) for v in out.roster for u in out.roster if u != v)
+
+    def _masked(self, rd: _Round, matrix: bytes) -> bool:
+        """3. The shares to their recipients; every client trains and sends its masked input. False: too few."""
+        out, r = rd.out, rd.r
+        size = up_each(MASKED, r, self.numel, rd.ring)
+        ups = rd.step(MASKED, torch.frombuffer(bytearray(matrix), dtype=torch.uint8), up_sizes(rd.table, out.roster, size),
+                      rd.per, r, training=True, slots_=r)
         masked, timing = {}, []
-        for row, buf in zip(rows, ups):
+        for row, buf in zip(rd.rows, ups):
             mine = []
             for c, m in zip(row, _cut(buf, size, len(row))):
                 cid, present = struct.unpack("<ii", _raw(m[:8]))
@@ -145,33 +166,38 @@ class MaskedServer:
                     out.rejected[c] = f"masked message in client {c}'s slot says client {cid} (present={present})"
                     continue
                 if present:
-                    masked[c] = sa.unpack(_raw(m[16:]), self.numel, ring)
+                    masked[c] = sa.unpack(_raw(m[16:]), self.numel, rd.ring)
                     mine.append((c, float(train_s), float(client_s)))
             timing.append(mine)
         out.timing = timing
         out.survivors = sorted(masked)
         out.steps["masked"]["air_up"] = size * len(masked)
-        if len(masked) < t:
-            out.failure = f"{len(masked)} masked inputs < threshold {t}"
-            return self._done(out, stats)
-        # 4. unmask
+        rd.masked = masked
+        if len(masked) < rd.t:
+            out.failure = f"{len(masked)} masked inputs < threshold {rd.t}"
+            return False
+        return True
+
+    def _unmask(self, rd: _Round, clip: float, noise_std: float) -> None:
+        """4. Who survived out, the reveals back; the sum unmasked and decoded from fixed point."""
+        out, r, masked = rd.out, rd.r, rd.masked
         flags = torch.tensor([c in masked for c in out.roster], dtype=torch.uint8)
         per4 = up_each(UNMASK, r)
-        srows = _rows(table, out.survivors)
-        ups = step(UNMASK, flags, up_sizes(table, out.survivors, per4), r, len(masked), slots_=r)
+        srows = _rows(rd.table, out.survivors)
+        ups = rd.step(UNMASK, flags, up_sizes(rd.table, out.survivors, per4), r, len(masked), slots_=r)
         out.steps["unmask"]["air_up"] = per4 * len(masked)
         reveals = {c: _raw(m) for row, buf in zip(srows, ups) for c, m in zip(row, _cut(buf, per4, len(row)))}
         t0 = time.perf_counter()
         try:
-            total = server.unmask(masked, reveals)
+            total = rd.server.unmask(masked, reveals)
         except ValueError as e:
             out.failure = f"unmasking failed: {e}"
-            return self._done(out, stats)
+            return
         out.steps["unmask"]["server_seconds"] = time.perf_counter() - t0
+        bits = self.setup.bits
         vr = fixed_range(self.setup.value_range, clip, noise_std, self.numel)
         out.step = vr / (2 ** (bits - 1) - 1)
         out.total, out.used = sa.decode_fixed(total, vr, bits), len(masked)
-        return self._done(out, stats)
 
     @staticmethod
     def _done(out: MaskedOutcome, stats: list[ExchangeStats]) -> MaskedOutcome:
