@@ -10,3 +10,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __version__ = "0.1.0"
+
+
+def run(config, overrides=(), launch: str = "torchrun"):
+    """Run a config (``fed_ddp.api.run``): ``launch="torchrun"`` as ``fed-ddp run``, ``"inprocess"`` in this
+    process; returns the run's ``results.RunSummary``."""
+    from fed_ddp.api import run as _run
+
+    return _run(config, overrides, launch)

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fed_ddp import plugins
 from fed_ddp.compat import check as check_compat
 from fed_ddp.compression.config import CommSection
 from fed_ddp.config.sections import (
@@ -120,9 +121,10 @@ def load_config(path: str | os.PathLike | list | tuple | None = None,
                 raise ConfigError("override", item, "must look like key=value")
             key, _ = item.split("=", 1)
             if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not key.startswith(
-                    "deepspeed.config."):
+                    ("deepspeed.config.", "fed.strategy_args.")):
                 raise ConfigError(key, item.split("=", 1)[1], "unknown key")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        plugins.load(OmegaConf.select(cfg, "run.plugins"))  # before any name is checked against a registry
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _format_omegaconf_error(e) from None

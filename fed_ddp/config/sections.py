@@ -23,6 +23,8 @@ class RunSection:
     overwrite: bool = False  # replace an earlier run in the same directory (only what a run wrote; otherwise refused)
     max_restarts: int = 0  # fed-ddp run: restart every rank from the last complete round when one dies, up to N times
     log_level: str = "INFO"  # python logging level for all ranks
+    plugins: list[str] = field(default_factory=list)  # modules or .py files imported first, by the launcher and every rank (docs/extending.md)
+    callbacks: list[str] = field(default_factory=list)  # package.module:Name classes whose on_round_start/on_aggregate/on_round_end/on_checkpoint/on_finish run on the server (docs/extending.md)
 
     def __post_init__(self):
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", str(self.name))), "run.name", self.name,
@@ -34,6 +36,10 @@ class RunSection:
         seed("run.seed", self.seed)
         _positive("run.max_restarts", self.max_restarts, zero_ok=True)
         _one_of("run.log_level", self.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"})
+        from fed_ddp.callbacks import lookup
+
+        for spec in self.callbacks:  # each names a class with an event (run.plugins are imported by now)
+            lookup(str(spec))
 
     @property
     def dir(self) -> Path:
@@ -161,6 +167,7 @@ class FedSection:
     rounds: int = 5  # federated rounds
     local_steps: int = 50  # optimizer steps per client per round
     strategy: str = "fedavg"  # fedavg / fedprox / fedavgm (server momentum) / fedadam / fedadagrad / fedyogi (adaptive server optimizers) / ffa_lora (A frozen, B averaged: exact) / flexlora (products averaged, SVD to rank r) / scaffold (control variates against client drift)
+    strategy_args: dict = field(default_factory=dict)  # the strategy's own settings (a plug-in's: its constructor's keyword parameters), e.g. fed.strategy_args.beta=0.9
     server_lr: float = 1.0  # fedavg/fedprox: step along the mean delta; fedavgm: step along the velocity; fedadam/fedadagrad/fedyogi: eta
     server_momentum: float = 0.9  # fedavgm: momentum beta of the server's velocity
     beta1: float = 0.9  # fedadam/fedadagrad/fedyogi: first moment decay
@@ -207,9 +214,10 @@ class FedSection:
         _check(self.workers is None or (isinstance(self.workers, int) and 1 <= self.workers <= n), "fed.workers",
                self.workers, f"must be an integer in [1, fed.num_clients={n}] (or null: min(N, clients_per_round, 8))")
         _positive("fed.client_cache", self.client_cache, zero_ok=True)
-        from fed_ddp.strategies import REGISTRY
+        from fed_ddp.strategies import lookup
 
-        _one_of("fed.strategy", self.strategy, set(REGISTRY))  # the registry itself: no second list
+        # the registry itself (no second list); package.module:Name imports and registers it
+        lookup(self.strategy).check_args(self.strategy, dict(self.strategy_args))
         _positive("fed.server_lr", self.server_lr)
         for k in ("beta1", "beta2", "server_momentum"):
             _check(0 <= getattr(self, k) < 1, f"fed.{k}", getattr(self, k), "must be in [0, 1)")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fed_ddp.callbacks import Callbacks
 from fed_ddp.checkpoint import load_state, save_checkpoint
 from fed_ddp.compression import ChainState, layout_of
 from fed_ddp.config import RunConfig
@@ -90,6 +91,7 @@ class Server:
         self.last_played = np.full(cfg.fed.num_clients, -1, dtype=np.int32)  # round each client last played
         self.caches = WorkerCaches(self.workers, cfg.fed.client_cache)  # who still holds whose encoded data
         self.bad_rounds = BadRounds(cfg.fed.max_bad_rounds, self.run_dir)
+        self.callbacks = Callbacks(cfg.run.callbacks)  # run.callbacks: user code on this rank (fed_ddp.callbacks)
         self.exchange = Exchange(transport, self.wire, cfg.fed, cfg.comm.gather)
         self.setup = resolve_privacy(cfg)  # None: the plain path; z is calibrated here (before round 1)
         self.privacy = ServerPrivacy(self.setup, self.wire.num_params, self.run_dir) if self.setup else None
@@ -221,6 +223,7 @@ class Server:
     def round(self, rnd: int, global_flat: torch.Tensor) -> tuple[RoundRecord, torch.Tensor]:
         """One round, start to checkpoint: its record and the new global adapter."""
         clock = records.Clock()
+        extra = self.callbacks.fire("on_round_start", rnd)
         plan = self.strategy.configure_round(rnd)
         chosen, sim = self.select(rnd, plan)
         job = self.assign(rnd, plan, chosen, global_flat)
@@ -231,15 +234,21 @@ class Server:
         for cid, reason in sorted(got.rejected.items()):
             log.warning("round %d: client %d rejected: %s", rnd, cid, reason)
         clock.mark("agg")
+        before = global_flat
         global_flat, agg = self.aggregate(rnd, global_flat, inputs, chosen, got, private)
+        extra.update(self.callbacks.fire("on_aggregate", rnd, before, inputs, global_flat, taken=extra))
         sim_row = self.wireless.row(sim, chosen.playing, chosen.dropped) if sim is not None else {}  # before the save
         clock.mark("eval")
         ev = self.evaluate.at_round(rnd)
         clock.mark("ckpt")
         self.save(f"round_{rnd:04d}", global_flat, rnd)
+        self.callbacks.fire("on_checkpoint", rnd, self.run_dir / "checkpoints" / f"round_{rnd:04d}")
         clock.mark("end")
         comm = self.bytes.row(got.stats, len(chosen.sampled), [u.client_id for u in got.updates], got.outcome)
         row = records.round_row(rnd, clock, chosen, job.table, got, kept, ev, comm, agg, private, sim, sim_row)
+        if self.callbacks:  # what they return joins the record (never over a name it has)
+            taken = {*row.to_json(), *extra}
+            row.metrics.update({**extra, **self.callbacks.fire("on_round_end", rnd, row, taken=taken)})
         self.tracker.log(row.to_json(), step=rnd)
         log.info("round %d: %s", rnd, records.brief(row))
         if got.stats.parallel and got.stats.seconds > 0.5 * self.cfg.fed.timeout_s:
@@ -360,6 +369,7 @@ class Server:
             summary.personal = personalize(self, global_flat, final)
         if last < f.rounds:
             summary.stopped_early = f"privacy budget: privacy.dp.max_epsilon={self.cfg.privacy.dp.max_epsilon}"
+        self.callbacks.fire("on_finish", last, summary)
         write_text(self.run_dir / "summary.json", json.dumps(summary.to_json(), indent=2))
         self.tracker.finish(summary.to_json())  # W&B: the final evaluation in the run's summary (final/...)
         return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fed_ddp.errors import ConfigError
 from fed_ddp.strategies.base import ClientUpdate, RoundPlan, Strategy, weighted_mean
 from fed_ddp.strategies.fedadam import FedAdam
 from fed_ddp.strategies.fedavg import FedAvg, FedProx
@@ -31,23 +32,26 @@ register("flexlora", FlexLora)
 register("scaffold", Scaffold)
 
 
+def lookup(name: str, key: str = "fed.strategy") -> type[Strategy]:
+    """The strategy class of a registered name, or of ``package.module:Name`` (registered under that name)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" not in str(name):
+        raise ConfigError(key, name, f"must be one of {sorted(REGISTRY)}")
+    from fed_ddp.plugins import resolve
+
+    cls = resolve(name, key)
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError(key, name, "is not a fed_ddp.strategies.Strategy subclass")
+    REGISTRY[name] = cls
+    return cls
+
+
 def build_strategy(fed, train, layout=None) -> Strategy:
-    """Build the strategy named by ``fed.strategy`` from the fed and train config groups (``layout``: the flat
-    vector's named shapes, for the strategies that aggregate LoRA layers as products)."""
-    if fed.strategy not in REGISTRY:
-        raise ValueError(f"fed.strategy={fed.strategy!r}: must be one of {sorted(REGISTRY)}")
-    kw = {"local_steps": fed.local_steps, "lr": train.lr, "server_lr": fed.server_lr,
-          "proximal_mu": fed.proximal_mu if fed.strategy == "fedprox" else 0.0,
-          "aggregator": getattr(fed, "aggregator", "mean"), "trim_fraction": getattr(fed, "trim_fraction", 0.2)}
-    if fed.strategy in ("fedadam", "fedadagrad", "fedyogi"):
-        kw.update(beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
-    elif fed.strategy == "fedavgm":
-        kw.update(server_momentum=fed.server_momentum)
-    elif fed.strategy == "scaffold":
-        kw.update(num_clients=fed.num_clients)
-    elif fed.strategy in ("flexlora", "ffa_lora"):
-        kw.update(layout=layout)
-    return REGISTRY[fed.strategy](**kw)
+    """Build the strategy named by ``fed.strategy`` from the fed and train config groups and ``fed.strategy_args``
+    (``layout``: the flat vector's named shapes, for the strategies that aggregate LoRA layers as products).
+    Every strategy, built-in or a plug-in's, is built the same way: ``Strategy.from_config``."""
+    return lookup(fed.strategy).from_config(fed, train, layout, dict(getattr(fed, "strategy_args", None) or {}))
 
 
 __all__ = [

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 
 import torch
 
+from fed_ddp.errors import ConfigError
 from fed_ddp.strategies.robust import combine
 from fed_ddp.strategies.updates import ClientUpdate, RoundPlan, weighted_mean
 
@@ -17,6 +19,61 @@ class Strategy(ABC):
 
     controls = False  # scaffold: control variates travel with the adapter (``protocol.ControlWire``)
     frozen_factors: tuple[str, ...] = ()  # LoRA factors every client keeps frozen (FFA-LoRA: "lora_A"), never sent
+
+    # fed.* keys this strategy's constructor takes (fedadam: beta1, beta2, tau); other keyword parameters of its
+    # constructor are its own settings, set by fed.strategy_args.NAME (validated against the constructor)
+    fed_keys: tuple[str, ...] = ()
+    FILLED = ("local_steps", "lr", "server_lr", "aggregator", "trim_fraction", "layout")  # what fed_ddp passes itself
+
+    @classmethod
+    def settings(cls) -> dict[str, object]:
+        """The constructor's keyword parameters over the class hierarchy, with their defaults (``inspect.Parameter.
+        empty`` when required): what ``from_config`` may pass."""
+        out: dict[str, object] = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in list(inspect.signature(init).parameters.values())[1:]:
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                    out[p.name] = p.default
+        return out
+
+    @classmethod
+    def own_settings(cls) -> dict[str, object]:
+        """What ``fed.strategy_args`` may set: the settings fed_ddp does not fill from the config itself."""
+        return {k: v for k, v in cls.settings().items() if k not in cls.FILLED and k not in cls.fed_keys
+                and k != "proximal_mu"}
+
+    @classmethod
+    def check_args(cls, name: str, args: dict) -> None:
+        """One line for a ``fed.strategy_args`` key the strategy does not declare, or of the wrong type."""
+        own = cls.own_settings()
+        for k, v in args.items():
+            key = f"fed.strategy_args.{k}"
+            if k not in own:
+                said = ", ".join(sorted(own)) or "none"
+                hint = f" (set fed.{k})" if k in cls.fed_keys or k == "proximal_mu" else ""
+                raise ConfigError(key, v, f"fed.strategy={name} takes no setting {k!r}{hint}; its settings: {said}")
+            default = own[k]
+            kind = type(default) if default is not None and default is not inspect.Parameter.empty else None
+            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                continue
+            if kind is not None and not isinstance(v, kind):
+                raise ConfigError(key, v, f"must be a {kind.__name__} (fed.strategy={name}'s default is {default!r})")
+
+    @classmethod
+    def from_config(cls, fed, train, layout=None, args: dict | None = None) -> Strategy:
+        """Built from the config: the common settings, the fed.* keys in ``fed_keys``, the layout if the
+        constructor takes one, and ``fed.strategy_args``."""
+        declared = cls.settings()
+        kw = {"local_steps": fed.local_steps, "lr": train.lr, "server_lr": fed.server_lr,
+              "aggregator": getattr(fed, "aggregator", "mean"), "trim_fraction": getattr(fed, "trim_fraction", 0.2)}
+        kw.update({k: getattr(fed, k) for k in cls.fed_keys})
+        if "layout" in declared:
+            kw["layout"] = layout
+        cls.check_args(fed.strategy, args or {})
+        return cls(**kw, **(args or {}))
 
     @classmethod
     def client_hook(cls, cfg):

@@ -16,6 +16,8 @@ from fed_ddp.strategies.fedavg import FedAvg
 
 
 class FedAdam(FedAvg):
+    fed_keys = ("beta1", "beta2", "tau")
+
     def __init__(self, *args, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, **kw):
         super().__init__(*args, **kw)
         self.beta1, self.beta2, self.tau = beta1, beta2, tau

@@ -18,3 +18,5 @@ class FedProx(FedAvg):
 
     The proximal term is applied by the client trainer from ``RoundPlan.proximal_mu``.
     """
+
+    fed_keys = ("proximal_mu",)

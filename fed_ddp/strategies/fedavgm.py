@@ -16,6 +16,8 @@ from fed_ddp.strategies.fedavg import FedAvg
 
 
 class FedAvgM(FedAvg):
+    fed_keys = ("server_momentum",)
+
     def __init__(self, *args, server_momentum: float = 0.9, **kw):
         super().__init__(*args, **kw)
         self.server_momentum = server_momentum

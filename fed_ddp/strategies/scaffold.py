@@ -41,6 +41,7 @@ def control_layout(layout) -> list[tuple[str, tuple[int, ...]]]:
 
 class Scaffold(FedAvg):
     controls = True  # clients receive c with the global adapter and send Δc_i with their delta
+    fed_keys = ("num_clients",)
 
     def __init__(self, *args, num_clients: int, **kw):
         super().__init__(*args, **kw)

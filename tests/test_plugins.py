@@ -1,0 +1,182 @@
+"""User code on every rank (``run.plugins``), a strategy built from ``fed.strategy_args``, callbacks on the server
+(``run.callbacks``) and the Python API (``fed_ddp.run``): a strategy and a callback in a file outside the package,
+run through ``fed-ddp run`` (1 server + 2 gloo workers) and in-process, checked against numpy."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_cli
+from safetensors.torch import load_file
+
+TINY = str(ROOT / "configs" / "tiny_test.yaml")
+BETA, SERVER_LR = 0.5, 0.8
+
+PLUGIN = '''
+"""A lab's strategy and probe: server momentum as a bias-corrected moving average of the mean delta."""
+import torch
+from safetensors.torch import save_file
+
+from fed_ddp.strategies import FedAvg, register
+
+
+class FedEma(FedAvg):
+    def __init__(self, *args, beta: float = 0.9, **kw):
+        super().__init__(*args, **kw)
+        self.beta, self.m, self.t = beta, None, 0
+
+    def aggregate(self, rnd, global_state, updates):
+        d = self.combine(updates)  # sample-weighted mean delta
+        self.m = (1 - self.beta) * d if self.m is None else self.beta * self.m + (1 - self.beta) * d
+        self.t += 1
+        step = self.server_lr * self.m / (1 - self.beta ** self.t)
+        return global_state + step, {"update_norm": float(step.norm())}
+
+    def state_dict(self):
+        return {"m": self.m, "t": torch.tensor(self.t)}
+
+    def load_state_dict(self, state):
+        self.m, self.t = state.get("m"), int(state["t"]) if "t" in state else 0
+
+
+register("fedema", FedEma)
+
+
+class Probe:
+    """Keeps what each aggregation saw (for the test's numpy check) and reports two numbers per round."""
+
+    def __init__(self):
+        import os
+
+        self.out = os.environ["PROBE_DIR"]
+
+    def on_aggregate(self, rnd, before, updates, after):
+        tensors = {"before": before, "after": after,
+                   "examples": torch.tensor([u.num_examples for u in updates], dtype=torch.float64)}
+        tensors.update({f"delta_{i}": u.delta for i, u in enumerate(updates)})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, f"{self.out}/round_{rnd}.safetensors")
+        return {"probe_clients": len(updates)}
+
+    def on_round_end(self, rnd, record):
+        return {"probe_seen_loss": record.train_loss_mean}
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lab") / "my_lab_fedema.py"
+    path.write_text(textwrap.dedent(PLUGIN))
+    return path
+
+
+def _overrides(base: Path, out: Path, name: str, plugin: Path, *more: str) -> list[str]:
+    return [f"model.pretrained={base}", f"run.output_dir={out}", f"run.name={name}", f"run.plugins=[{plugin}]",
+            "fed.strategy=fedema", f"fed.strategy_args.beta={BETA}", f"fed.server_lr={SERVER_LR}",
+            f"run.callbacks=[{plugin}:Probe]", "eval.images_per_prompt=2", "eval.inference_steps=2",
+            "eval.sample_seeds=[0]", "fed.workers=2", *more]
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / "final" / "pytorch_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_base, plugin, tmp_path_factory):
+    """fed-ddp run: 1 server + 2 gloo workers, 2 rounds, the plug-in strategy and the probe named by the config."""
+    out, probe = tmp_path_factory.mktemp("plug"), tmp_path_factory.mktemp("probe")
+    proc = run_cli("run", TINY, *_overrides(tiny_base, out, "cli", plugin), env={"PROBE_DIR": str(probe)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "cli", probe
+
+
+def test_a_plugin_strategy_runs_on_every_rank_and_aggregates_as_numpy_does(launched):
+    run, probe = launched
+    m, prev_after = None, None
+    for rnd in (1, 2):
+        seen = load_file(probe / f"round_{rnd}.safetensors")
+        deltas = np.stack([seen[f"delta_{i}"].double().numpy() for i in range(len(seen["examples"]))])
+        w = seen["examples"].numpy()
+        d = (w[:, None] * deltas).sum(0) / w.sum()
+        m = (1 - BETA) * d if m is None else BETA * m + (1 - BETA) * d
+        want = seen["before"].double().numpy() + SERVER_LR * m / (1 - BETA ** rnd)
+        np.testing.assert_allclose(seen["after"].double().numpy(), want, rtol=0, atol=1e-6)
+        if prev_after is not None:  # round 2 starts from round 1's result
+            assert torch.equal(seen["before"], prev_after)
+        prev_after = seen["after"]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if r["round"] > 0]
+    assert [r["probe_clients"] for r in rounds] == [2, 2]  # the callback's values, in every round's record
+    assert [r["probe_seen_loss"] for r in rounds] == [r["train_loss_mean"] for r in rounds]
+    final = _adapter(run)
+    flat = torch.cat([final[k].flatten() for k in final])  # the adapter the last aggregation returned
+    assert flat.numel() == prev_after.numel() and bool(torch.isfinite(flat).all())
+
+
+def test_in_process_and_a_resume_give_the_launched_run_bit_for_bit(launched, tiny_base, plugin, tmp_path,
+                                                                   monkeypatch):
+    """fed_ddp.run(launch="inprocess") for round 1, then a resume to round 2: the plug-in's momentum comes back
+    from the checkpoint, and the final adapter is the launched run's, bit for bit."""
+    import fed_ddp
+
+    monkeypatch.setenv("PROBE_DIR", str(tmp_path))
+    ov = _overrides(tiny_base, tmp_path, "api", plugin)
+    first = fed_ddp.run(TINY, [*ov, "fed.rounds=1"], launch="inprocess")
+    assert first.rounds == 1
+    summary = fed_ddp.run(TINY, [*ov, "fed.rounds=2", "run.resume=true"], launch="inprocess")
+    assert summary.rounds == 2 and summary.final == json.loads((tmp_path / "api" / "summary.json").read_text())["final"]
+    a, b = _adapter(launched[0]), _adapter(tmp_path / "api")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    (["run.plugins=[my_lab.not_there]"], "run.plugins='my_lab.not_there': does not import: ModuleNotFoundError"),
+    (["fed.strategy=fed_ddp.strategies:NoSuch"], "fed.strategy='fed_ddp.strategies:NoSuch': fed_ddp.strategies has "
+                                                 "no 'NoSuch'"),
+    (["fed.strategy=fedadam", "fed.strategy_args.gamma=2"], "fed.strategy_args.gamma=2: fed.strategy=fedadam takes "
+                                                            "no setting 'gamma'"),
+    (["fed.strategy=fedadam", "fed.strategy_args.beta1=0.5"], "takes no setting 'beta1' (set fed.beta1)"),
+    (["run.callbacks=[fed_ddp.strategies:FedAvg]"], "run.callbacks='fed_ddp.strategies:FedAvg': defines none of"),
+    (["run.callbacks=[probe]"], "run.callbacks='probe': must be package.module:Name or a registered callback"),
+])
+def test_bad_plugin_input_is_one_line_before_anything_starts(extra, said):
+    from fed_ddp.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(TINY, extra)
+    assert said in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_plugin_that_takes_a_built_in_name_and_a_strategy_setting_of_the_wrong_type(tmp_path):
+    from fed_ddp.config import ConfigError, load_config
+
+    clash = tmp_path / "clash.py"
+    clash.write_text("from fed_ddp.strategies import FedAvg, register\nregister('fedavg', FedAvg)\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [f"run.plugins=[{clash}]"])
+    assert str(e.value) == (f"run.plugins='{clash}': does not import: ValueError: strategy 'fedavg' is already "
+                            "registered")
+    own = tmp_path / "own.py"
+    own.write_text(textwrap.dedent(PLUGIN).replace('"fedema"', '"fedema2"'))
+    with pytest.raises(ConfigError, match=r"fed.strategy_args.beta='high': must be a float \(fed.strategy=fedema2's "
+                                          r"default is 0.9\)"):
+        load_config(TINY, [f"run.plugins=[{own}]", "fed.strategy=fedema2", "fed.strategy_args.beta=high"])
+
+
+def test_a_callback_that_raises_stops_the_run_naming_itself_and_the_round(tiny_base, tmp_path):
+    import fed_ddp
+    from fed_ddp.callbacks import CallbackError
+
+    cb = tmp_path / "boom.py"
+    cb.write_text("class Boom:\n    def on_round_end(self, rnd, record):\n        if rnd == 2:\n"
+                  "            raise ValueError('no more')\n")
+    with pytest.raises(CallbackError) as e:
+        fed_ddp.run(TINY, [f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", "run.name=boom",
+                           f"run.callbacks=[{cb}:Boom]", "eval.images_per_prompt=2", "eval.inference_steps=2",
+                           "eval.sample_seeds=[0]"], launch="inprocess")
+    assert str(e.value) == f"run.callbacks: {cb}:Boom.on_round_end raised at round 2: ValueError: no more"
+    assert (tmp_path / "boom" / "checkpoints" / "round_0001").is_dir()  # round 1 is kept
