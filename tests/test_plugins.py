@@ -135,10 +135,10 @@ def test_in_process_and_a_resume_give_the_launched_run_bit_for_bit(launched, tin
 
 @pytest.mark.parametrize(("extra", "said"), [
     (["run.plugins=[my_lab.not_there]"], "run.plugins='my_lab.not_there': does not import: ModuleNotFoundError"),
-    (["fed.strategy=fed_ddp.strategies:NoSuch"], "fed.strategy='fed_ddp.strategies:NoSuch': fed_ddp.strategies has "
-                                                 "no 'NoSuch'"),
-    (["fed.strategy=fedadam", "fed.strategy_args.gamma=2"], "fed.strategy_args.gamma=2: fed.strategy=fedadam takes "
-                                                            "no setting 'gamma'"),
+    (["fed.strategy=fed_ddp.strategies:NoSuch"], ("fed.strategy='fed_ddp.strategies:NoSuch': fed_ddp.strategies has "
+                                                 "no 'NoSuch'")),
+    (["fed.strategy=fedadam", "fed.strategy_args.gamma=2"], ("fed.strategy_args.gamma=2: fed.strategy=fedadam takes "
+                                                            "no setting 'gamma'")),
     (["fed.strategy=fedadam", "fed.strategy_args.beta1=0.5"], "takes no setting 'beta1' (set fed.beta1)"),
     (["run.callbacks=[fed_ddp.strategies:FedAvg]"], "run.callbacks='fed_ddp.strategies:FedAvg': defines none of"),
     (["run.callbacks=[probe]"], "run.callbacks='probe': must be package.module:Name or a registered callback"),
