@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check fed_ddp tests benchmarks
+	$(BIN)/ruff check fed_ddp tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs

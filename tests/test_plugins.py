@@ -5,7 +5,6 @@ run through ``fed-ddp run`` (1 server + 2 gloo workers) and in-process, checked 
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,67 +16,19 @@ from safetensors.torch import load_file
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
 BETA, SERVER_LR = 0.5, 0.8
 
-PLUGIN = '''
-"""A lab's strategy and probe: server momentum as a bias-corrected moving average of the mean delta."""
-import torch
-from safetensors.torch import save_file
-
-from fed_ddp.strategies import FedAvg, register
-
-
-class FedEma(FedAvg):
-    def __init__(self, *args, beta: float = 0.9, **kw):
-        super().__init__(*args, **kw)
-        self.beta, self.m, self.t = beta, None, 0
-
-    def aggregate(self, rnd, global_state, updates):
-        d = self.combine(updates)  # sample-weighted mean delta
-        self.m = (1 - self.beta) * d if self.m is None else self.beta * self.m + (1 - self.beta) * d
-        self.t += 1
-        step = self.server_lr * self.m / (1 - self.beta ** self.t)
-        return global_state + step, {"update_norm": float(step.norm())}
-
-    def state_dict(self):
-        return {"m": self.m, "t": torch.tensor(self.t)}
-
-    def load_state_dict(self, state):
-        self.m, self.t = state.get("m"), int(state["t"]) if "t" in state else 0
-
-
-register("fedema", FedEma)
-
-
-class Probe:
-    """Keeps what each aggregation saw (for the test's numpy check) and reports two numbers per round."""
-
-    def __init__(self):
-        import os
-
-        self.out = os.environ["PROBE_DIR"]
-
-    def on_aggregate(self, rnd, before, updates, after):
-        tensors = {"before": before, "after": after,
-                   "examples": torch.tensor([u.num_examples for u in updates], dtype=torch.float64)}
-        tensors.update({f"delta_{i}": u.delta for i, u in enumerate(updates)})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, f"{self.out}/round_{rnd}.safetensors")
-        return {"probe_clients": len(updates)}
-
-    def on_round_end(self, rnd, record):
-        return {"probe_seen_loss": record.train_loss_mean}
-'''
+EXAMPLE = ROOT / "examples" / "fedema.py"  # the shipped examples, as a user names them
+PROBES, RECORDER = ROOT / "examples" / "probes.py", ROOT / "tests" / "recorder_callback.py"
 
 
 @pytest.fixture(scope="module")
-def plugin(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("lab") / "my_lab_fedema.py"
-    path.write_text(textwrap.dedent(PLUGIN))
-    return path
+def plugin() -> Path:
+    return EXAMPLE
 
 
 def _overrides(base: Path, out: Path, name: str, plugin: Path, *more: str) -> list[str]:
     return [f"model.pretrained={base}", f"run.output_dir={out}", f"run.name={name}", f"run.plugins=[{plugin}]",
             "fed.strategy=fedema", f"fed.strategy_args.beta={BETA}", f"fed.server_lr={SERVER_LR}",
-            f"run.callbacks=[{plugin}:Probe]", "eval.images_per_prompt=2", "eval.inference_steps=2",
+            f"run.callbacks=[{PROBES}:DeltaNorm,{RECORDER}:Recorder]", "eval.images_per_prompt=2", "eval.inference_steps=2",
             "eval.sample_seeds=[0]", "fed.workers=2", *more]
 
 
@@ -89,7 +40,7 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 def launched(tiny_base, plugin, tmp_path_factory):
     """fed-ddp run: 1 server + 2 gloo workers, 2 rounds, the plug-in strategy and the probe named by the config."""
     out, probe = tmp_path_factory.mktemp("plug"), tmp_path_factory.mktemp("probe")
-    proc = run_cli("run", TINY, *_overrides(tiny_base, out, "cli", plugin), env={"PROBE_DIR": str(probe)})
+    proc = run_cli("run", TINY, *_overrides(tiny_base, out, "cli", plugin), env={"RECORDER_DIR": str(probe)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "cli", probe
 
@@ -110,23 +61,27 @@ def test_a_plugin_strategy_runs_on_every_rank_and_aggregates_as_numpy_does(launc
         prev_after = seen["after"]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rows if r["round"] > 0]
-    assert [r["probe_clients"] for r in rounds] == [2, 2]  # the callback's values, in every round's record
-    assert [r["probe_seen_loss"] for r in rounds] == [r["train_loss_mean"] for r in rounds]
+    assert [r["updates"] for r in rounds] == [2, 2]  # the callbacks' values, in every round's record
+    assert [r["recorded_train_loss"] for r in rounds] == [r["train_loss_mean"] for r in rounds]
+    for r in rounds:  # examples/probes.py's DeltaNorm: the norm of what the aggregation moved
+        seen = load_file(probe / f"round_{r['round']}.safetensors")
+        assert r["step_norm"] == pytest.approx(float((seen["after"] - seen["before"]).norm()), rel=1e-6)
     final = _adapter(run)
     flat = torch.cat([final[k].flatten() for k in final])  # the adapter the last aggregation returned
     assert flat.numel() == prev_after.numel() and bool(torch.isfinite(flat).all())
 
 
-def test_in_process_and_a_resume_give_the_launched_run_bit_for_bit(launched, tiny_base, plugin, tmp_path,
+def test_the_api_both_ways_and_a_resume_give_the_launched_run_bit_for_bit(launched, tiny_base, plugin, tmp_path,
                                                                    monkeypatch):
-    """fed_ddp.run(launch="inprocess") for round 1, then a resume to round 2: the plug-in's momentum comes back
-    from the checkpoint, and the final adapter is the launched run's, bit for bit."""
+    """fed_ddp.run(launch="torchrun") for round 1, then launch="inprocess" resumes it to round 2: the plug-in's
+    momentum comes back from the checkpoint, and the final adapter is the one fed-ddp run's two rounds gave,
+    bit for bit (the API's two launches and the CLI agree)."""
     import fed_ddp
 
-    monkeypatch.setenv("PROBE_DIR", str(tmp_path))
+    monkeypatch.setenv("RECORDER_DIR", str(tmp_path))
     ov = _overrides(tiny_base, tmp_path, "api", plugin)
-    first = fed_ddp.run(TINY, [*ov, "fed.rounds=1"], launch="inprocess")
-    assert first.rounds == 1
+    first = fed_ddp.run(TINY, [*ov, "fed.rounds=1"], launch="torchrun")  # fed-ddp run's main, its real ranks
+    assert first.rounds == 1 and first.workers == 2
     summary = fed_ddp.run(TINY, [*ov, "fed.rounds=2", "run.resume=true"], launch="inprocess")
     assert summary.rounds == 2 and summary.final == json.loads((tmp_path / "api" / "summary.json").read_text())["final"]
     a, b = _adapter(launched[0]), _adapter(tmp_path / "api")
@@ -161,7 +116,7 @@ def test_a_plugin_that_takes_a_built_in_name_and_a_strategy_setting_of_the_wrong
     assert str(e.value) == (f"run.plugins='{clash}': does not import: ValueError: strategy 'fedavg' is already "
                             "registered")
     own = tmp_path / "own.py"
-    own.write_text(textwrap.dedent(PLUGIN).replace('"fedema"', '"fedema2"'))
+    own.write_text(EXAMPLE.read_text().replace('"fedema"', '"fedema2"'))
     with pytest.raises(ConfigError, match=r"fed.strategy_args.beta='high': must be a float \(fed.strategy=fedema2's "
                                           r"default is 0.9\)"):
         load_config(TINY, [f"run.plugins=[{own}]", "fed.strategy=fedema2", "fed.strategy_args.beta=high"])

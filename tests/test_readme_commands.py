@@ -170,6 +170,9 @@ CHECKS: dict[str | re.Pattern, Check] = {
     "fed-ddp compare configs/quickstart.yaml --strategies fedavg,scaffold,flexlora": LAUNCH,
     # strategies, ranks, personalization
     "fed-ddp run configs/quickstart.yaml fed.strategy=flexlora": LAUNCH,
+    "fed-ddp run configs/quickstart.yaml run.plugins=[examples/fedema.py] fed.strategy=fedema fed.strategy_args.beta=0.5":
+        LAUNCH,
+    "fed-ddp run configs/quickstart.yaml run.callbacks=[examples/probes.py:DeltaNorm]": LAUNCH,
     "fed-ddp run configs/population.yaml lora.client_ranks=[2,4,8]": LAUNCH,
     "fed-ddp run configs/quickstart.yaml personal.mode=split": LAUNCH,
     'fed-ddp generate runs/quickstart/checkpoints/final --client 2 --prompt "a handwritten digit nine"': GENERATE,
