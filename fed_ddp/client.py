@@ -19,7 +19,8 @@ from fed_ddp.diffusion.families import denoiser, family_of
 from fed_ddp.diffusion.families.sd import to_device
 from fed_ddp.diffusion.lora import lora_parameters
 from fed_ddp.diffusion.models import encode_set, unet_autocast
-from fed_ddp.seeds import client_round
+from fed_ddp.objectives import lookup as lookup_objective
+from fed_ddp.seeds import client_objective, client_round
 from fed_ddp.strategies import RoundPlan
 
 
@@ -49,6 +50,7 @@ class LocalTrainer:
 
         self.unet, self.scheduler, self.cfg = denoiser(pipe), scheduler, train_cfg
         self.family = family_of(pipe)
+        self.objective = lookup_objective(train_cfg.objective)(train_cfg)  # train.objective (fed_ddp/objectives.py)
         self.engine = engine or TorchEngine(self.unet, train_cfg)
         self.device = self.unet.device
         self.seed, self.client_id = seed, client_id
@@ -95,8 +97,9 @@ class LocalTrainer:
         seed = client_round(self.seed, plan.round, self.client_id)
         rng = np.random.default_rng(seed)
         gen = torch.Generator().manual_seed(seed)
+        own = torch.Generator().manual_seed(client_objective(self.seed, plan.round, self.client_id))  # the objective's
         self.unet.train()
-        losses = []
+        losses, reported = [], {k: [] for k in self.objective.metrics}
         # LoRA dropout draws from torch's global generator: seed it per (client, round), so a client's update
         # does not depend on which clients its worker played before
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -104,7 +107,9 @@ class LocalTrainer:
             for _ in range(plan.local_steps * self.cfg.gradient_accumulation_steps):
                 lat, cond, noise, t = self._batch(rng, gen)
                 with autocast_for(self.device, self.cfg.mixed_precision, self.cfg.engine):
-                    loss = self.family.loss(eng.model, self.scheduler, lat, cond, noise, t)
+                    loss, said = self.objective.loss(self.family, eng.model, self.scheduler, lat, cond, noise, t, own)
+                for k, seen in reported.items():
+                    seen.append(torch.as_tensor(said[k], dtype=torch.float64).detach().reshape(()))
                 if anchor is not None:
                     loss = loss + 0.5 * plan.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
                 eng.backward_step(loss)
@@ -112,7 +117,8 @@ class LocalTrainer:
         self.unet.eval()
         delta = eng.read_adapter().cpu() - global_flat.cpu()
         train_loss = float(torch.stack(losses).double().mean()) if losses else float("nan")
-        return delta, {"train_loss": train_loss, "train_seconds": time.perf_counter() - t0}
+        extra = {k: float(torch.stack(v).mean()) if v else float("nan") for k, v in reported.items()}
+        return delta, {"train_loss": train_loss, "train_seconds": time.perf_counter() - t0, **extra}
 
 
 @torch.no_grad()

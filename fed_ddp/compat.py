@@ -66,7 +66,33 @@ def _stateful(c) -> list[str]:
     return sorted(set(c.comm.uplink) & set(STATEFUL))
 
 
+def _objective(c):
+    from fed_ddp.objectives import lookup
+
+    return lookup(c.train.objective)
+
+
+def _taken(names) -> list[str]:
+    from fed_ddp.protocol import UP_FIELDS
+    from fed_ddp.results import RoundRecord
+
+    reported = {*UP_FIELDS, *RoundRecord.__dataclass_fields__, "val_loss", "val_loss_base", "gen_acc",
+                "gen_acc_clients", "gen_acc_base", "update_norm", "privacy", "empty_round", "round_rejected"}
+    return [n for n in names if n in reported]
+
+
 RULES: list[Rule] = [
+    # the client's objective
+    Rule("train.objective", "a model.family it is defined for", "train.objective",
+         lambda c: _objective(c).families is not None, lambda c: c.model.family in _objective(c).families,
+         lambda c: c.train.objective,
+         lambda c: f"is defined for model.family {list(_objective(c).families)}, not {c.model.family!r}"),
+    Rule("an objective that reports metrics", "names the round does not already report", "train.objective",
+         lambda c: bool(_objective(c).metrics), lambda c: not _taken(_objective(c).metrics), lambda c: c.train.objective,
+         lambda c: f"reports {_taken(_objective(c).metrics)[0]!r}, a name the round already reports: rename it"),
+    Rule("an objective that reports metrics", "privacy.secagg=false", "train.objective",
+         lambda c: bool(_objective(c).metrics), lambda c: not c.privacy.secagg, lambda c: c.train.objective,
+         lambda c: "reports per-client metrics, which secure aggregation's masked messages do not carry"),
     # differential privacy and secure aggregation
     Rule("differential privacy", "fed.sampling poisson or all", "fed.sampling", _dp,
          lambda c: c.fed.sampling in ("poisson", "all"), lambda c: c.fed.sampling,

@@ -100,7 +100,7 @@ def make_plan(cfg: RunConfig, comm: CommConfig, denoiser: str | None = None) -> 
     slots = math.ceil(m / f.num_workers)
     gather_up = (f.num_workers * slots if comm.gather == "gather" else m) * w.up_nbytes
     return Plan(source, base, w.num_params, len(layout), f.rounds, f.num_clients,
-                Direction(w.up, w.up.wire_bytes, UP_TAIL_BYTES), Direction(w.down, w.down.wire_bytes, PLAN_BYTES),
+                Direction(w.up, w.up.wire_bytes, w.up_tail), Direction(w.down, w.down.wire_bytes, PLAN_BYTES),
                 per_round=m, workers=f.num_workers, sampling=f.sampling, state_bytes=state_bytes,
                 client_cache=f.client_cache, cluster_down=f.num_workers * (HEAD_BYTES + w.body_nbytes(slots)),
                 cluster_up=round(gather_up), method=cfg.train.method, family=family, denoiser=type(model).__name__)

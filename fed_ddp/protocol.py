@@ -82,16 +82,20 @@ class Wire:
     (``fed_ddp.lora_ranks``) through an uplink chain of its own size, so message sizes are per client.
     """
 
-    def __init__(self, comm, layout, workers: int = 1, privacy_fields: bool = False, client_ranks=()):
+    def __init__(self, comm, layout, workers: int = 1, privacy_fields: bool = False, client_ranks=(),
+                 up_metrics=()):
+        # the uplink's protocol fields: UP_FIELDS, then the objective's per-client metrics (one fp32 slot each)
+        self.up_fields = UP_FIELDS + tuple(up_metrics)
+        self.up_tail = 4 + 4 * len(self.up_fields)
         self.client_ranks = [int(r) for r in client_ranks or ()]
         self.subs = {r: SubLayout(layout, r) for r in sorted(set(self.client_ranks))}
         self.up_by_rank = {r: uplink_chain(comm, s.layout) for r, s in self.subs.items()}
-        self.up_bytes_by_rank = {r: c.wire_bytes + ByteCount(0, UP_TAIL_BYTES) for r, c in self.up_by_rank.items()}
+        self.up_bytes_by_rank = {r: c.wire_bytes + ByteCount(0, self.up_tail) for r, c in self.up_by_rank.items()}
         self.up: CodecChain = uplink_chain(comm, layout)
         self.down: CodecChain = downlink_chain(comm, layout)
         self.layout, self.workers = list(layout), int(workers)
         self.num_params = self.up.numel
-        self.up_bytes = self.up.wire_bytes + ByteCount(0, UP_TAIL_BYTES)  # one client's message
+        self.up_bytes = self.up.wire_bytes + ByteCount(0, self.up_tail)  # one client's message
         # privacy (clipping on): the round's clip and the std of the noise each client adds travel in the body
         self.fields_bytes = 8 if privacy_fields else 0
         self.down_bytes = self.down.wire_bytes + ByteCount(0, PLAN_BYTES + self.fields_bytes)  # what one client receives
@@ -198,7 +202,7 @@ class Wire:
     def with_fields(self, msg: torch.Tensor, client_id: int, num_examples: int, metrics: dict[str, float]
                     ) -> torch.Tensor:
         cid = torch.tensor([client_id], dtype=torch.int32).view(torch.uint8)
-        return torch.cat([msg, cid, _f32_bytes([num_examples] + [metrics[k] for k in UP_FIELDS[1:]])])
+        return torch.cat([msg, cid, _f32_bytes([num_examples] + [metrics[k] for k in self.up_fields[1:]])])
 
     def unpack_uplink(self, buf: torch.Tensor, client: int | None = None,
                       global_flat: torch.Tensor | None = None) -> ClientUpdate:
@@ -207,18 +211,18 @@ class Wire:
         if self.client_ranks and (client is None or global_flat is None):
             raise ValueError("heterogeneous ranks: unpack_uplink needs the slot's client and the global adapter")
         self._check(buf, self.up_nbytes_of(client), "uplink message")
-        tail = buf[-UP_TAIL_BYTES:]
+        tail = buf[-self.up_tail:]
         cid = int(tail[:4].clone().view(torch.int32).item())
-        fields = dict(zip(UP_FIELDS, _f32(tail[4:])))
+        fields = dict(zip(self.up_fields, _f32(tail[4:])))
         n = fields.pop("num_examples")
         if not math.isfinite(n):  # round(inf) would raise OverflowError: refuse it as a bad message
             raise ValueError(f"uplink message: num_examples={n}")
         if not self.client_ranks:
-            delta = self.up.decode_bytes(buf[:-UP_TAIL_BYTES])
+            delta = self.up.decode_bytes(buf[:-self.up_tail])
         else:
             r = self.rank_of(client)
             chain = self.up_by_rank[r]
-            delta = self.subs[r].expand(chain.decode_bytes(buf[:-UP_TAIL_BYTES]), global_flat.float().cpu())
+            delta = self.subs[r].expand(chain.decode_bytes(buf[:-self.up_tail]), global_flat.float().cpu())
         return ClientUpdate(cid, delta, round(n), fields)
 
     def split_uplink(self, buf: torch.Tensor, clients: int | list[int]) -> list[torch.Tensor]:
@@ -242,12 +246,15 @@ def wire_for(cfg, layout, workers: int, comm=None) -> Wire:
     """The wire a run of ``cfg`` uses (``comm``: its codec section, ``cfg.comm`` by default): scaffold's
     ``ControlWire`` (the control variates travel with the adapter), else the plain one with the privacy fields
     and per-client ranks the config asks for."""
-    from fed_ddp.strategies import REGISTRY
+    from fed_ddp.objectives import lookup as objective
+    from fed_ddp.strategies import lookup
 
     comm = cfg.comm if comm is None else comm
-    if REGISTRY[cfg.fed.strategy].controls:
-        return ControlWire(comm, layout, workers)
-    return Wire(comm, layout, workers, privacy_fields=cfg.privacy.clips, client_ranks=cfg.lora.client_ranks)
+    metrics = objective(cfg.train.objective).metrics  # each client's objective metrics travel with its message
+    if lookup(cfg.fed.strategy).controls:
+        return ControlWire(comm, layout, workers, up_metrics=metrics)
+    return Wire(comm, layout, workers, privacy_fields=cfg.privacy.clips, client_ranks=cfg.lora.client_ranks,
+                up_metrics=metrics)
 
 
 class ControlWire(Wire):
@@ -256,8 +263,8 @@ class ControlWire(Wire):
     The codec chains (and so every byte count) cover both halves; ``layout`` and ``num_params`` stay the
     adapter's, and clients keep state every round they play (their c_i)."""
 
-    def __init__(self, comm, layout, workers: int = 1):
-        super().__init__(comm, control_layout(layout), workers)
+    def __init__(self, comm, layout, workers: int = 1, up_metrics=()):
+        super().__init__(comm, control_layout(layout), workers, up_metrics=up_metrics)
         self.layout = list(layout)
         self.num_params = self.up.numel // 2
         self.keeps_state = True

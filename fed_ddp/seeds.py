@@ -41,6 +41,12 @@ def round_rng(run_seed: int, rnd: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([run_seed, rnd, purpose])
 
 
+def client_objective(run_seed: int, rnd: int, client_id: int) -> int:
+    """A client objective's own draws in round ``rnd`` (noise_offset's offsets): apart from the batches' stream,
+    so an objective that draws changes nothing else a client draws."""
+    return int(np.random.SeedSequence([run_seed, rnd, client_id, 5]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def client_personal(run_seed: int, client_id: int) -> int:
     """Initial personal adapter of ``client_id`` (personal.mode=split), drawn the first time it plays."""
     return int(np.random.SeedSequence([run_seed, client_id, 4]).generate_state(1, np.uint64)[0] >> 1)

@@ -273,8 +273,16 @@ class TrainSection:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) / no / bf16 / fp16
     num_threads: int = 1  # torch CPU threads per rank
     device: str = "auto"  # auto (cuda:<local_rank> when available) / cpu
+    objective: str = "mse"  # the client's loss: mse (the family's own) / min_snr / noise_offset / package.module:Name (fed_ddp/objectives.py)
+    snr_gamma: float = 5.0  # min_snr: gamma in min(SNR(t), gamma) / SNR(t)
+    noise_offset: float = 0.1  # noise_offset: scale of the per-example, per-channel offset added to the noise
 
     def __post_init__(self):
+        from fed_ddp.objectives import lookup
+
+        lookup(self.objective)  # a registered name, or package.module:Name (run.plugins are imported by now)
+        _positive("train.snr_gamma", self.snr_gamma)
+        _positive("train.noise_offset", self.noise_offset, zero_ok=True)
         _one_of("train.method", self.method, {"lora", "full"})
         _one_of("train.engine", self.engine, {"torch", "deepspeed"})
         integer("train.batch_size", self.batch_size, 1, 65536)

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from fed_ddp.protocol import UP_FIELDS
 from fed_ddp.results import SECONDS, RoundRecord
 
 __all__ = ["SECONDS", "Bytes", "Clock", "brief", "privacy_summary", "round_row", "sampling_totals"]
@@ -116,6 +117,9 @@ def round_row(rnd: int, clock: Clock, chosen, table, got, kept, ev: dict, comm: 
     if got.outcome is not None:
         ok = set(got.outcome.survivors) if got.outcome.total is not None else set()
     shown = [u for u in kept if "train_loss" in u.metrics]  # secure aggregation: no client reports its own
+    # train.objective's metrics, per client (the protocol's own fields have their places above)
+    named = sorted({k for u in shown for k in u.metrics} - set(UP_FIELDS))
+    objective = {k: {str(u.client_id): u.metrics[k] for u in shown if k in u.metrics} for k in named}
     return RoundRecord(
         round=rnd,
         clients={"reachable": chosen.reachable, "sampled": chosen.sampled, "dropped": chosen.dropped,
@@ -128,7 +132,7 @@ def round_row(rnd: int, clock: Clock, chosen, table, got, kept, ev: dict, comm: 
         train_seconds={str(u.client_id): u.metrics["train_seconds"] for u in shown},
         bytes_up=got.stats.bytes_up, bytes_down=got.stats.bytes_down, comm=comm,
         seconds=clock.seconds(got, ok), started_at=clock.started,
-        metrics={**ev, **agg, **({"privacy": private} if private else {}), **sim_row})
+        metrics={**ev, **agg, **({"privacy": private} if private else {}), **sim_row, **objective})
 
 
 def sampling_totals(fed, rounds: list[RoundRecord]) -> dict:
