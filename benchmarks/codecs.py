@@ -19,8 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fed_ddp.results import read_summary
-
 ROOT = Path(__file__).resolve().parent.parent
 CHAINS = {  # name -> comm.* overrides
     "fp32 (dense)": ["comm.uplink=[]"],
@@ -56,6 +54,8 @@ def run(name: str, overrides: list[str], out: Path, extra: list[str], force: boo
                *overrides, *extra]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
+    from fed_ddp.results import read_summary  # the installed package (pip install -e .)
+
     return read_summary(summary.parent).to_json()  # typed and checked (fed_ddp.results), read as its JSON
 
 

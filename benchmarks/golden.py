@@ -61,7 +61,9 @@ def rows_hash(run_dir: Path) -> str:
     rows, _ = read_rows(run_dir)
     lines = [{k: v for k, v in r.to_json().items() if k != "schema"} for r in rows.ordered()]
     summary = read_summary(run_dir)
-    lines.append({"round": summary.rounds, "final": rows.final if rows.final is not None else summary.final})
+    from fed_ddp.tracking import _clean  # schema 1's final line went through the tracker: NaN -> null
+
+    lines.append({"round": summary.rounds, "final": _clean(rows.final if rows.final is not None else summary.final)})
     return hashlib.sha256(json.dumps([_untimed(x) for x in lines], sort_keys=True).encode()).hexdigest()
 
 

@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_ddp.results import read_rows
-
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = 12_000
 SETTINGS = ["fed.strategy=fedavg", "fed.clients_per_round=8", "fed.workers=2", "fed.rounds=4", "fed.local_steps=20", "fed.client_cache=16",
@@ -78,6 +76,8 @@ def run_one(n: int, out: Path, data: Path, extra: list[str]) -> dict:
                        rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5)
     elastic_launch(cfg, sys.executable)(str(ROOT / "benchmarks" / "population_rank.py"), *args)
     run = out / name
+    from fed_ddp.results import read_rows  # the installed package (pip install -e .)
+
     rounds = [r.to_json() for r in read_rows(run)[0].ordered() if r.round > 0]  # typed, checked (fed_ddp.results)
     steady = rounds[1:] or rounds
     rss = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["peak_rss_mib"] for p in bench.glob("*.json")}

@@ -29,12 +29,13 @@ def run(config: str | os.PathLike | list | None, overrides: list[str] | tuple[st
     if launch not in LAUNCHES:
         raise ConfigError("launch", launch, f"must be one of {list(LAUNCHES)}")
     files = [] if config is None else [str(c) for c in (config if isinstance(config, (list, tuple)) else [config])]
+    cfg = load_config(files, list(overrides))  # bad input: ConfigError here, before anything starts
     if launch == "torchrun":
-        return _torchrun(files, list(overrides))
-    return run_inprocess(load_config(files, list(overrides)))
+        return _torchrun(files, list(overrides), cfg)
+    return run_inprocess(cfg)
 
 
-def _torchrun(files: list[str], overrides: list[str]) -> RunSummary:
+def _torchrun(files: list[str], overrides: list[str], cfg) -> RunSummary:
     import contextlib
     import io
 
@@ -46,7 +47,6 @@ def _torchrun(files: list[str], overrides: list[str]) -> RunSummary:
     if code != 0:
         lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("fed-ddp:")]
         raise RuntimeError(lines[-1] if lines else f"fed-ddp run exited with {code}")
-    cfg = load_config(files, overrides)
     summary = read_summary(cfg.run.dir)
     if summary is None:
         raise RuntimeError(f"{cfg.run.dir}: the run finished without a summary.json")

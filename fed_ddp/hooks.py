@@ -40,6 +40,7 @@ class ClientHook:
     """Every method has a default that does nothing; a hook overrides what it needs."""
 
     prefix: str | None = None  # the keys of the client's state file this hook owns (kept out of the codec state)
+    saves: bool = False  # it keeps tensors in the client's state file (job.saved), so the server names its round
 
     def downlink(self, wire, body: torch.Tensor, slots: int, start: torch.Tensor) -> torch.Tensor:
         return start

@@ -63,7 +63,7 @@ class PersonalClient(ClientHook):
     its own seed) before training, trained alongside the shared one, then kept in its state file, never in the
     message; the model is left without it."""
 
-    prefix = PERSONAL_KEY
+    prefix, saves = PERSONAL_KEY, True
 
     def __init__(self, seed: int):
         self.seed = seed

@@ -61,6 +61,8 @@ class RoundRecord:
         return (comm.get("air") or {}).get(direction) or comm.get(direction) or {}
 
     def to_json(self) -> dict:
+        if clash := sorted(set(self.metrics) & {*_ROW_FIELDS, *_TRAINING}):  # a metric never hides a typed field
+            raise ValueError(f"round {self.round}: a metric is named {clash[0]!r}, like one of the record's fields")
         out = {"schema": self.schema, "round": self.round}
         for f in _ROW_FIELDS:
             v = getattr(self, f)

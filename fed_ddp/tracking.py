@@ -66,13 +66,13 @@ class JsonlLogger:
 PER_CLIENT = ("clients", "train_loss", "train_loss_mean", "num_examples", "train_seconds")
 
 
-def public_row(row: dict) -> dict:
+def public_row(row: dict, per_client=()) -> dict:
     """A round's row without what names or describes single clients (who was sampled, each one's loss,
-    examples and time, the exact count of unclipped updates): what leaves the server under differential
-    privacy. ``metrics.jsonl`` (the server's own log) keeps the full row."""
+    examples and time, ``per_client``: the objective's metrics, the exact count of unclipped updates): what
+    leaves the server under differential privacy. ``metrics.jsonl`` (the server's own log) keeps the full row."""
     # sim_*: the simulated cell is rebuilt from the config's seed, so any per-round figure of it (the broadcast
     # rate is the weakest scheduled client's, the slowest client's split names its class) says who was sampled
-    out = {k: v for k, v in row.items() if k not in PER_CLIENT and not k.startswith("sim_")}
+    out = {k: v for k, v in row.items() if k not in PER_CLIENT and k not in per_client and not k.startswith("sim_")}
     if isinstance(out.get("privacy"), dict):
         out["privacy"] = {k: v for k, v in out["privacy"].items() if k != "unclipped"}
     return out
@@ -82,7 +82,10 @@ class WandbLogger:
     def __init__(self, cfg, run_dir: Path, config_dict: dict):
         import wandb
 
+        from fed_ddp.objectives import lookup
+
         self.private = cfg.privacy.dp.enabled  # rows go out without per-client data (public_row)
+        self.per_client = lookup(cfg.train.objective).metrics  # train.objective's metrics: one value per client
         w = cfg.tracking.wandb
         self._wandb = wandb
         self.run = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
@@ -90,7 +93,7 @@ class WandbLogger:
                               resume="allow" if cfg.run.resume else None)
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(_flat(public_row(metrics) if self.private else metrics), step=step)
+        self.run.log(_flat(public_row(metrics, self.per_client) if self.private else metrics), step=step)
 
     def log_images(self, images: dict[str, str], step: int) -> None:
         self.run.log({k: self._wandb.Image(p) for k, p in images.items()}, step=step)

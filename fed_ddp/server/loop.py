@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fed_ddp.callbacks import Callbacks
+from fed_ddp.callbacks import CallbackError, Callbacks
 from fed_ddp.checkpoint import load_state, save_checkpoint
 from fed_ddp.compression import ChainState, layout_of
 from fed_ddp.config import RunConfig
@@ -45,6 +45,7 @@ from fed_ddp.server import history, records
 from fed_ddp.server.admit import Admission, BadRounds
 from fed_ddp.server.exchange import Exchange, Uplinks, decode, masked
 from fed_ddp.strategies import Strategy, lora_pairs, product_error
+from fed_ddp.worker import client_hooks
 
 log = logging.getLogger("fed_ddp.server")
 
@@ -92,6 +93,8 @@ class Server:
         self.caches = WorkerCaches(self.workers, cfg.fed.client_cache)  # who still holds whose encoded data
         self.bad_rounds = BadRounds(cfg.fed.max_bad_rounds, self.run_dir)
         self.callbacks = Callbacks(cfg.run.callbacks)  # run.callbacks: user code on this rank (fed_ddp.callbacks)
+        # the clients' hooks keep state of their own (a personal adapter, c_i): the same rule as Worker.play's
+        self.hooks_save = any(h.saves for h in client_hooks(cfg, resolve_privacy(cfg, calibrate=False)))
         self.exchange = Exchange(transport, self.wire, cfg.fed, cfg.comm.gather)
         self.setup = resolve_privacy(cfg)  # None: the plain path; z is calibrated here (before round 1)
         self.privacy = ServerPrivacy(self.setup, self.wire.num_params, self.run_dir) if self.setup else None
@@ -155,7 +158,7 @@ class Server:
                             self.strategy.state_dict(), self.info, self.state_dict())
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> RunSummary:
         cfg = self.cfg
         global_flat, start = self.engine.read_adapter(), 1
         ckpt = history.resume_point(self.run_dir) if cfg.run.resume else None
@@ -247,8 +250,11 @@ class Server:
         comm = self.bytes.row(got.stats, len(chosen.sampled), [u.client_id for u in got.updates], got.outcome)
         row = records.round_row(rnd, clock, chosen, job.table, got, kept, ev, comm, agg, private, sim, sim_row)
         if self.callbacks:  # what they return joins the record (never over a name it has)
-            taken = {*row.to_json(), *extra}
-            row.metrics.update({**extra, **self.callbacks.fire("on_round_end", rnd, row, taken=taken)})
+            taken = set(row.to_json())
+            if clash := sorted(taken & set(extra)):
+                raise CallbackError(f"run.callbacks: a callback returned {clash[0]!r} at round {rnd}, a name the round "
+                                    "already reports: choose another")
+            row.metrics.update({**extra, **self.callbacks.fire("on_round_end", rnd, row, taken=taken | set(extra))})
         self.tracker.log(row.to_json(), step=rnd)
         log.info("round %d: %s", rnd, records.brief(row))
         if got.stats.parallel and got.stats.seconds > 0.5 * self.cfg.fed.timeout_s:
@@ -284,7 +290,7 @@ class Server:
         trains = set(chosen.playing)  # secure aggregation's table also holds the dropouts, which never train
         self.caches.played([[c for c in row if c in trains] for row in table])
         slots = max(len(r) for r in table)
-        keeps = w.keeps_state or self.cfg.personal.mode == "split"  # codec state or a personal adapter in the store
+        keeps = w.keeps_state or self.hooks_save  # codec state, or a hook's (a personal adapter) in the store
         rounds = {c: int(self.last_played[c]) for c in players if keeps and self.last_played[c] > 0}
         clip = self.privacy.clip if self.privacy else 0.0
         noise_std = self.setup.client_noise_std(clip) if self.setup else 0.0

@@ -120,6 +120,10 @@ def round_row(rnd: int, clock: Clock, chosen, table, got, kept, ev: dict, comm: 
     # train.objective's metrics, per client (the protocol's own fields have their places above)
     named = sorted({k for u in shown for k in u.metrics} - set(UP_FIELDS))
     objective = {k: {str(u.client_id): u.metrics[k] for u in shown if k in u.metrics} for k in named}
+    others = {**ev, **agg, **sim_row, "privacy": None}
+    if clash := sorted(set(objective) & set(others)):
+        raise RuntimeError(f"round {rnd}: train.objective's metric {clash[0]!r} is a name the round already reports "
+                           "(the strategy's or the simulated cell's): rename it")
     return RoundRecord(
         round=rnd,
         clients={"reachable": chosen.reachable, "sampled": chosen.sampled, "dropped": chosen.dropped,

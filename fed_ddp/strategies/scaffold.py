@@ -86,7 +86,7 @@ class ScaffoldClient(ClientHook):
     corrected by c - c_i, and the message [Δx_i, Δc_i] with c_i+ = the mean raw gradient over the K local steps
     kept in the client's state file (the server points at the file its older c_i came from until Δc_i counts)."""
 
-    prefix = CLIENT_CONTROL
+    prefix, saves = CLIENT_CONTROL, True
 
     def __init__(self, accumulation: int):
         self.accumulation = accumulation
