@@ -50,6 +50,21 @@ def family_base(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def dense_chain_run(tiny_base, tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, spy directory) of one real launch over gloo (1 server + 2 workers, torch engine,
+    1 rank per client, dense fp32 wire; tests/spy_rank.py records every buffer), read by two modules:
+
+    * test_distributed.py: its "dense" codec chain (the server's aggregate and the byte counts);
+    * test_deepspeed.py: its reference "torch_r1", against which every engine and rank layout must end.
+
+    Both wanted the same thing, the tiny config's plain FedAvg round on two clients as the production path
+    runs it, so one launch (test_distributed's TINY_ARGS) serves both instead of two."""
+    from test_distributed import CHAINS, _run
+
+    return _run(tiny_base, tmp_path_factory.mktemp("dense"), "dense", CHAINS["dense"])
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``fed-ddp ARGS`` the way a user does (a fresh interpreter), from the repository root."""
     full_env = {**os.environ, **(env or {})}

@@ -1,10 +1,11 @@
 """Multi-rank clients and the DeepSpeed engine, on CPU (gloo, DS_ACCELERATOR=cpu).
 
-Five real launches of the same round (2 clients, same seeds and data, fp32):
+Five real launches of the same run (2 clients, same seeds and data, fp32; test_distributed's TINY_ARGS):
   torch x 1 rank/client, batch 8   |  torch x 2 ranks/client, batch 4
   DeepSpeed ZeRO-0 / ZeRO-2 / ZeRO-3 x 2 ranks/client, batch 4
-must end with the same global adapter; inside a client both ranks hold the same adapter while the two
-clients differ; and under ZeRO-3 the server receives full (non-empty) LoRA tensors.
+must end round 1 with the same global adapter; inside a client both ranks hold the same adapter while the two
+clients differ; and under ZeRO-3 the server receives full (non-empty) LoRA tensors. The first of them (torch x
+1 rank/client) is test_distributed's dense chain, launched once for both modules (conftest.dense_chain_run).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import os
 
 import pytest
 import torch
-from test_distributed import ROOT, dense_global, launch
+from test_distributed import ROOT, TINY_ARGS, dense_global, launch
 
 from fed_ddp.checkpoint import load_state
 from fed_ddp.protocol import UP_TAIL_BYTES
 
 pytestmark = pytest.mark.slow
 RUNS = {
-    "torch_r1": ["fed.ranks_per_client=1", "train.batch_size=8"],
+    "torch_r1": [],  # conftest.dense_chain_run: the tiny config's ranks_per_client=1 and batch_size=8
     "torch_r2": ["fed.ranks_per_client=2", "train.batch_size=4"],
     "zero0": ["fed.ranks_per_client=2", "train.batch_size=4", "train.engine=deepspeed", "deepspeed.zero_stage=0"],
     "zero2": ["fed.ranks_per_client=2", "train.batch_size=4", "train.engine=deepspeed", "deepspeed.zero_stage=2"],
@@ -34,21 +35,23 @@ REL_TOL = 1e-3  # of how far the round moved the adapter; fp32 on CPU, only redu
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_base, tmp_path_factory):
+def runs(tiny_base, tmp_path_factory, dense_chain_run):
+    """name -> (round-1 global, spy directory, run directory); torch_r1 is the session's dense chain run."""
     out = tmp_path_factory.mktemp("ds")
     env = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = {}
+    dirs = {"torch_r1": dense_chain_run}
     for name, extra in {**RUNS, "zero3_ffa": FFA_ZERO3}.items():
+        if name in dirs:
+            continue
         spy = out / f"spy_{name}"
         spy.mkdir()
         nproc = 1 + 2 * (2 if "fed.ranks_per_client=2" in extra else 1)
         launch(nproc, [str(ROOT / "configs" / "tiny_test.yaml"), f"model.pretrained={tiny_base}",
-                       f"run.output_dir={out}", f"run.name={name}", "fed.rounds=1", "fed.local_steps=3",
-                       "train.lr=0.01", "eval.images_per_prompt=1", "eval.inference_steps=2", "eval.sample_seeds=[0]",
-                       *extra], {**env, "FED_DDP_SPY_DIR": str(spy)})
-        state = load_state(out / name / "checkpoints" / "round_0001")
-        done[name] = (state["global"], spy, out / name)
-    return done
+                       f"run.output_dir={out}", f"run.name={name}", *TINY_ARGS, *extra],
+               {**env, "FED_DDP_SPY_DIR": str(spy)})
+        dirs[name] = (out / name, spy)
+    return {name: (load_state(run_dir / "checkpoints" / "round_0001")["global"], spy, run_dir)
+            for name, (run_dir, spy) in dirs.items()}
 
 
 def _init(run):

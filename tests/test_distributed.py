@@ -63,9 +63,10 @@ def _run(tiny_base, out: Path, name: str, extra: list[str]) -> tuple[Path, Path]
 
 
 @pytest.fixture(scope="module")
-def chain_runs(tiny_base, family_base, tmp_path_factory):
+def chain_runs(tiny_base, family_base, tmp_path_factory, dense_chain_run):
     out = tmp_path_factory.mktemp("dist")
-    runs = {name: _run(tiny_base, out, name, extra) for name, extra in CHAINS.items()}
+    runs = {"dense": dense_chain_run}  # launched once per session: test_deepspeed's reference too (conftest.py)
+    runs.update({name: _run(tiny_base, out, name, extra) for name, extra in CHAINS.items() if name != "dense"})
     runs.update({name: _run(family_base(fam), out, name, extra) for name, (fam, extra) in FAMILY_CHAINS.items()})
     return runs
 

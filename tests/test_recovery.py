@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -135,12 +136,35 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_base, tmp_path):
     assert not left
 
 
+def _wake_stopped_ranks_told_to_terminate(marker: str, done: threading.Event) -> None:
+    """SIGCONT each stopped process of this test's run (``marker`` in its command line) once a SIGTERM is pending
+    for it, so it dies of that SIGTERM now. Only the teardown changes: after the server has stopped the run, the
+    launcher SIGTERMs every rank and waits up to 30 s (torch elastic's fixed shutdown grace) before it SIGKILLs
+    the one that cannot act on it, the SIGSTOPped rank; that wait was most of this test's time."""
+    term = 1 << (signal.SIGTERM - 1)
+    while not done.wait(0.2):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() not in f.read():
+                        continue
+                with open(f"/proc/{pid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+                if fields["State"].split()[0] == "T" and (int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)) & term:
+                    os.kill(int(pid), signal.SIGCONT)
+            except (OSError, KeyError, ValueError):
+                continue  # gone meanwhile
+
+
 def test_a_hung_worker_is_named_within_the_round_deadline(tiny_base, tmp_path, capfd):
     """A worker that stops (SIGSTOP) in round 2 does not stall the run for fed.timeout_s: past
     fed.round_timeout_s the server stops the run naming that rank."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     os.environ["FED_DDP_CHAOS_SIGNAL"] = "STOP"
+    done = threading.Event()
+    waker = threading.Thread(target=_wake_stopped_ranks_told_to_terminate, args=(f"run.output_dir={tmp_path}", done))
+    waker.start()
     t0 = time.time()
     try:
         with pytest.raises(ChildFailedError):
@@ -148,6 +172,8 @@ def test_a_hung_worker_is_named_within_the_round_deadline(tiny_base, tmp_path, c
                     "comm.gather=p2p")
     finally:
         os.environ.pop("FED_DDP_CHAOS_SIGNAL")
+        done.set()
+        waker.join()
     assert time.time() - t0 < 120  # not fed.timeout_s = 600
     err = capfd.readouterr().err
     assert "worker rank(s) [2] have not answered within 5 s" in err, err[-3000:]
