@@ -83,6 +83,7 @@ def _launch(cfg, args) -> int:
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=cfg.run.max_restarts,
                           monitor_interval=0.5)
     print(f"fed-ddp: launching {describe(cfg)} -> {cfg.run.dir}", file=sys.stderr)
+    before = os.environ.get("FED_DDP_LAUNCHER_PID")
     os.environ["FED_DDP_LAUNCHER_PID"] = str(os.getpid())  # ranks die with this process (fed_ddp.train)
     try:
         elastic_launch(launch, sys.executable)("-u", "-m", "fed_ddp.train", args.config, *args.overrides)
@@ -96,6 +97,11 @@ def _launch(cfg, args) -> int:
         sig = getattr(e, "sigval", signal.SIGINT)
         return _fail(f"stopped by {signal.Signals(sig).name}; every complete round is checkpointed in "
                      f"{cfg.run.dir / 'checkpoints'} (continue with run.resume=true)", 128 + int(sig))
+    finally:  # a caller that goes on (fed_ddp.run, tests) must not hand this pid to the ranks of a later launch
+        if before is None:
+            os.environ.pop("FED_DDP_LAUNCHER_PID", None)
+        else:
+            os.environ["FED_DDP_LAUNCHER_PID"] = before
     print_closing(cfg)
     return 0
 

@@ -73,3 +73,22 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
             full_env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "fed_ddp.cli", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def registries_restored():
+    """Plug-ins a test module imports (run.plugins) register names in this process; afterwards the registries,
+    the plug-in file cache and sys.modules are as before, so no later test sees them."""
+    from fed_ddp import callbacks, objectives, plugins, strategies
+
+    saved = [(r, dict(r)) for r in (strategies.REGISTRY, callbacks.REGISTRY, objectives.REGISTRY)]
+    files, modules = dict(plugins._files), set(sys.modules)
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
+    plugins._files.clear()
+    plugins._files.update(files)
+    for name in set(sys.modules) - modules:
+        if name.startswith("fed_ddp_plugin_"):
+            del sys.modules[name]

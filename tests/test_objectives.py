@@ -15,6 +15,8 @@ from fed_ddp.diffusion.lora import attach_lora, get_flat
 from fed_ddp.diffusion.models import load_pipeline, training_scheduler
 from fed_ddp.strategies import RoundPlan
 
+pytestmark = pytest.mark.usefixtures("registries_restored")  # the plug-ins registered here stay here
+
 TINY = "configs/tiny_test.yaml"
 
 

@@ -13,6 +13,8 @@ import torch
 from conftest import ROOT, run_cli
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.usefixtures("registries_restored")  # the plug-ins registered here stay here
+
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
 BETA, SERVER_LR = 0.5, 0.8
 
