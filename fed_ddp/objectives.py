@@ -76,17 +76,11 @@ def register(name: str, cls: type[Objective]) -> None:
 
 
 def lookup(name: str, key: str = "train.objective") -> type[Objective]:
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if ":" not in str(name):
-        raise ConfigError(key, name, f"must be one of {sorted(REGISTRY)} or package.module:Name")
-    from fed_ddp.plugins import resolve
+    from fed_ddp.plugins import lookup as find
 
-    cls = resolve(name, key)
-    if not (isinstance(cls, type) and issubclass(cls, Objective)):
-        raise ConfigError(key, name, "is not a fed_ddp.objectives.Objective subclass")
-    bad = [m for m in cls.metrics if not m.isidentifier()]
-    if bad:
+    known = name in REGISTRY
+    cls = find(REGISTRY, name, key, Objective, " or package.module:Name")
+    if not known and (bad := [m for m in cls.metrics if not m.isidentifier()]):
+        del REGISTRY[name]
         raise ConfigError(key, name, f"metric {bad[0]!r}: metric names must be identifiers")
-    REGISTRY[name] = cls
     return cls

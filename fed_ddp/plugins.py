@@ -54,6 +54,20 @@ def load(names) -> None:
         import_plugin(str(name))
 
 
+def lookup(registry: dict, name: str, key: str, base: type, hint: str = ""):
+    """``name`` in ``registry``, or the ``package.module:Name`` it spells (a ``base`` subclass, registered under
+    that spelling on first use); one line otherwise (``hint`` follows the registered names)."""
+    if name in registry:
+        return registry[name]
+    if ":" not in str(name):
+        raise ConfigError(key, name, f"must be one of {sorted(registry)}{hint}")
+    cls = resolve(name, key)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(key, name, f"is not a {base.__module__}.{base.__name__} subclass")
+    registry[name] = cls
+    return cls
+
+
 def resolve(spec: str, key: str):
     """``package.module:Name`` (or ``path/to/file.py:Name``) -> the object it names."""
     module_name, sep, attr = spec.partition(":")

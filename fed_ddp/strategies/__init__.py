@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fed_ddp.errors import ConfigError
 from fed_ddp.strategies.base import ClientUpdate, RoundPlan, Strategy, weighted_mean
 from fed_ddp.strategies.fedadam import FedAdam
 from fed_ddp.strategies.fedavg import FedAvg, FedProx
@@ -34,17 +33,9 @@ register("scaffold", Scaffold)
 
 def lookup(name: str, key: str = "fed.strategy") -> type[Strategy]:
     """The strategy class of a registered name, or of ``package.module:Name`` (registered under that name)."""
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if ":" not in str(name):
-        raise ConfigError(key, name, f"must be one of {sorted(REGISTRY)}")
-    from fed_ddp.plugins import resolve
+    from fed_ddp.plugins import lookup as find
 
-    cls = resolve(name, key)
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise ConfigError(key, name, "is not a fed_ddp.strategies.Strategy subclass")
-    REGISTRY[name] = cls
-    return cls
+    return find(REGISTRY, name, key, Strategy)
 
 
 def build_strategy(fed, train, layout=None) -> Strategy:
