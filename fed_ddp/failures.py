@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 import traceback
@@ -71,10 +72,16 @@ def _when(failure) -> int:
         return int(getattr(failure, "timestamp", 0) or 0) * 10 ** 9
 
 
+def _stopped(failure) -> bool:
+    return getattr(failure, "exitcode", None) == -signal.SIGTERM
+
+
 def first_failure(err, run_dir: Path | None = None) -> str:
     """The line ``fed-ddp run`` ends with when a rank failed: the first failed rank's recorded exception (or,
     with no record, e.g. a rank killed by a signal, its exit code), and where its traceback is."""
-    rank, failure = min(err.failures.items(), key=lambda kv: (_when(kv[1]), kv[0]))
+    # a rank ended by SIGTERM is the launcher stopping the others after a failure: a consequence, never the cause
+    # (its time is whole seconds, so it could tie with, or even precede, the record of the rank that raised)
+    rank, failure = min(err.failures.items(), key=lambda kv: (_stopped(kv[1]), _when(kv[1]), kv[0]))
     msg = failure.message if isinstance(failure.message, str) else (failure.message or {}).get("message", "")
     if not msg or msg.startswith("To enable traceback"):  # no record: the rank died before, or not in Python
         return f"rank {rank} failed (exit code {failure.exitcode}); see its log lines above"

@@ -383,7 +383,9 @@ def test_dp_over_gloo_noise_clip_accountant_and_resume(tiny_base, tmp_path):
     counts every noised round); a budget stops the run cleanly before the round that would exceed it."""
     from fed_ddp.checkpoint import load_state
 
-    common = ["fed.num_clients=4", "fed.sampling=poisson", "fed.sample_rate=0.7", "privacy.dp.noise_multiplier=0.8",
+    # 8 clients: the sampling seed is secret (drawn at every start), so a round nobody joins (0.3^n) must be rare:
+    # with 4 clients one run in ~60 had an empty round, which spends no epsilon and let a third round in
+    common = ["fed.num_clients=8", "fed.sampling=poisson", "fed.sample_rate=0.7", "privacy.dp.noise_multiplier=0.8",
               "privacy.dp.clip_norm=0.002", "privacy.dp.noise_seed=11", "comm.uplink=[int8]"]
     run_dir, spy1 = _launch(tiny_base, tmp_path, "dp", "spy1", [*common, "fed.rounds=1"])
     _, spy2 = _launch(tiny_base, tmp_path, "dp", "spy2", [*common, "fed.rounds=3", "run.resume=true",
