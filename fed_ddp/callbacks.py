@@ -18,11 +18,8 @@ round. Callbacks run on the server rank only, after every check: they see what t
 
 from __future__ import annotations
 
-import logging
-
 from fed_ddp.errors import ConfigError
 
-log = logging.getLogger("fed_ddp.callbacks")
 EVENTS = ("on_round_start", "on_aggregate", "on_round_end", "on_checkpoint", "on_finish")
 REGISTRY: dict[str, type] = {}
 

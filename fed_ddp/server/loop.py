@@ -93,10 +93,10 @@ class Server:
         self.caches = WorkerCaches(self.workers, cfg.fed.client_cache)  # who still holds whose encoded data
         self.bad_rounds = BadRounds(cfg.fed.max_bad_rounds, self.run_dir)
         self.callbacks = Callbacks(cfg.run.callbacks)  # run.callbacks: user code on this rank (fed_ddp.callbacks)
-        # the clients' hooks keep state of their own (a personal adapter, c_i): the same rule as Worker.play's
-        self.hooks_save = any(h.saves for h in client_hooks(cfg, resolve_privacy(cfg, calibrate=False)))
         self.exchange = Exchange(transport, self.wire, cfg.fed, cfg.comm.gather)
         self.setup = resolve_privacy(cfg)  # None: the plain path; z is calibrated here (before round 1)
+        # the clients' hooks keep state of their own (a personal adapter, c_i): the same rule as Worker.play's
+        self.hooks_save = any(h.saves for h in client_hooks(cfg, self.setup))
         self.privacy = ServerPrivacy(self.setup, self.wire.num_params, self.run_dir) if self.setup else None
         self.admit = Admission(cfg.fed, self.wire.num_params, self.sizes, self.setup, self.privacy, self.bad_rounds)
         self.masked = None
