@@ -109,6 +109,16 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def _skip_shm_comm(deepspeed) -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (``deepspeed_shm_comm``, about 30 s of
+    C++ on a 2-core machine, and a compiler) when its comm layer starts; only ``inference_all_reduce`` uses it,
+    which training never calls (ZeRO's collectives go through torch.distributed over gloo). Marking the op
+    incompatible makes DeepSpeed fall back to gloo for that too, as it does on platforms without the op."""
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """A DeepSpeed engine over the LoRA-wrapped UNet (only LoRA parameters are trained)."""
 
@@ -116,6 +126,8 @@ class DeepSpeedEngine:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
         import deepspeed
 
+        if os.environ["DS_ACCELERATOR"] == "cpu":
+            _skip_shm_comm(deepspeed)
         self._ds = deepspeed
         self.unet, self.cfg = unet, train_cfg
         self.params = lora_parameters(unet)
