@@ -75,6 +75,30 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def cli_here(*args: str) -> subprocess.CompletedProcess:
+    """``fed-ddp ARGS`` through ``fed_ddp.cli.main`` in this process, from the repository root, its stdout and stderr
+    captured: for lines that must fail before any rank starts (what a fresh interpreter adds is only its start-up,
+    ~2 s a line; ``run_cli`` keeps the console's view for the tests that need it). An exception that escapes
+    ``main`` is a traceback on stderr and exit 1, as the console script would show it."""
+    import contextlib
+    import io
+    import traceback
+
+    from fed_ddp.cli import main
+
+    assert "RANK" not in os.environ, "cli_here must not join a launched world"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception:  # noqa: BLE001 - shown as the console script would show it
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(["fed-ddp", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def registries_restored():
     """Plug-ins a test module imports (run.plugins) register names in this process; afterwards the registries,

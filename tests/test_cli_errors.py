@@ -1,4 +1,7 @@
-"""Bad input: one clear line on stderr, a non-zero exit, no traceback, no ranks left hanging."""
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, no ranks left hanging.
+
+Lines that fail before any rank starts go through ``cli.main`` in this process (conftest.cli_here); a missing
+config file and a world of the wrong size are run in a fresh interpreter as the console runs them."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import sys
 import uuid
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_here, run_cli
 
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
 
@@ -28,24 +31,24 @@ def _one_line_error(proc, *needles):
     ("lora.rank=0", ["lora.rank", "[1, 4,096]"]),
 ])
 def test_bad_config_values(override, needles):
-    _one_line_error(run_cli("run", TINY, override), *needles)
+    _one_line_error(cli_here("run", TINY, override), *needles)
 
 
 def test_unknown_key_in_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("fed:\n  num_clients: 2\ntrain:\n  learning_rate: 0.1\n")
-    _one_line_error(run_cli("run", str(bad)), "train.learning_rate")
+    _one_line_error(cli_here("run", str(bad)), "train.learning_rate")
 
 
 def test_missing_data_folder(tmp_path):
-    _one_line_error(run_cli("run", TINY, "data.source=imagefolder", f"data.path={tmp_path / 'nope'}"),
+    _one_line_error(cli_here("run", TINY, "data.source=imagefolder", f"data.path={tmp_path / 'nope'}"),
                     "data.path", "does not exist")
 
 
 def test_invalid_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("fed:\n  rounds: 2\nfed:\n  rounds: 3\n")  # duplicate key
-    _one_line_error(run_cli("run", str(bad)), "invalid YAML")
+    _one_line_error(cli_here("run", str(bad)), "invalid YAML")
 
 
 def test_missing_config_file():
@@ -80,7 +83,7 @@ def test_world_size_mismatch_under_the_launcher_does_not_hang():
 ])
 def test_bad_population_is_one_line_before_any_rank(overrides, needles):
     """Too many clients for the examples, m > N, q outside (0, 1], W > N: one line, nothing launched."""
-    proc = run_cli("run", TINY, *overrides, "run.output_dir=/nonexistent/never_made")
+    proc = cli_here("run", TINY, *overrides, "run.output_dir=/nonexistent/never_made")
     _one_line_error(proc, *needles)
     assert "launching" not in proc.stderr
 
@@ -107,14 +110,14 @@ def _folder(tmp_path, lines: list[str], images: int = 12, corrupt: bool = False)
 ])
 def test_bad_image_folder_is_one_line_before_any_rank(tmp_path, extra, corrupt, needles):
     d = _folder(tmp_path, extra, corrupt=corrupt)
-    proc = run_cli("run", TINY, "data.source=imagefolder", f"data.path={d}", f"run.output_dir={tmp_path}/runs")
+    proc = cli_here("run", TINY, "data.source=imagefolder", f"data.path={d}", f"run.output_dir={tmp_path}/runs")
     _one_line_error(proc, *needles)
     assert "launching" not in proc.stderr
 
 
 def test_empty_validation_split_is_one_line(tmp_path):
     d = _folder(tmp_path, [], images=4)
-    proc = run_cli("run", TINY, "data.source=imagefolder", f"data.path={d}", "data.val_fraction=0.1",
+    proc = cli_here("run", TINY, "data.source=imagefolder", f"data.path={d}", "data.val_fraction=0.1",
                    "data.partition=iid", f"run.output_dir={tmp_path}/runs")
     _one_line_error(proc, "empty validation split")
 
@@ -127,14 +130,14 @@ def test_run_directory_is_owned(tmp_path):
     (run / "checkpoints" / "round_0001").mkdir(parents=True)
     (run / ".fed_ddp_run").write_text("{}\n")
     (run / "metrics.jsonl").write_text("{}\n")
-    proc = run_cli("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=taken")
+    proc = cli_here("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=taken")
     _one_line_error(proc, "already holds a run", "run.resume=true", "run.overwrite=true")
     (run / ".fed_ddp_run").unlink()  # the same files without the marker: not ours, refused even with overwrite
-    proc = run_cli("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=taken", "run.overwrite=true")
+    proc = cli_here("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=taken", "run.overwrite=true")
     _one_line_error(proc, "no fed_ddp run wrote", "neither overwrites nor deletes")
     assert (run / "metrics.jsonl").read_text() == "{}\n"
     with RunLock(tmp_path / "runs" / "busy"):
-        proc = run_cli("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=busy")
+        proc = cli_here("run", TINY, f"run.output_dir={tmp_path}/runs", "run.name=busy")
         _one_line_error(proc, "in use by host", "pid")
     for bad in ("..", ".hidden", "a/b"):
-        _one_line_error(run_cli("run", TINY, f"run.name={bad}"), "run.name", "plain folder name")
+        _one_line_error(cli_here("run", TINY, f"run.name={bad}"), "run.name", "plain folder name")
