@@ -3,6 +3,11 @@
 World of 3 ranks (1 server + 2 workers): node rank 0 runs 2 of them and node rank 1 runs 1 (torchrun
 agents may run different numbers of workers). The same config through launch/single_node.sh runs at
 the same time; the final adapters must be bit-identical and the metrics equal except for timings.
+
+Both use a strategy and a callback from files outside the package (examples/fedema.py, examples/probes.py,
+named by run.plugins and run.callbacks): user code reaches every rank under plain torchrun too, and the
+single-node launch gives the adapter the same config gives in-process (test_plugins checks that rule against
+numpy).
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import sys
 import uuid
 
 import pytest
+import yaml
 from conftest import ROOT
 
 from fed_ddp.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
+PLUGIN = [f"run.plugins=[{ROOT / 'examples' / 'fedema.py'}]", "fed.strategy=fedema", "fed.strategy_args.beta=0.5",
+          f"run.callbacks=[{ROOT / 'examples' / 'probes.py'}:DeltaNorm]"]
 
 
 def _free_port() -> int:
@@ -41,7 +49,7 @@ def two_launches(tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("multinode")
     args = [TINY, f"model.pretrained={tiny_base}", f"run.output_dir={out}", "fed.local_steps=2",
             "eval.images_per_prompt=2", "eval.inference_steps=2", "eval.sample_seeds=[0]",
-            "data.partition=dirichlet", "data.dirichlet_alpha=0.3"]
+            "data.partition=dirichlet", "data.dirichlet_alpha=0.3", *PLUGIN]
     rdzv = {"NNODES": "2", "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}", "RDZV_ID": uuid.uuid4().hex[:8]}
     procs = {
         "single": subprocess.Popen(["bash", "launch/single_node.sh", *args, "run.name=single"], cwd=ROOT,
@@ -98,6 +106,26 @@ def test_same_adapter_and_metrics_as_one_node(two_launches):
     assert [r["round"] for r in single] == [0, 1, 2]  # base, two rounds (the final evaluation: summary.json)
     assert single == multi
     assert single[1]["num_examples"]["0"] != single[1]["num_examples"]["1"]  # clients really differ
+
+
+@pytest.mark.usefixtures("registries_restored")
+def test_a_plugin_under_plain_torchrun_gives_the_in_process_adapter(two_launches, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    import fed_ddp
+
+    out, codes, logs = two_launches
+    assert codes["single"] == 0, logs["single"][-2000:]
+    saved = out / "single" / "config.yaml"  # what the ranks ran: the plug-in's names and settings included
+    assert yaml.safe_load(saved.read_text())["fed"]["strategy"] == "fedema"
+    summary = fed_ddp.run(saved, [f"run.output_dir={tmp_path}", "run.name=here"], launch="inprocess")
+    assert summary.rounds == 2
+    a, b = (load_file(d / "checkpoints" / "final" / "pytorch_lora_weights.safetensors")
+            for d in (out / "single", tmp_path / "here"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (out / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["step_norm"] > 0 for r in rows if r["round"] > 0)  # the callback ran on the server rank
 
 
 def test_launch_errors_are_one_line(tmp_path):
