@@ -23,6 +23,9 @@ import yaml
 from conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
+# the tiny job runs a strategy and a callback from files outside the package: user code on every rank under SLURM
+PLUGIN = [f"run.plugins=[{ROOT / 'examples' / 'fedema.py'}]", "fed.strategy=fedema", "fed.strategy_args.beta=0.5",
+          f"run.callbacks=[{ROOT / 'examples' / 'probes.py'}:DeltaNorm]"]
 
 
 def _why_not() -> str | None:
@@ -91,7 +94,7 @@ parameters:
         (out / name).mkdir()
     submit = {  # name: sbatch options, script, script arguments
         "tiny": (["--job-name=fedtest", f"--output={out}/tiny/%x-%j.out"], "slurm/fed_ddp.sbatch",
-                 [TINY, *common, f"run.output_dir={out}/tiny"]),
+                 [TINY, *common, f"run.output_dir={out}/tiny", *PLUGIN]),
         "bad": (["--job-name=fedbad", f"--output={out}/bad/%x-%j.out"], "slurm/fed_ddp.sbatch",
                 [TINY, "fed.strategy=fedmagic"]),
         "sweep": (["--array=0-1", "--job-name=fedsweep", f"--output={out}/sweep/%x-%A_%a.out"], "slurm/sweep.sbatch",
@@ -137,6 +140,10 @@ def test_sbatch_runs_the_tiny_config(jobs):
     assert f"python {sys.executable}" in log  # the job used the project's interpreter
     assert "ranks per node 3" in log
     assert set(re.findall(r"\[(server r0|worker0 r1|worker1 r2)\]", log)) == {"server r0", "worker0 r1", "worker1 r2"}
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (cfg["fed"]["strategy"], cfg["fed"]["strategy_args"]) == ("fedema", {"beta": 0.5})
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if r.get("step_norm", 0) > 0] == [1, 2]  # the plug-in callback, every round
 
 
 def test_sbatch_bad_config_fails_with_one_line(jobs):
