@@ -21,6 +21,7 @@ from pathlib import Path
 from fed_ddp.config import ConfigError, load_config, split_args
 from fed_ddp.diffusion.families import denoiser
 from fed_ddp.results import RunSummary, read_summary
+from fed_ddp.templates import KINDS
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -324,6 +325,13 @@ def cmd_plan(args) -> int:
     return plan_main(args)
 
 
+def cmd_new(args) -> int:
+    from fed_ddp.templates import write
+
+    print(write(args.kind, args.path))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fed-ddp", description="Federated LoRA fine-tuning of diffusion models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -358,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--client", type=int, default=None,
                    help="also load this client's personal adapter (a run with personal.mode=split or finetune)")
     g.set_defaults(fn=cmd_generate)
+    n = sub.add_parser("new", help="write a commented plug-in template (strategy, callback, objective, sampler)")
+    n.add_argument("kind", choices=KINDS)
+    n.add_argument("path", help="the .py file to write (never overwritten); its name is the plug-in's")
+    n.set_defaults(fn=cmd_new)
     r = sub.add_parser("report", help="plots and a table (md + csv) from finished run directories")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (config.yaml, metrics.jsonl)")
     r.add_argument("--out", default="runs/report", help="output folder (default: runs/report)")

@@ -20,6 +20,7 @@ BETA, SERVER_LR = 0.5, 0.8
 
 EXAMPLE = ROOT / "examples" / "fedema.py"  # the shipped examples, as a user names them
 PROBES, RECORDER = ROOT / "examples" / "probes.py", ROOT / "tests" / "recorder_callback.py"
+SAMPLER = ROOT / "examples" / "round_robin.py"  # 4 clients, 2 a round in turn: {0, 1}, then {2, 3}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def plugin() -> Path:
 
 
 def _overrides(base: Path, out: Path, name: str, plugin: Path, *more: str) -> list[str]:
-    return [f"model.pretrained={base}", f"run.output_dir={out}", f"run.name={name}", f"run.plugins=[{plugin}]",
-            "fed.strategy=fedema", f"fed.strategy_args.beta={BETA}", f"fed.server_lr={SERVER_LR}",
+    return [f"model.pretrained={base}", f"run.output_dir={out}", f"run.name={name}", f"run.plugins=[{plugin},{SAMPLER}]",
+            "fed.sampling=round_robin", "fed.num_clients=4", "fed.clients_per_round=2", "fed.strategy=fedema", f"fed.strategy_args.beta={BETA}", f"fed.server_lr={SERVER_LR}",
             f"run.callbacks=[{PROBES}:DeltaNorm,{RECORDER}:Recorder]", "eval.images_per_prompt=2", "eval.inference_steps=2",
             "eval.sample_seeds=[0]", "fed.workers=2", *more]
 
@@ -64,6 +65,7 @@ def test_a_plugin_strategy_runs_on_every_rank_and_aggregates_as_numpy_does(launc
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rows if r["round"] > 0]
     assert [r["updates"] for r in rounds] == [2, 2]  # the callbacks' values, in every round's record
+    assert [r["clients"]["sampled"] for r in rounds] == [[0, 1], [2, 3]]  # the plug-in sampler's turns
     assert [r["recorded_train_loss"] for r in rounds] == [r["train_loss_mean"] for r in rounds]
     for r in rounds:  # examples/probes.py's DeltaNorm: the norm of what the aggregation moved
         seen = load_file(probe / f"round_{r['round']}.safetensors")
@@ -137,3 +139,35 @@ def test_a_callback_that_raises_stops_the_run_naming_itself_and_the_round(tiny_b
                            "eval.sample_seeds=[0]"], launch="inprocess")
     assert str(e.value) == f"run.callbacks: {cb}:Boom.on_round_end raised at round 2: ValueError: no more"
     assert (tmp_path / "boom" / "checkpoints" / "round_0001").is_dir()  # round 1 is kept
+
+
+def test_fed_ddp_new_writes_templates_that_run_as_written(tiny_base, tmp_path):
+    """`fed-ddp new KIND PATH` for every kind; the four files, unedited, in one in-process run: the strategy's
+    setting, the objective's per-client metric, the sampler's choice and the callback's values all arrive."""
+    from conftest import cli_here
+
+    import fed_ddp
+    from fed_ddp.templates import KINDS
+
+    paths = {kind: tmp_path / "my_lab" / f"my_{kind}.py" for kind in KINDS}
+    for kind, path in paths.items():
+        proc = cli_here("new", kind, str(path))
+        assert proc.returncode == 0 and f"a {kind} named 'my_{kind}'" in proc.stdout, proc.stderr
+        assert f"my_lab/my_{kind}.py" in path.read_text()  # the usage line names the file as given
+    again = cli_here("new", "strategy", str(paths["strategy"]))
+    assert again.returncode != 0 and again.stderr.strip() == f"fed-ddp: {paths['strategy']}: File exists"
+    bad = cli_here("new", "sampler", str(tmp_path / "My-Sampler.py"))
+    assert "must be a .py file named in lower-case letters" in bad.stderr
+    plugins = ",".join(str(paths[k]) for k in ("strategy", "objective", "sampler"))
+    summary = fed_ddp.run(TINY, [f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", "run.name=new",
+                                 f"run.plugins=[{plugins}]", "fed.strategy=my_strategy", "fed.strategy_args.mix=0.5",
+                                 "train.objective=my_objective", "fed.sampling=my_sampler", "fed.clients_per_round=1",
+                                 f"run.callbacks=[{paths['callback']}:MyCallback]", "eval.images_per_prompt=2",
+                                 "eval.inference_steps=2", "eval.sample_seeds=[0]"], launch="inprocess")
+    assert summary.rounds == 2
+    rows = [json.loads(x) for x in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()][1:]
+    for r in rows:
+        (client,) = r["clients"]["sampled"]
+        assert set(r["my_objective_mse"]) == {str(client)} and r["my_objective_mse"][str(client)] > 0
+        assert r["my_callback_clients"] == 1 and r["my_callback_step"] > 0
+        assert r["update_norm"] == pytest.approx(r["my_callback_step"], rel=1e-5)  # mix * server_lr * delta

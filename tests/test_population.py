@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from fed_ddp.checkpoint import load_state
 from fed_ddp.config import ConfigError, load_config
@@ -368,3 +369,40 @@ def test_lora_dropout_does_not_depend_on_what_the_worker_played_before(worker):
     worker.trainer(4).fit(g, RoundPlan(1, 2, 1e-2))
     b, _ = t.fit(g, RoundPlan(1, 2, 1e-2))
     assert torch.equal(a, b) and a.abs().max() > 0
+
+
+TINY, POP_CFG = ROOT / "configs" / "tiny_test.yaml", ROOT / "configs" / "population.yaml"
+
+
+@pytest.mark.usefixtures("registries_restored")
+def test_a_user_sampler_is_named_like_a_built_in_and_what_it_returns_is_checked():
+    """examples/round_robin.py by package.module:Name spelling (a file here): its turns through select_round, the
+    config checks of the keys it declares, differential privacy refusing it, and bad answers named."""
+    from fed_ddp.config import ConfigError, load_config
+    from fed_ddp.population.sampling import REGISTRY, Sampler, checked
+
+    spec = f"{ROOT / 'examples' / 'round_robin.py'}:RoundRobin"
+    cfg = load_config(TINY, [f"fed.sampling={spec}", "fed.num_clients=5", "fed.clients_per_round=2"])
+    sizes = np.ones(5)
+    turns = [select_round(cfg.fed, rnd, 0, sizes).sampled for rnd in (1, 2, 3)]
+    assert turns == [[0, 1], [2, 3], [0, 4]]  # (ids 4, 5 % 5 = 0), sorted
+    assert cfg.fed.expected_round_size == 2
+    with pytest.raises(ConfigError, match=r"fed.sample_rate=0.5: applies to fed.sampling=poisson only"):
+        load_config(TINY, [f"fed.sampling={spec}", "fed.sample_rate=0.5"])
+    with pytest.raises(ConfigError, match=r"differential privacy needs poisson"):
+        load_config(POP_CFG, [f"fed.sampling={spec}", "fed.sample_rate=null", "fed.clients_per_round=10",
+                              "privacy.dp.noise_multiplier=1"])
+    with pytest.raises(ConfigError, match=r"fed.sampling='nope': must be one of .*'all', 'poisson', 'round_robin', 'uniform'"):
+        load_config(TINY, ["fed.sampling=nope"])  # the plug-in registered its own name too
+    assert REGISTRY[spec] is REGISTRY["round_robin"]
+
+    class Twice(Sampler):
+        def sample(self, rnd, rng, reachable, sizes):
+            return np.concatenate([reachable[:1], reachable[:1]])
+
+    with pytest.raises(ValueError, match="fed.sampling=twice: returned ids that are repeated or not among"):
+        checked(Twice(3).sample(1, None, np.arange(3), None), np.arange(3), "twice")
+    with pytest.raises(ValueError, match="not among the reachable"):
+        checked(np.array([7]), np.arange(3), "far")
+    with pytest.raises(ValueError, match="not an array of client ids"):
+        checked(np.array([0.5]), np.arange(3), "halves")

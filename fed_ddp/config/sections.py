@@ -159,7 +159,7 @@ class FedSection:
     workers: int | None = None  # training ranks (or rank groups) W that play the sampled clients; null = min(N, clients_per_round, 8), and `fed-ddp run` on CPU launches at most one single-thread worker rank per core
     ranks_per_client: int = 1  # ranks per worker, training one client together (data parallel); world = 1 + workers * ranks_per_client
     clients_per_round: int | None = None  # uniform/weighted: m clients per round; null = all N
-    sampling: str = "uniform"  # all / uniform (m without replacement) / poisson (each joins with sample_rate) / weighted (by data size)
+    sampling: str = "uniform"  # all / uniform (m without replacement) / poisson (each joins with sample_rate) / weighted (by data size), or package.module:Name (a population.sampling.Sampler)
     sample_rate: float | None = None  # poisson: probability q that a client joins a round, in (0, 1]
     availability: Any = 1.0  # probability a client is reachable in a round, or a trace file (one 0/1 line per client)
     dropout_rate: float = 0.0  # simulated: probability a sampled client fails to report (seeded)
@@ -183,26 +183,30 @@ class FedSection:
     timeout_s: float = 1800.0  # collective timeout
 
     def __post_init__(self):
-        from fed_ddp.population.sampling import MODES
+        from fed_ddp.population.sampling import REGISTRY as SAMPLERS
+        from fed_ddp.population.sampling import lookup as sampler
 
         for k, hi in (("num_clients", 10 ** 7), ("ranks_per_client", 1024), ("rounds", 10 ** 6),
                       ("local_steps", 10 ** 7)):
             integer(f"fed.{k}", getattr(self, k), 1, hi)
         n = self.num_clients
-        _one_of("fed.sampling", self.sampling, set(MODES))
+        uses = sampler(str(self.sampling)).uses  # a registered name, or package.module:Name (registered by it)
         m = self.clients_per_round
         if m is not None:
             _check(isinstance(m, int) and 1 <= m <= n, "fed.clients_per_round", m,
                    f"must be an integer in [1, fed.num_clients={n}] (or null for all)")
-            _check(self.sampling in ("uniform", "weighted") or (self.sampling == "all" and m == n),
-                   "fed.clients_per_round", m, f"applies to fed.sampling=uniform or weighted, not {self.sampling} "
+            takers = " or ".join(k for k, c in SAMPLERS.items() if c.uses == "clients_per_round")
+            _check(uses == "clients_per_round" or (self.sampling == "all" and m == n),
+                   "fed.clients_per_round", m, f"applies to fed.sampling={takers}, not {self.sampling} "
                    "(set it to null)")
-        if self.sampling == "poisson":
+        if uses == "sample_rate":
             q = self.sample_rate
-            _check(q is not None and 0 < q <= 1, "fed.sample_rate", q, "must be in (0, 1] with fed.sampling=poisson")
+            _check(q is not None and 0 < q <= 1, "fed.sample_rate", q,
+                   f"must be in (0, 1] with fed.sampling={self.sampling}")
         else:
+            takers = " or ".join(k for k, c in SAMPLERS.items() if c.uses == "sample_rate")
             _check(self.sample_rate is None, "fed.sample_rate", self.sample_rate,
-                   f"applies to fed.sampling=poisson only (sampling is {self.sampling}); set it to null")
+                   f"applies to fed.sampling={takers} only (sampling is {self.sampling}); set it to null")
         a = self.availability
         if isinstance(a, str):
             self.availability = a = os.path.expanduser(a)
@@ -249,9 +253,9 @@ class FedSection:
     @property
     def expected_round_size(self) -> float:
         """Clients sampled per round on average (before availability and dropouts)."""
-        if self.sampling == "poisson":
-            return self.sample_rate * self.num_clients
-        return float(self.clients_per_round or self.num_clients)
+        from fed_ddp.population.sampling import sampler_of
+
+        return sampler_of(self).expected_size()
 
     def idle_workers_warning(self) -> str | None:
         if self.num_workers > self.expected_round_size:

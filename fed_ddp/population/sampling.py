@@ -4,11 +4,13 @@
     picked    = sample(fed.sampling, rnd, seed, reachable, m=..., q=..., sizes=...)
     lost      = dropouts(rnd, seed, picked, fed.dropout_rate)  # sampled, but never reported
 
-Modes: ``all`` (every reachable client), ``uniform`` (m without replacement), ``poisson`` (each
-reachable client joins independently with probability q: the round size varies, which is the form
-privacy accounting needs), ``weighted`` (m without replacement, probability proportional to data size).
-Each decision has its own random stream (``fed_ddp.seeds``), so changing the dropout rate does not
-change who is sampled.
+Samplers (``fed.sampling``, a registered name or ``package.module:Name``): ``all`` (every reachable client),
+``uniform`` (m without replacement), ``poisson`` (each reachable client joins independently with probability q:
+the round size varies, which is the form privacy accounting needs), ``weighted`` (m without replacement,
+probability proportional to data size). A user's sampler subclasses ``Sampler`` and gets the round, its seeded
+random stream, the reachable ids and the population's public facts (examples per client); what it returns is
+checked (unique ids among the reachable) before the round uses it. Each decision has its own random stream
+(``fed_ddp.seeds``), so changing the dropout rate does not change who is sampled.
 """
 
 from __future__ import annotations
@@ -21,7 +23,84 @@ import numpy as np
 
 from fed_ddp import seeds
 
-MODES = ("all", "uniform", "poisson", "weighted")
+
+class Sampler:
+    """Chooses the round's clients among the reachable ones. ``uses``: which of ``fed.clients_per_round`` (m) and
+    ``fed.sample_rate`` (q) it reads (the config refuses the other one); ``num_clients``, ``m`` and ``q`` are the
+    config's. Differential privacy accepts only ``all`` and ``poisson`` (its accountant assumes their draw)."""
+
+    uses: str | None = "clients_per_round"  # "clients_per_round", "sample_rate" or None
+
+    def __init__(self, num_clients: int, clients_per_round: int | None = None, sample_rate: float | None = None):
+        self.num_clients, self.m, self.q = num_clients, clients_per_round, sample_rate
+
+    def sample(self, rnd: int, rng: np.random.Generator, reachable: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """The ids sampled in round ``rnd`` from ``reachable`` (ascending int64); ``rng``: the round's sampling
+        stream (from the run seed, or privacy's secret seed); ``sizes``: examples per client id."""
+        raise NotImplementedError
+
+    def expected_size(self) -> float:
+        """Clients sampled per round on average (before availability and dropouts)."""
+        return float(self.m or self.num_clients)
+
+
+class All(Sampler):
+    uses = None
+
+    def sample(self, rnd, rng, reachable, sizes):
+        return reachable
+
+
+class Uniform(Sampler):
+    weighted = False
+
+    def sample(self, rnd, rng, reachable, sizes):
+        if self.m is None or self.m >= len(reachable):
+            return reachable
+        p = None
+        if self.weighted:
+            w = np.asarray(sizes, dtype=np.float64)[reachable]
+            p = w / w.sum()
+        return np.sort(rng.choice(reachable, size=self.m, replace=False, p=p))
+
+
+class Weighted(Uniform):
+    weighted = True
+
+
+class Poisson(Sampler):
+    uses = "sample_rate"
+
+    def sample(self, rnd, rng, reachable, sizes):
+        return reachable[rng.random(len(reachable)) < self.q]
+
+    def expected_size(self) -> float:
+        return self.q * self.num_clients
+
+
+REGISTRY: dict[str, type[Sampler]] = {}
+
+
+def register(name: str, cls: type[Sampler]) -> None:
+    if name in REGISTRY:
+        raise ValueError(f"sampler {name!r} is already registered")
+    REGISTRY[name] = cls
+
+
+for _name, _cls in (("all", All), ("uniform", Uniform), ("poisson", Poisson), ("weighted", Weighted)):
+    register(_name, _cls)
+MODES = tuple(REGISTRY)  # the built-in names
+
+
+def lookup(name: str, key: str = "fed.sampling") -> type[Sampler]:
+    from fed_ddp.plugins import lookup as find
+
+    return find(REGISTRY, name, key, Sampler, " or package.module:Name")
+
+
+def sampler_of(fed) -> Sampler:
+    """The ``fed`` section's sampler."""
+    return lookup(fed.sampling)(fed.num_clients, fed.clients_per_round, fed.sample_rate)
 
 
 def read_trace(path: str | Path, num_clients: int) -> np.ndarray:
@@ -54,20 +133,22 @@ def sample(mode: str, rnd: int, seed: int, candidates: np.ndarray, m: int | None
     """The clients sampled from ``candidates`` (ascending ids). ``sizes``: examples per client id
     (``weighted``). With fewer candidates than m, uniform and weighted take them all."""
     candidates = np.asarray(candidates, dtype=np.int64)
-    rng = seeds.round_rng(seed, rnd, seeds.SAMPLING)
-    if mode == "all":
-        return candidates
-    if mode == "poisson":
-        return candidates[rng.random(len(candidates)) < q]
-    if mode in ("uniform", "weighted"):
-        if m is None or m >= len(candidates):
-            return candidates
-        p = None
-        if mode == "weighted":
-            w = np.asarray(sizes, dtype=np.float64)[candidates]
-            p = w / w.sum()
-        return np.sort(rng.choice(candidates, size=m, replace=False, p=p))
-    raise ValueError(f"fed.sampling={mode!r}: must be one of {list(MODES)}")
+    sampler = lookup(mode)(int(candidates.max()) + 1 if len(candidates) else 0, m, q)
+    return checked(sampler.sample(rnd, seeds.round_rng(seed, rnd, seeds.SAMPLING), candidates, sizes), candidates,
+                   mode)
+
+
+def checked(ids, candidates: np.ndarray, name: str) -> np.ndarray:
+    """A sampler's answer as ascending unique int64 ids among ``candidates``; a ValueError naming it otherwise."""
+    try:
+        out = np.asarray(ids).astype(np.int64, casting="safe").reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"fed.sampling={name}: returned {type(ids).__name__}, not an array of client ids") from None
+    out = np.sort(out)
+    if len(np.unique(out)) != len(out) or not np.isin(out, candidates).all():
+        raise ValueError(f"fed.sampling={name}: returned ids that are repeated or not among the reachable clients "
+                         f"(first: {out[:5].tolist()})")
+    return out
 
 
 def dropouts(rnd: int, seed: int, sampled: np.ndarray, rate: float) -> np.ndarray:
@@ -110,7 +191,7 @@ def select_round(fed, rnd: int, seed: int, sizes: np.ndarray, trace: np.ndarray 
     if pick is not None:
         picked = pick(reach)
     else:
-        picked = sample(fed.sampling, rnd, seed if sample_seed is None else sample_seed, reach,
-                        m=fed.clients_per_round, q=fed.sample_rate, sizes=sizes)
+        rng = seeds.round_rng(seed if sample_seed is None else sample_seed, rnd, seeds.SAMPLING)
+        picked = checked(sampler_of(fed).sample(rnd, rng, reach, sizes), reach, fed.sampling)
     lost = dropouts(rnd, seed, picked, fed.dropout_rate)
     return RoundClients([int(c) for c in picked], [int(c) for c in lost], len(reach))
