@@ -29,8 +29,10 @@ def plugin() -> Path:
 
 
 def _overrides(base: Path, out: Path, name: str, plugin: Path, *more: str) -> list[str]:
-    return [f"model.pretrained={base}", f"run.output_dir={out}", f"run.name={name}", f"run.plugins=[{plugin},{SAMPLER}]",
-            "fed.sampling=round_robin", "fed.num_clients=4", "fed.clients_per_round=2", "fed.strategy=fedema", f"fed.strategy_args.beta={BETA}", f"fed.server_lr={SERVER_LR}",
+    return [f"model.pretrained={base}", f"run.output_dir={out}", f"run.name={name}",
+            f"run.plugins=[{plugin},{SAMPLER}]", "fed.sampling=round_robin", "fed.num_clients=4",
+            "fed.clients_per_round=2", "fed.strategy=fedema", f"fed.strategy_args.beta={BETA}",
+            f"fed.server_lr={SERVER_LR}",
             f"run.callbacks=[{PROBES}:DeltaNorm,{RECORDER}:Recorder]", "eval.images_per_prompt=2", "eval.inference_steps=2",
             "eval.sample_seeds=[0]", "fed.workers=2", *more]
 

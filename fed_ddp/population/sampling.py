@@ -129,13 +129,14 @@ def available(rnd: int, seed: int, num_clients: int, availability: float | np.nd
 
 
 def sample(mode: str, rnd: int, seed: int, candidates: np.ndarray, m: int | None = None, q: float | None = None,
-           sizes: np.ndarray | None = None) -> np.ndarray:
-    """The clients sampled from ``candidates`` (ascending ids). ``sizes``: examples per client id
-    (``weighted``). With fewer candidates than m, uniform and weighted take them all."""
+           sizes: np.ndarray | None = None, num_clients: int | None = None) -> np.ndarray:
+    """The clients the sampler ``mode`` picks from ``candidates`` (ascending ids), checked. ``sizes``: examples per
+    client id (``weighted``); ``num_clients``: N (default: one past the largest candidate). With fewer candidates
+    than m, uniform and weighted take them all."""
     candidates = np.asarray(candidates, dtype=np.int64)
-    sampler = lookup(mode)(int(candidates.max()) + 1 if len(candidates) else 0, m, q)
-    return checked(sampler.sample(rnd, seeds.round_rng(seed, rnd, seeds.SAMPLING), candidates, sizes), candidates,
-                   mode)
+    n = num_clients if num_clients is not None else int(candidates.max()) + 1 if len(candidates) else 0
+    ids = lookup(mode)(n, m, q).sample(rnd, seeds.round_rng(seed, rnd, seeds.SAMPLING), candidates, sizes)
+    return checked(ids, candidates, mode)
 
 
 def checked(ids, candidates: np.ndarray, name: str) -> np.ndarray:
@@ -191,7 +192,7 @@ def select_round(fed, rnd: int, seed: int, sizes: np.ndarray, trace: np.ndarray 
     if pick is not None:
         picked = pick(reach)
     else:
-        rng = seeds.round_rng(seed if sample_seed is None else sample_seed, rnd, seeds.SAMPLING)
-        picked = checked(sampler_of(fed).sample(rnd, rng, reach, sizes), reach, fed.sampling)
+        picked = sample(fed.sampling, rnd, seed if sample_seed is None else sample_seed, reach,
+                        m=fed.clients_per_round, q=fed.sample_rate, sizes=sizes, num_clients=fed.num_clients)
     lost = dropouts(rnd, seed, picked, fed.dropout_rate)
     return RoundClients([int(c) for c in picked], [int(c) for c in lost], len(reach))
