@@ -37,10 +37,15 @@ def record(exc: BaseException, role: str, rank: int, run_dir: Path | None) -> Pa
     line, tb = message(exc, role, rank), traceback.format_exc()
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
+        # Written whole, then renamed: the launcher reads this file the moment the process is gone, and a rank
+        # killed (or polled) between open("w") and the dump left it empty, which made the launcher itself crash
+        # on a JSONDecodeError instead of restarting the ranks.
+        tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            with open(path, "w") as f:
+            with open(tmp, "w") as f:
                 json.dump({"message": {"message": line, "extraInfo": {
                     "py_callstack": tb, "timestamp": str(int(time.time())), "time_ns": str(time.time_ns())}}}, f)
+            os.replace(tmp, path)
         except OSError:
             pass
     if run_dir is None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +23,11 @@ ROOT = HERE.parent
 
 
 def launch(nproc: int, args: list[str], env: dict) -> None:
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    """``torchrun --nproc-per-node NPROC tests/spy_rank.py ARGS`` with ENV (forked_rank.launch: forked ranks)."""
+    import forked_rank
 
     os.environ.update(env)
-    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:8],
-                       rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2)
-    elastic_launch(cfg, sys.executable)(str(HERE / "spy_rank.py"), *args)
+    forked_rank.launch("spy_rank", nproc, args)
 
 
 TINY_ARGS = ["fed.rounds=2", "fed.local_steps=2", "data.partition=dirichlet", "data.dirichlet_alpha=0.3",

@@ -16,7 +16,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from test_distributed import HERE, ROOT
+from test_distributed import ROOT
 
 from fed_ddp.checkpoint import load_state
 
@@ -26,17 +26,14 @@ ARGS = ["fed.num_clients=6", "fed.clients_per_round=3", "fed.workers=2", "fed.ro
         "lora.rank=2", "eval.images_per_prompt=1", "eval.inference_steps=1", "eval.sample_seeds=[0]"]
 
 
-def _launch(tiny_base, out, name, chaos: str, max_restarts: int, *extra: str):
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+def _launch(tiny_base, out, name, chaos: str, max_restarts: int, *extra: str, forked: bool = True):
+    import forked_rank
 
     os.environ["FED_DDP_CHAOS"] = chaos
-    os.environ["PYTHONPATH"] = f"{HERE}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=3, run_id=uuid.uuid4().hex[:8], rdzv_backend="c10d",
-                       rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts, monitor_interval=0.2)
     try:
-        elastic_launch(cfg, sys.executable)(str(HERE / "chaos_rank.py"), str(ROOT / "configs" / "tiny_test.yaml"),
-                                            f"model.pretrained={tiny_base}", f"run.output_dir={out}",
-                                            f"run.name={name}", *ARGS, *extra)
+        forked_rank.launch("chaos_rank", 3, [str(ROOT / "configs" / "tiny_test.yaml"), f"model.pretrained={tiny_base}",
+                                             f"run.output_dir={out}", f"run.name={name}", *ARGS, *extra],
+                           max_restarts=max_restarts, forked=forked)
     finally:
         os.environ.pop("FED_DDP_CHAOS")
     return out / name
@@ -71,7 +68,7 @@ def test_a_rank_that_raises_names_its_exception_rank_and_role(tiny_base, tmp_pat
     t0 = time.monotonic()
     try:
         with pytest.raises(ChildFailedError) as info:
-            _launch(tiny_base, tmp_path, "raises", "1:2", 0, "fed.rounds=3")
+            _launch(tiny_base, tmp_path, "raises", "1:2", 0, "fed.rounds=3", forked=False)
     finally:
         os.environ.pop("FED_DDP_CHAOS_SIGNAL")
     line = first_failure(info.value, tmp_path / "raises")
@@ -169,7 +166,7 @@ def test_a_hung_worker_is_named_within_the_round_deadline(tiny_base, tmp_path, c
     try:
         with pytest.raises(ChildFailedError):
             _launch(tiny_base, tmp_path, "hung", "2:2", 0, "fed.round_timeout_s=5", "fed.timeout_s=600",
-                    "comm.gather=p2p")
+                    "comm.gather=p2p", forked=False)
     finally:
         os.environ.pop("FED_DDP_CHAOS_SIGNAL")
         done.set()

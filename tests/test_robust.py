@@ -189,17 +189,11 @@ def _poisoned(tiny_base, out, name, attacks, extra):
     spy.mkdir()
     env = {"FED_DDP_SPY_DIR": str(spy), "FED_DDP_ATTACKS": attacks,
            "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    import sys
-    import uuid
-
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    import forked_rank
 
     os.environ.update(env)
-    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=3, run_id=uuid.uuid4().hex[:8],
-                       rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2)
-    elastic_launch(cfg, sys.executable)(str(HERE / "poison_rank.py"), str(ROOT / "configs" / "tiny_test.yaml"),
-                                        f"model.pretrained={tiny_base}", f"run.output_dir={out}", f"run.name={name}",
-                                        *ATTACK_ARGS, *extra)
+    forked_rank.launch("poison_rank", 3, [str(ROOT / "configs" / "tiny_test.yaml"), f"model.pretrained={tiny_base}",
+                                          f"run.output_dir={out}", f"run.name={name}", *ATTACK_ARGS, *extra])
     os.environ.pop("FED_DDP_ATTACKS")
     return out / name, spy
 
