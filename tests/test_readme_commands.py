@@ -8,7 +8,10 @@ for commands still to come) that says how it is checked, so a new README command
 classifies it:
 
 - EXEC: fast and offline, run exactly as written by bash in a fresh copy of the checkout (HF_HUB_OFFLINE=1,
-  the venv first on PATH); exit 0, and stdout equal to the line's ``# comment`` where CHECKS asks.
+  the venv first on PATH); exit 0, and stdout equal to the line's ``# comment`` where CHECKS asks. A plain
+  ``fed-ddp plan`` / ``fed-ddp new`` line (no environment words, pipes or redirections) runs through the real
+  ``fed_ddp.cli.main`` in this process, in that copy, with the same environment: its words and exit status are
+  what the console script would get, without a fresh interpreter importing diffusers (~5 s a line).
 - EXEC_ON_RUNS: the same, in a copy holding tiny finished runs (made in process) under the names the line
   reads (``runs/quickstart``, ``runs/wireless``, ``runs/scaling-*``).
 - LAUNCH: ``fed-ddp run`` / ``compare`` through the real ``fed_ddp.cli.main`` in this process, every check
@@ -315,9 +318,34 @@ def _env(cwd: Path) -> dict[str, str]:
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
 
 
-def _exec(cmd: Command, check: Check, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["bash", "-c", cmd.shell], cwd=cwd, env=_env(cwd), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+IN_PROCESS = {"plan", "new"}  # fed-ddp subcommands that start no process and read no stdin
+
+
+def _in_process(cmd: Command, cwd: Path, monkeypatch) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    from fed_ddp.cli import main
+
+    for k, v in _env(cwd).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(cmd.argv[1:])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(cmd.argv, code, out.getvalue(), err.getvalue())
+
+
+def _exec(cmd: Command, check: Check, cwd: Path, timeout: int = 120, monkeypatch=None) -> subprocess.CompletedProcess:
+    plain = not cmd.env and not set("|<>;&`$") & set(cmd.shell)
+    if monkeypatch is not None and plain and cmd.argv[0] == "fed-ddp" and cmd.argv[1:2] and cmd.argv[1] in IN_PROCESS:
+        proc = _in_process(cmd, cwd, monkeypatch)
+    else:
+        proc = subprocess.run(["bash", "-c", cmd.shell], cwd=cwd, env=_env(cwd), capture_output=True, text=True,
+                              timeout=timeout, check=False)
     assert proc.returncode == 0, f"{cmd.file} line {cmd.line} fails as written: {cmd.shell}\n{proc.stderr[-3000:]}"
     if check.stdout:
         assert proc.stdout.strip() == cmd.comment, (cmd.shell, proc.stdout, cmd.comment)
@@ -563,7 +591,7 @@ def test_readme_command(cmd: Command, tmp_path, monkeypatch, capsys, request):
     cwd = _checkout(tmp_path / "repo")
     monkeypatch.chdir(cwd)
     if check.kind == "exec":
-        _exec(cmd, check, cwd)
+        _exec(cmd, check, cwd, monkeypatch=monkeypatch)
     elif check.kind == "exec_on_runs":
         where = request.getfixturevalue("runs_checkout")
         _exec(cmd, check, where)
