@@ -18,7 +18,7 @@ from fed_ddp.data.encoded import EncodedSet, take
 from fed_ddp.diffusion.families import denoiser, family_of
 from fed_ddp.diffusion.families.sd import to_device
 from fed_ddp.diffusion.lora import lora_parameters
-from fed_ddp.diffusion.models import encode_set, unet_autocast
+from fed_ddp.diffusion.models import encode_set, generate, unet_autocast
 from fed_ddp.objectives import lookup as lookup_objective
 from fed_ddp.seeds import client_objective, client_round
 from fed_ddp.strategies import RoundPlan
@@ -33,6 +33,31 @@ def autocast_for(device: torch.device, mixed_precision: str, engine: str = "torc
         return contextlib.nullcontext()
     dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def objective_context(pipe, client_id: int, run_seed: int):
+    """The ``objectives.Context`` a client's objective prepares with."""
+    import contextlib
+
+    from fed_ddp.objectives import Context
+
+    def images(prompts, seed, steps):
+        x = generate(pipe, list(prompts), seed, steps, 1.0)  # [0, 1] NHWC
+        return torch.from_numpy(x).permute(0, 3, 1, 2).float() * 2 - 1
+
+    def encode(x, captions):
+        return encode_set(pipe, CaptionedImages(x, list(captions), np.full(len(captions), -1, dtype=np.int64)))
+
+    @contextlib.contextmanager
+    def base_only():
+        model = denoiser(pipe)
+        model.disable_adapters()
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+
+    return Context(pipe, client_id, run_seed, images, encode, base_only)
 
 
 class LocalTrainer:
@@ -66,6 +91,7 @@ class LocalTrainer:
             rep = replay if isinstance(replay, EncodedSet) else encode_set(pipe, replay)
             self.replay_latents, self.replay_cond = rep.latents, rep.cond
             self.n_replay = round(replay_fraction * self.global_batch)
+        self.objective.prepare(objective_context(pipe, client_id, seed))
 
     def _batch(self, rng: np.random.Generator, gen: torch.Generator):
         """This rank's slice of the client-wide micro-batch: latents, conditioning, noise, timesteps. On a GPU

@@ -93,6 +93,11 @@ RULES: list[Rule] = [
     Rule("an objective that reports metrics", "privacy.secagg=false", "train.objective",
          lambda c: bool(_objective(c).metrics), lambda c: not c.privacy.secagg, lambda c: c.train.objective,
          lambda c: "reports per-client metrics, which secure aggregation's masked messages do not carry"),
+    Rule("train.objective=prior", "not deepspeed.zero_stage=3", "train.objective",
+         lambda c: c.train.objective == "prior", lambda c: c.train.engine != "deepspeed" or c.deepspeed.zero_stage < 3,
+         lambda c: c.train.objective,
+         lambda c: "generates each client's class images with the frozen base on the client's ranks, whose weights "
+                   "ZeRO-3 partitions: use deepspeed.zero_stage=2"),
     # differential privacy and secure aggregation
     Rule("differential privacy", "fed.sampling poisson or all", "fed.sampling", _dp,
          lambda c: c.fed.sampling in ("poisson", "all"), lambda c: c.fed.sampling,

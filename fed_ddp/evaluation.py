@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from fed_ddp.diffusion.models import generate  # noqa: F401 - fed_ddp.evaluation.generate, as before
 from fed_ddp.diffusion.tiny import caption
 from fed_ddp.files import refuse_link
 
@@ -44,19 +45,6 @@ def reference_classifier(seed: int = 0) -> DigitClassifier:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float) -> np.ndarray:
-    """Images in [0, 1], shape (N, H, W, C); one generator so the batch is reproducible from the seed."""
-    from fed_ddp.diffusion.families import denoiser, family_of
-    from fed_ddp.diffusion.models import unet_autocast
-
-    model = denoiser(pipe)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    with unet_autocast(model):
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
-                   output_type="np", **family_of(pipe).sample_kwargs(pipe))
-    return out.images
-
-
 def generation_accuracy(pipe, digits: list[int], images_per_prompt: int, seed: int, steps: int,
                         guidance_scale: float = 1.0) -> dict[int, float]:
     """Per-digit share of generated images that the reference classifier assigns to the prompted digit.

@@ -14,16 +14,43 @@ Built-ins, as diffusers' training scripts define them:
   ``compute_snr``; ``train.snr_gamma``. Families with a DDPM-style noise schedule (sd, sdxl).
 - ``noise_offset``: ``train.noise_offset`` × N(0, 1) per example and channel added to the noise (``--noise_offset``),
   drawn from the objective's generator. Families sd, sdxl.
+- ``prior``: DreamBooth's prior preservation (Ruiz et al. 2023, arXiv 2208.12242; ``--with_prior_preservation``,
+  ``--prior_loss_weight``): the family's loss on the client's batch plus ``train.prior_loss_weight`` × the same
+  loss on as many of the client's class images, which each client generates itself from ``train.prior_prompts``
+  with the frozen base (adapters off: what the base drew before any training), ``train.prior_images`` per prompt
+  in ``train.prior_steps`` steps, seeded per client (``seeds.client_prior``), so no class image leaves a client
+  and a re-built trainer (a resume, a cache miss) draws the same ones. Reports ``prior_loss``. diffusers'
+  script concatenates instance and class examples in one forward; here they are two forwards of the same
+  model, which gives the same loss (the denoisers normalise per example) and keeps the batch's shape.
+
+An objective may override ``prepare(ctx)``: called once when a client's trainer is built, before any step, with a
+``Context`` (the client, the frozen pipeline, and functions to generate with it, encode images as the client's
+data is encoded, and switch the adapters off); ``prior`` generates and encodes its class images there.
 
 A user's objective is registered with ``register`` (a module in ``run.plugins``) or named ``package.module:Name``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from fed_ddp.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    """What ``Objective.prepare`` gets: the client, the frozen pipeline, and the trainer's own tools for it."""
+
+    pipe: object  # the diffusers pipeline (its denoiser carries the adapter being trained)
+    client_id: int
+    run_seed: int
+    generate: Callable  # (prompts, seed, steps) -> images in [-1, 1] (N, C, H, W), guidance off, one seeded generator
+    encode: Callable  # (images in [-1, 1], captions) -> EncodedSet (latents, conditioning), as the client's data is
+    base_only: Callable  # () -> a context manager in which the denoiser's adapters are off (the base itself)
 
 
 class Objective:
@@ -32,6 +59,9 @@ class Objective:
 
     def __init__(self, train_cfg):
         self.cfg = train_cfg
+
+    def prepare(self, ctx: Context) -> None:
+        """Per-client set-up, once, before the client's first step (default: nothing)."""
 
     def loss(self, family, model, scheduler, latents, cond, noise, t, generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -66,7 +96,32 @@ class NoiseOffset(Objective):
         return family.loss(model, scheduler, latents, cond, noise + self.cfg.noise_offset * offset, t), {}
 
 
-REGISTRY: dict[str, type[Objective]] = {"mse": MSE, "min_snr": MinSNR, "noise_offset": NoiseOffset}
+class Prior(Objective):
+    metrics = ("prior_loss",)
+
+    def prepare(self, ctx):
+        from fed_ddp.seeds import client_prior
+
+        c = self.cfg
+        prompts = [p for p in c.prior_prompts for _ in range(c.prior_images)]
+        with ctx.base_only():  # the base's own prior, whatever adapter the worker holds now
+            images = ctx.generate(prompts, client_prior(ctx.run_seed, ctx.client_id), c.prior_steps)
+        enc = ctx.encode(images, prompts)
+        self.latents, self.cond = enc.latents, enc.cond
+
+    def loss(self, family, model, scheduler, latents, cond, noise, t, generator):
+        from fed_ddp.diffusion.families.sd import to_device
+
+        i = torch.randint(0, len(self.latents), (latents.shape[0],), generator=generator)
+        lat = to_device(self.latents[i], latents.device)
+        pc = {k: to_device(v[i], latents.device) for k, v in self.cond.items()}
+        pn, pt = family.draw(lat, scheduler, generator)  # on the latents' device
+        prior = family.loss(model, scheduler, lat, pc, pn, pt)
+        instance = family.loss(model, scheduler, latents, cond, noise, t)
+        return instance + self.cfg.prior_loss_weight * prior, {"prior_loss": prior.detach()}
+
+
+REGISTRY: dict[str, type[Objective]] = {"mse": MSE, "min_snr": MinSNR, "noise_offset": NoiseOffset, "prior": Prior}
 
 
 def register(name: str, cls: type[Objective]) -> None:

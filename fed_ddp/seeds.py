@@ -47,6 +47,11 @@ def client_objective(run_seed: int, rnd: int, client_id: int) -> int:
     return int(np.random.SeedSequence([run_seed, rnd, client_id, 5]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def client_prior(run_seed: int, client_id: int) -> int:
+    """The class images ``client_id`` generates for prior preservation (train.objective=prior), once per client."""
+    return int(np.random.SeedSequence([run_seed, client_id, 6]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def client_personal(run_seed: int, client_id: int) -> int:
     """Initial personal adapter of ``client_id`` (personal.mode=split), drawn the first time it plays."""
     return int(np.random.SeedSequence([run_seed, client_id, 4]).generate_state(1, np.uint64)[0] >> 1)

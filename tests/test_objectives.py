@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,9 +117,71 @@ def test_objectives_refused_in_one_line(tmp_path):
              (["train.objective=fed_ddp.objectives:Nope"], "fed_ddp.objectives has no 'Nope'")]
     bad = tmp_path / "clash_objective.py"
     bad.write_text(OBJECTIVE.replace('"pred_rms"', '"train_loss"').replace('"smooth"', '"clash"'))
+    cases += [(["train.objective=prior"], "train.prior_prompts=[]: train.objective=prior needs the class prompts"),
+              ([*PRIOR, "train.engine=deepspeed", "deepspeed.zero_stage=3"],
+               "ZeRO-3 partitions: use deepspeed.zero_stage=2")]
     cases.append(([f"run.plugins=[{bad}]", "train.objective=clash"],
                   "train.objective='clash': reports 'train_loss', a name the round already reports"))
     for overrides, said in cases:
         with pytest.raises(ConfigError) as e:
             load_config(TINY, overrides)
         assert said in str(e.value) and "\n" not in str(e.value), (overrides, str(e.value))
+
+
+PRIOR = ["train.objective=prior", "train.prior_prompts=[a handwritten digit zero,a handwritten digit one]",
+         "train.prior_images=3", "train.prior_steps=2", "train.prior_loss_weight=0.5"]
+
+
+def test_prior_preservation_is_the_instance_loss_plus_the_weighted_loss_on_the_base_s_own_images(pipe, monkeypatch):
+    """The reference generates the class images itself (diffusers' pipeline with the adapter off, the client's
+    seed), encodes them, and adds 0.5 x the family's loss on a batch of them drawn from the objective's stream."""
+    from fed_ddp.client import LocalTrainer
+    from fed_ddp.diffusion.models import encode_images
+    from fed_ddp.objectives import Prior
+    from fed_ddp.seeds import client_objective, client_prior
+
+    cfg = load_config(None, ["train.batch_size=8", "train.lr=0.01", *PRIOR])
+    pipe.unet.disable_adapters()
+    gen = torch.Generator().manual_seed(client_prior(cfg.run.seed, 3))
+    prompts = ["a handwritten digit zero"] * 3 + ["a handwritten digit one"] * 3
+    imgs = pipe(prompts, num_inference_steps=2, guidance_scale=1.0, generator=gen, output_type="np").images
+    pipe.unet.enable_adapters()
+    want_latents = encode_images(pipe, torch.from_numpy(imgs).permute(0, 3, 1, 2).float() * 2 - 1)
+    t = LocalTrainer(pipe, training_scheduler(pipe), load_digits_dataset().subset(range(48)), cfg.train, cfg.run.seed,
+                     client_id=3)
+    assert isinstance(t.objective, Prior)
+    torch.testing.assert_close(t.objective.latents, want_latents)
+    assert len(t.objective.cond["embeds"]) == 6
+
+    lat, cond, noise, steps = t._batch(np.random.default_rng(0), torch.Generator().manual_seed(0))
+    scheduler, fam = training_scheduler(pipe), t.family
+    loss, said = t.objective.loss(fam, pipe.unet, scheduler, lat, cond, noise, steps, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    i = torch.randint(0, 6, (8,), generator=g)
+    pn, pt = fam.draw(want_latents[i], scheduler, g)
+    with torch.no_grad():
+        enc = t.objective.cond
+        prior = F.mse_loss(pipe.unet(scheduler.add_noise(want_latents[i], pn, pt), pt,
+                                     encoder_hidden_states=enc["embeds"][i]).sample, pn)
+        inst = F.mse_loss(pipe.unet(scheduler.add_noise(lat, noise, steps), steps,
+                                    encoder_hidden_states=cond["embeds"]).sample, noise)
+    torch.testing.assert_close(loss.detach(), inst + 0.5 * prior)
+    torch.testing.assert_close(said["prior_loss"], prior)
+    assert client_objective(cfg.run.seed, 1, 3) != client_prior(cfg.run.seed, 3)
+    # the class images are the client's own: another client draws others; the same client, the same ones
+    other = LocalTrainer(pipe, scheduler, load_digits_dataset().subset(range(48)), cfg.train, cfg.run.seed, client_id=4)
+    again = LocalTrainer(pipe, scheduler, load_digits_dataset().subset(range(48)), cfg.train, cfg.run.seed, client_id=3)
+    assert not torch.equal(other.objective.latents, want_latents) and torch.equal(again.objective.latents,
+                                                                                  t.objective.latents)
+
+
+def test_prior_preservation_runs_and_reports_each_client_s_prior_loss(tiny_base, tmp_path):
+    import fed_ddp
+
+    common = [f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", "fed.rounds=1",
+              "eval.images_per_prompt=2", "eval.inference_steps=2", "eval.sample_seeds=[0]"]
+    fed_ddp.run(TINY, [*common, "run.name=prior", *PRIOR], launch="inprocess")
+    rows = [json.loads(x) for x in (tmp_path / "prior" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [r["round"] for r in rows] == [1]
+    for r in rows:
+        assert set(r["prior_loss"]) == set(r["train_loss"]) and all(0 < v < 10 for v in r["prior_loss"].values())

@@ -82,6 +82,18 @@ def encode_captions(pipe, captions: list[str]) -> dict[str, dict[str, torch.Tens
     return {c: {k: v[i] for k, v in cond.items()} for i, c in enumerate(uniq)}
 
 
+def generate(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float):
+    """Images in [0, 1], shape (N, H, W, C); one generator so the batch is reproducible from the seed."""
+    from fed_ddp.diffusion.families import denoiser, family_of
+
+    model = denoiser(pipe)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    with unet_autocast(model):
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
+                   output_type="np", **family_of(pipe).sample_kwargs(pipe))
+    return out.images
+
+
 def is_local_pipeline(path: str) -> bool:
     return (Path(path).expanduser() / "model_index.json").exists()
 
