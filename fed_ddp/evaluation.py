@@ -87,17 +87,24 @@ class Evaluator:
             [caption(d) for d in range(10)] if cfg.data.source == "digits" else sorted(set(data.val.captions))[:8])
         self.client_digits = list(cfg.data.digits)
         self.base_digits = [d for d in cfg.model.tiny.digits if d not in self.client_digits]
+        self.quality = None  # eval.metrics: FID / KID / CLIP score (fed_ddp.quality)
+        if cfg.eval.metrics:
+            from fed_ddp.diffusion.families import denoiser
+            from fed_ddp.quality import Quality
+
+            self.quality = Quality(cfg, data, denoiser(pipe).device)
 
     def at_round(self, rnd: int) -> dict:
         """A round's evaluation, as configured: the losses and the sample grid every ``eval.every`` rounds and at
-        the last; generation accuracy every ``eval.accuracy_every`` rounds (not at the last: the final
-        evaluation measures it)."""
+        the last; generation accuracy every ``eval.accuracy_every`` rounds and ``eval.metrics`` every
+        ``eval.metrics_every`` (not at the last: the final evaluation measures them)."""
         e, last = self.cfg.eval, rnd == self.cfg.fed.rounds
         every = last or rnd % e.every == 0
         return self(rnd, losses=every, grid=every, accuracy=e.accuracy_every > 0 and rnd % e.accuracy_every == 0
-                    and not last)
+                    and not last, quality=e.metrics_every > 0 and rnd % e.metrics_every == 0 and not last)
 
-    def __call__(self, rnd: int, losses: bool = True, grid: bool = True, accuracy: bool = False) -> dict:
+    def __call__(self, rnd: int, losses: bool = True, grid: bool = True, accuracy: bool = False,
+                 quality: bool = False) -> dict:
         """Evaluate the pipeline's current adapter. On CPU with ``eval.num_threads`` > 1 (0: every core) the
         server runs it with that many threads: the workers wait for the next round meanwhile. With
         ``eval.merge_lora`` the adapter is merged into the base weights meanwhile (restored exactly after)."""
@@ -112,12 +119,12 @@ class Evaluator:
             if threads:
                 torch.set_num_threads(n)
             with merged_lora(denoiser(self.pipe)) if self.cfg.eval.merge_lora else contextlib.nullcontext():
-                return self._evaluate(rnd, losses, grid, accuracy)
+                return self._evaluate(rnd, losses, grid, accuracy, quality)
         finally:
             if threads:
                 torch.set_num_threads(before)
 
-    def _evaluate(self, rnd: int, losses: bool, grid: bool, accuracy: bool) -> dict:
+    def _evaluate(self, rnd: int, losses: bool, grid: bool, accuracy: bool, quality: bool) -> dict:
         from fed_ddp.client import validation_loss
         from fed_ddp.diffusion.families import denoiser, family_of
         from fed_ddp.images import sample_grid, save_grid
@@ -141,6 +148,8 @@ class Evaluator:
             out["gen_acc_clients"] = mean_over(acc, self.client_digits)
             if self.base_digits:
                 out["gen_acc_base"] = mean_over(acc, self.base_digits)
+        if quality and self.quality is not None:
+            out.update(self.quality(self.pipe, e.inference_steps, e.guidance_scale))
         return out
 
 

@@ -2,7 +2,8 @@
 
 ``preflight(cfg)`` runs them all, cheapest first: the launch fits this machine, the base model and the
 LoRA targets exist (the denoiser is built on the ``meta`` device: shapes, no weights), the data can be
-partitioned (images decoded once here, bombs refused), and the privacy target is reachable. The run
+partitioned (images decoded once here, bombs refused), the privacy target is reachable, and the
+``eval.metrics`` networks load. The run
 directory's own checks (``fed_ddp.rundir.check``) come last, in ``fed-ddp run``.
 """
 
@@ -101,6 +102,14 @@ def check_data(cfg) -> None:
                           f"{' '.join(str(e).split())}") from None
 
 
+def check_metrics(cfg) -> None:
+    """``eval.metrics``: the feature network loads and gives (N, D) features; the CLIP directory loads."""
+    if cfg.eval.metrics:
+        from fed_ddp.quality import check
+
+        check(cfg)
+
+
 def preflight(cfg, cores: int | None = None) -> list[str]:
     """Every launcher check of ``fed-ddp run``, before any rank starts; returns warnings to show."""
     if cores is not None:
@@ -108,4 +117,5 @@ def preflight(cfg, cores: int | None = None) -> list[str]:
     warnings = check_model(cfg)
     check_data(cfg)
     check_privacy(cfg)
+    check_metrics(cfg)
     return warnings

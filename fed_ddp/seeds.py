@@ -55,3 +55,9 @@ def client_prior(run_seed: int, client_id: int) -> int:
 def client_personal(run_seed: int, client_id: int) -> int:
     """Initial personal adapter of ``client_id`` (personal.mode=split), drawn the first time it plays."""
     return int(np.random.SeedSequence([run_seed, client_id, 4]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def eval_metrics(run_seed: int, which: int, chunk: int) -> int:
+    """eval.metrics: the images generated for set ``which`` (0: the pooled validation set, 1 + c: client c), batch
+    ``chunk``; the same every round, so rounds compare at fixed noise. ``chunk=-1``: which real images the set takes."""
+    return int(np.random.SeedSequence([run_seed, which, chunk + 1, 7]).generate_state(1, np.uint64)[0] >> 1)

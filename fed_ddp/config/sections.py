@@ -326,6 +326,34 @@ class DeepSpeedSection:
                self.offload_optimizer, "needs deepspeed.zero_stage >= 1")
 
 
+QUALITY_METRICS = ("fid", "kid", "clip_score")
+
+
+@dataclass(kw_only=True)
+class FidSection:
+    weights: str | None = None  # fid/kid: a local TorchScript file of the feature network, e.g. NVIDIA's inception-2015-12-05.pt (docs/evaluation.md)
+    image_size: int = 0  # fid/kid: resize images bilinearly to this square size before the network (0: as they are; NVIDIA's Inception resizes to 299 itself)
+
+    def __post_init__(self):
+        if self.weights:
+            self.weights = os.path.expanduser(self.weights)
+            _check(Path(self.weights).is_file(), "eval.fid.weights", self.weights, "no such file: expected a "
+                   "TorchScript feature network, e.g. NVIDIA's inception-2015-12-05.pt (docs/evaluation.md)")
+        integer("eval.fid.image_size", self.image_size, 0, 4096)
+
+
+@dataclass(kw_only=True)
+class ClipSection:
+    model: str | None = None  # clip_score: a local transformers CLIP directory (CLIPModel + CLIPProcessor files), e.g. a saved openai/clip-vit-base-patch32
+
+    def __post_init__(self):
+        if self.model:
+            self.model = os.path.expanduser(self.model)
+            _check((Path(self.model) / "config.json").is_file(), "eval.clip.model", self.model,
+                   "must be a local CLIP directory (config.json, model weights, tokenizer and preprocessor files: "
+                   "what CLIPModel/CLIPProcessor.save_pretrained write)")
+
+
 @dataclass(kw_only=True)
 class EvalSection:
     every: int = 1  # validation loss and sample grid every N rounds (and always after the last)
@@ -338,6 +366,12 @@ class EvalSection:
     num_threads: int = 0  # CPU threads of the server's evaluation (the workers wait meanwhile); 0 = every core
     merge_lora: bool = True  # evaluate with the LoRA adapter merged into the base weights (one matmul per layer: 1.5x faster sampling; the base weights are restored bit for bit)
     cache_base: bool = True  # reuse the base model's evaluation (round 0) from model.cache_dir when the same base was evaluated with the same settings (deterministic: same numbers)
+    metrics: list[str] = field(default_factory=list)  # image quality at the final evaluation: fid / kid (eval.fid.weights) / clip_score (eval.clip.model), pooled and per client (docs/evaluation.md)
+    metrics_every: int = 0  # eval.metrics also every N rounds (0 = final only)
+    metrics_images: int = 32  # eval.metrics: real images per set (pooled validation, each client), and as many generated from their captions
+    metrics_clients: int = 16  # eval.metrics: per-client figures for clients 0..K-1 (0 = pooled only)
+    fid: FidSection = field(default_factory=FidSection)  # the FID/KID feature network
+    clip: ClipSection = field(default_factory=ClipSection)  # the CLIP score model
 
     def __post_init__(self):
         _positive("eval.every", self.every)
@@ -354,6 +388,17 @@ class EvalSection:
                    "each prompt must be 1 to 500 characters (a grid row's label)")
         _positive("eval.guidance_scale", self.guidance_scale)
         integer("eval.num_threads", self.num_threads, 0, 1024)
+        for m in self.metrics:
+            _one_of("eval.metrics", m, set(QUALITY_METRICS))
+        _check(len(set(self.metrics)) == len(self.metrics), "eval.metrics", list(self.metrics), "lists a metric twice")
+        _check(not {"fid", "kid"} & set(self.metrics) or bool(self.fid.weights), "eval.fid.weights", None,
+               f"eval.metrics={list(self.metrics)} needs the feature network: a local TorchScript file, e.g. NVIDIA's "
+               "inception-2015-12-05.pt (docs/evaluation.md)")
+        _check("clip_score" not in self.metrics or bool(self.clip.model), "eval.clip.model", None,
+               "eval.metrics=[clip_score] needs a local CLIP directory (CLIPModel/CLIPProcessor.save_pretrained)")
+        integer("eval.metrics_every", self.metrics_every, 0, 10 ** 6)
+        integer("eval.metrics_images", self.metrics_images, 2, 100_000, " (FID and KID need 2 images per set)")
+        integer("eval.metrics_clients", self.metrics_clients, 0, 10 ** 7)
 
 
 PERSONAL_MODES = ("none", "split", "finetune")

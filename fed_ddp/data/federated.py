@@ -21,6 +21,7 @@ class FederatedData:
     val: CaptionedImages  # held out: the concepts the clients teach
     replay: CaptionedImages | None = None  # concepts the base already knows, mixed into local batches
     val_base: CaptionedImages | None = None  # held out: the base's concepts (forgetting check)
+    val_clients: list[CaptionedImages] | None = None  # held out per client (data.client_dirs: each folder's own split)
 
     def summary(self) -> dict:
         def counts(d: CaptionedImages) -> dict[str, int]:
@@ -68,7 +69,7 @@ def build_federated_data(cfg: RunConfig, channels: int = 1) -> FederatedData:
         train, val = _split(load_imagefolder(folder, d.resolution, channels, d.label_field), cfg, c)
         clients.append(train)
         vals.append(val)
-    return FederatedData(clients, concat(vals))
+    return FederatedData(clients, concat(vals), val_clients=vals)
 
 
 def concat(parts: list[CaptionedImages]) -> CaptionedImages:

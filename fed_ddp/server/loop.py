@@ -350,7 +350,7 @@ class Server:
         row = next((h.metrics for h in reversed(rows) if h.round == last), {})
         losses = {k: row[k] for k in self.evaluate.val_sets if row.get(k) is not None}  # a resumed NaN reads None
         final = {**losses, **self.evaluate(last, losses=len(losses) < len(self.evaluate.val_sets), grid=False,
-                                           accuracy=True)}
+                                           accuracy=True, quality=True)}
         self.save("final", global_flat, last)
         rounds = [h for h in rows if h.round > 0]
         summary = RunSummary(
