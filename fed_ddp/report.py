@@ -10,7 +10,8 @@ to ``--out``:
                           parameters, rounds, mean seconds per round and its split, bytes per round up
                           and down over the air (all clients), how many times fewer bytes the uplink moves than
                           dense fp32 LoRA (comm.air.up.vs_dense_lora), final val_loss, gen_acc_clients of
-                          the base and final
+                          the base and final, and the final eval.metrics (FID / KID / CLIP score: pooled
+                          and the mean over clients) where a run has them
     time_split.png        mean seconds per round split into local training / communication /
                           aggregation / evaluation / other, runs ordered by number of clients
     bytes.png             bytes per round up and down, per run, labelled by codec (and clients, rank)
@@ -29,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +148,9 @@ def label(run: Run, keys: list[str]) -> str:
     return " ".join(f"{SHORT.get(k, k.rsplit('.', 1)[-1])}={show(k, run.config.get(k))}" for k in shown)
 
 
+QUALITY = re.compile(r"(fid|kid)_(pooled|clients_\w+_mean)|clip_score(_clients_\w+_mean)?")  # eval.metrics
+
+
 def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
     keys = parameters(runs)
     columns = (["run"] + keys + ["lora_parameters", "rounds", "round_s"] + [f"{s}_s" for s in SPLIT]
@@ -153,6 +158,8 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
                   "gen_acc_clients_base",
                   "gen_acc_clients_final"]
                + (["sim_time_s", "sim_energy_j", "sim_stragglers"] if any(r.has_sim for r in runs) else []))
+    quality = sorted({k for r in runs for k, v in r.final.items() if QUALITY.fullmatch(k) and not isinstance(v, dict)})
+    columns += [f"{k}_final" for k in quality]  # eval.metrics: the final figures, pooled and mean over clients
     out = []
     for run in runs:
         rows = [run.rounds[r] for r in sorted(run.rounds)]
@@ -167,7 +174,8 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
              "up_vs_dense_lora": _mean([row.air("up").get("vs_dense_lora") for row in rows]),
              "val_loss_final": val[-1] if val else None,
              "gen_acc_clients_base": run.base.value("gen_acc_clients") if run.base else None,
-             "gen_acc_clients_final": run.final.get("gen_acc_clients")}
+             "gen_acc_clients_final": run.final.get("gen_acc_clients"),
+             **{f"{k}_final": run.final.get(k) for k in quality}}
         if "sim_time_s" in columns:
             sims = [row.metrics for row in rows if "sim_latency_s" in row.metrics]
             d.update({"sim_time_s": sum(row["sim_latency_s"] for row in sims) if sims else None,

@@ -68,7 +68,7 @@ class Nvidia(torch.nn.Module):
 
     def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         x = torch.nn.functional.interpolate(img, size=(12, 12), mode="bilinear", align_corners=False)
-        f = torch.relu(self.conv((x - 128) / 128)).mean(dim=(2, 3))
+        f = torch.tanh(self.conv((x - 128) / 128)).mean(dim=(2, 3))
         return f if return_features else self.head(f)
 
 
@@ -139,22 +139,76 @@ def test_clip_score_equals_clip_model_s_own_forward(tmp_path):
     assert clip_score(torch.tensor([-3.0, 1.0])) == 0.0 and clip_score(torch.tensor([3.0, 1.0])) == 2.0
 
 
+def test_quality_compares_images_generated_from_a_set_s_captions_with_that_set(tiny_base, tmp_path):
+    """The pooled FID/KID against a reference that generates the same images itself (diffusers' pipeline, the
+    metric's seeds), takes their features from the TorchScript module directly and computes with scipy; per-client
+    figures from each client's held-out images (``val_clients``: data.client_dirs) are named ``_clients_val``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a rank runs: on 2 shared cores, more threads are 50x slower for these tiny batches
+    try:
+        _compare_with_reference(tiny_base, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_with_reference(tiny_base, tmp_path):
+    from fed_ddp.data.digits import load_digits_dataset
+    from fed_ddp.data.federated import FederatedData
+    from fed_ddp.diffusion.models import generate, load_pipeline
+    from fed_ddp.quality import BATCH, Quality
+    from fed_ddp.seeds import eval_metrics
+
+    pipe = load_pipeline(str(tiny_base), torch.device("cpu"))
+    digits = load_digits_dataset()
+    data = FederatedData(clients=[digits.subset(range(40)), digits.subset(range(40, 80))], val=digits.subset(range(80, 120)),
+                         val_clients=[digits.subset(range(120, 130)), digits.subset([130])])
+    torch.manual_seed(0)
+    module = Nvidia()
+    weights = _scripted(module, tmp_path / "inception.pt")
+    cfg = load_config(TINY, ["eval.metrics=[fid,kid]", f"eval.fid.weights={weights}", "eval.metrics_images=20"])
+    got = Quality(cfg, data)(pipe, 2, 1.0)
+    assert set(got) == {f"{m}_{k}" for m in ("fid", "kid") for k in ("pooled", "clients_val", "clients_val_mean")}
+    assert got["fid_clients_val"]["1"] is None and got["fid_clients_val_mean"] == got["fid_clients_val"]["0"]
+
+    # the reference: which 20 of the 40 validation images, then the same generation, by hand
+    pick = np.sort(np.random.default_rng(eval_metrics(cfg.run.seed, 0, -1)).choice(40, 20, replace=False))
+    real = data.val.subset(pick)
+    fake = np.concatenate([generate(pipe, real.captions[j:j + BATCH], eval_metrics(cfg.run.seed, 0, j // BATCH), 2, 1.0)
+                           for j in range(0, 20, BATCH)])
+    as_rgb = lambda x: np.repeat(np.round(np.clip(x, 0, 1) * 255), 3, axis=1).astype(np.float32)
+    with torch.no_grad():
+        feats = [module(torch.from_numpy(as_rgb(x)), return_features=True).double().numpy()
+                 for x in ((real.images.numpy() + 1) / 2, fake.transpose(0, 3, 1, 2))]
+    assert math.isclose(got["fid_pooled"], _scipy_fid(*feats), rel_tol=1e-6), (got["fid_pooled"], _scipy_fid(*feats))
+    assert math.isclose(got["kid_pooled"], _numpy_kid(*feats), rel_tol=1e-6)
+
+
 def test_a_run_reports_fid_kid_and_clip_score_pooled_and_per_client(tiny_base, tmp_path):
     import fed_ddp
 
     weights, clip = _scripted(Nvidia(), tmp_path / "inception.pt"), _tiny_clip(tmp_path / "clip")
     fed_ddp.run(TINY, [f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", "run.name=quality",
-                       "fed.rounds=1", "eval.images_per_prompt=2", "eval.inference_steps=2", "eval.sample_seeds=[0]",
+                       "fed.rounds=2", "eval.images_per_prompt=2", "eval.inference_steps=2", "eval.sample_seeds=[0]",
+                       "eval.metrics_every=1",
                        "eval.metrics=[fid,kid,clip_score]", f"eval.fid.weights={weights}", f"eval.clip.model={clip}",
-                       "eval.metrics_images=6"], launch="inprocess")
+                       "eval.metrics_images=6", "eval.num_threads=1"], launch="inprocess")
     final = json.loads((tmp_path / "quality" / "summary.json").read_text())["final"]
     for key in ("fid_pooled", "kid_pooled", "clip_score", "fid_clients_train_mean", "kid_clients_train_mean"):
         assert isinstance(final[key], float) and math.isfinite(final[key]), (key, final.get(key))
     for key in ("fid_clients_train", "kid_clients_train", "clip_score_clients_train"):
         assert set(final[key]) == {"0", "1"} and all(math.isfinite(v) for v in final[key].values()), final[key]
     assert final["fid_pooled"] > 0 and final["fid_clients_train"]["0"] != final["fid_clients_train"]["1"]
-    rows = [json.loads(x) for x in (tmp_path / "quality" / "metrics.jsonl").read_text().splitlines()]
-    assert not any("fid_pooled" in r for r in rows)  # eval.metrics_every=0: the final evaluation only
+    rows = {r["round"]: r for r in map(json.loads, (tmp_path / "quality" / "metrics.jsonl").read_text().splitlines())}
+    # eval.metrics_every=1: round 1's line has them; the last round's are the final evaluation's (summary.json)
+    assert sorted(rows) == [0, 1, 2] and "fid_pooled" not in rows[0] and "fid_pooled" not in rows[2]
+    assert set(rows[1]["kid_clients_train"]) == {"0", "1"} and math.isfinite(rows[1]["clip_score"])
+    assert rows[1]["fid_pooled"] != final["fid_pooled"]  # another adapter, the same real images and noise
+    from fed_ddp.report import load_run, table_rows
+
+    columns, table = table_rows([load_run(tmp_path / "quality")])  # fed-ddp report: the final figures, a column each
+    quality = {c: table[0][c] for c in columns if c.startswith(("fid", "kid", "clip"))}
+    assert quality == {f"{k}_final": final[k] for k in ("clip_score", "clip_score_clients_train_mean", "fid_pooled",
+                                                         "fid_clients_train_mean", "kid_pooled", "kid_clients_train_mean")}
 
 
 def test_quality_settings_refused_in_one_line(tmp_path):
