@@ -64,15 +64,18 @@ class JsonlLogger:
 
 
 PER_CLIENT = ("clients", "train_loss", "train_loss_mean", "num_examples", "train_seconds")
+QUALITY_CLIENTS = ("fid_clients_", "kid_clients_", "clip_score_clients_")  # eval.metrics per client (and their means)
 
 
 def public_row(row: dict, per_client=()) -> dict:
     """A round's row without what names or describes single clients (who was sampled, each one's loss,
-    examples and time, ``per_client``: the objective's metrics, the exact count of unclipped updates): what
+    examples and time, ``per_client``: the objective's metrics, eval.metrics' per-client figures, the exact
+    count of unclipped updates): what
     leaves the server under differential privacy. ``metrics.jsonl`` (the server's own log) keeps the full row."""
     # sim_*: the simulated cell is rebuilt from the config's seed, so any per-round figure of it (the broadcast
     # rate is the weakest scheduled client's, the slowest client's split names its class) says who was sampled
-    out = {k: v for k, v in row.items() if k not in PER_CLIENT and k not in per_client and not k.startswith("sim_")}
+    out = {k: v for k, v in row.items() if k not in PER_CLIENT and k not in per_client
+           and not k.startswith(("sim_", *QUALITY_CLIENTS))}
     if isinstance(out.get("privacy"), dict):
         out["privacy"] = {k: v for k, v in out["privacy"].items() if k != "unclipped"}
     return out
@@ -99,6 +102,8 @@ class WandbLogger:
         self.run.log({k: self._wandb.Image(p) for k, p in images.items()}, step=step)
 
     def finish(self, summary: dict | None = None) -> None:
+        if summary and self.private:  # the final evaluation's per-client quality figures stay in summary.json
+            summary = {**summary, "final": public_row(summary.get("final") or {})}
         if summary:  # summary.json's strings and its numbers at any depth (seconds_total/round, ...)
             for k, v in {**{k: v for k, v in summary.items() if isinstance(v, str)}, **_flat(summary)}.items():
                 self.run.summary[k] = v

@@ -243,3 +243,11 @@ def test_quality_settings_refused_in_one_line(tmp_path):
             check_metrics(cfg)
         assert said in str(e.value) and "\n" not in str(e.value), (overrides, str(e.value))
         assert str(e.value).startswith(("eval.fid.weights=", "eval.clip.model=")), str(e.value)
+
+
+def test_under_dp_the_per_client_figures_stay_on_the_server():
+    from fed_ddp.tracking import public_row
+
+    row = {"round": 2, "fid_pooled": 3.0, "kid_pooled": 0.1, "clip_score": 20.0, "fid_clients_train": {"0": 4.0},
+           "fid_clients_train_mean": 4.0, "kid_clients_val": {"1": 0.2}, "clip_score_clients_train": {"0": 21.0}}
+    assert public_row(row) == {"round": 2, "fid_pooled": 3.0, "kid_pooled": 0.1, "clip_score": 20.0}
