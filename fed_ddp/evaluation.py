@@ -153,6 +153,7 @@ class Evaluator:
         return out
 
 
+QUALITY_KEYS = ("metrics", "metrics_every", "metrics_images", "metrics_clients", "fid", "clip")  # eval.metrics' settings
 EVAL_CACHE_VERSION = 1  # bump when what the evaluation computes changes, so cached base results are not reused
 
 
@@ -183,7 +184,8 @@ def base_eval_key(cfg, base: str, model) -> str | None:
     if fingerprint is None or cfg.train.method != "lora" or cfg.data.source != "digits":
         return None
     t = cfg.train
-    key = {"v": EVAL_CACHE_VERSION, "base": str(base), "files": fingerprint, "eval": asdict(cfg.eval),
+    ev = {k: v for k, v in asdict(cfg.eval).items() if k not in QUALITY_KEYS}  # round 0 never measures eval.metrics
+    key = {"v": EVAL_CACHE_VERSION, "base": str(base), "files": fingerprint, "eval": ev,
            "data": asdict(cfg.data), "model": {k: v for k, v in asdict(cfg.model).items() if k != "cache_dir"},
            "seed": cfg.run.seed, "train": [t.engine, t.mixed_precision], "deepspeed": asdict(cfg.deepspeed),
            "runs_on": [model.device.type, str(model.dtype)], "versions": [torch.__version__, diffusers.__version__]}

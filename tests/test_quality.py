@@ -251,3 +251,17 @@ def test_under_dp_the_per_client_figures_stay_on_the_server():
     row = {"round": 2, "fid_pooled": 3.0, "kid_pooled": 0.1, "clip_score": 20.0, "fid_clients_train": {"0": 4.0},
            "fid_clients_train_mean": 4.0, "kid_clients_val": {"1": 0.2}, "clip_score_clients_train": {"0": 21.0}}
     assert public_row(row) == {"round": 2, "fid_pooled": 3.0, "kid_pooled": 0.1, "clip_score": 20.0}
+
+
+def test_the_base_evaluation_cache_ignores_eval_metrics(tiny_base, tmp_path):
+    """Round 0 never measures eval.metrics: turning them on reuses the same cached base evaluation."""
+    from types import SimpleNamespace
+
+    from fed_ddp.evaluation import base_eval_key
+
+    model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    weights = _scripted(Plain(), tmp_path / "plain.pt")
+    keys = [base_eval_key(load_config(TINY, [f"model.pretrained={tiny_base}", *extra]), str(tiny_base), model)
+            for extra in ([], ["eval.metrics=[fid,kid]", f"eval.fid.weights={weights}", "eval.metrics_every=2"],
+                          ["eval.inference_steps=3"])]
+    assert keys[0] is not None and keys[0] == keys[1] != keys[2]
