@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -118,6 +119,9 @@ class Clip:
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise ConfigError("eval.clip.model", path, "is not a CLIP directory that CLIPModel and CLIPProcessor "
                               f"load: {' '.join(str(e).split())[:160]}") from None
+        kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        if kind != "clip":  # CLIPConfig reads another model's config with a warning only
+            raise ConfigError("eval.clip.model", path, f"holds a {kind!r} model, not a CLIP model (model_type 'clip')")
         self.device = torch.device(device)
 
     @torch.no_grad()

@@ -230,13 +230,17 @@ def test_quality_settings_refused_in_one_line(tmp_path):
         assert said in str(e.value) and "\n" not in str(e.value), (overrides, str(e.value))
     from fed_ddp.preflight import check_metrics
 
+    siglip = _tiny_clip(tmp_path / "siglip")  # a CLIP directory whose config says it is another model
+    conf = json.loads((tmp_path / "siglip" / "config.json").read_text())
+    (tmp_path / "siglip" / "config.json").write_text(json.dumps({**conf, "model_type": "siglip"}))
     (tmp_path / "broken-clip").mkdir()
     (tmp_path / "broken-clip" / "config.json").write_text("{}")
     preflight = [([*fid, f"eval.fid.weights={notes}"], "is not a TorchScript archive"),
                  ([*fid, f"eval.fid.weights={pickled}"], "is not a TorchScript archive"),
                  ([*fid, f"eval.fid.weights={flat}"], "the network gave (2, 8, 8) for 2 images, not (2, D) features"),
                  (["eval.metrics=[clip_score]", f"eval.clip.model={tmp_path / 'broken-clip'}"],
-                  "is not a CLIP directory that CLIPModel and CLIPProcessor load")]
+                  "is not a CLIP directory that CLIPModel and CLIPProcessor load"),
+                 (["eval.metrics=[clip_score]", f"eval.clip.model={siglip}"], "holds a 'siglip' model, not a CLIP")]
     for overrides, said in preflight:
         cfg = load_config(TINY, overrides)
         with pytest.raises(ConfigError) as e:
