@@ -578,13 +578,18 @@ class _Planned(FedAvg):
     ({"anneal": "0.5"}, "plan value anneal='0.5': must be a number, finite in fp32"),
 ])
 def test_a_plan_that_misses_a_declared_value_or_adds_one_is_one_line_naming_the_strategy(gives, said):
+    from types import SimpleNamespace
+
+    from fed_ddp.server.loop import Server
+
     strat = _Planned(local_steps=2, lr=0.1)
     strat.gives = gives
+    server = SimpleNamespace(strategy=strat, cfg=SimpleNamespace(fed=SimpleNamespace(strategy="planned")))
     with pytest.raises(ValueError) as e:
-        strat.check_plan("planned", strat.configure_round(4))
+        Server.plan(server, 4)  # what plans every round on the server (and the stop head)
     assert said in str(e.value) and "\n" not in str(e.value)
     strat.gives = {"anneal": 0.5}
-    strat.check_plan("planned", strat.configure_round(4))  # exactly the declared ones: fine
+    assert Server.plan(server, 4).values == {"anneal": 0.5}  # exactly the declared ones: fine
 
 
 def test_body_carries_the_table_and_the_global():
