@@ -119,6 +119,7 @@ class LocalTrainer:
         else:
             eng.begin_round(plan.lr, self.personal_lr)
         params = lora_parameters(self.unet)
+        self.objective.plan = plan  # what the objective may read of the round (plan.values: the strategy's)
         anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else None
         seed = client_round(self.seed, plan.round, self.client_id)
         rng = np.random.default_rng(seed)

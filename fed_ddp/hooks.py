@@ -15,6 +15,7 @@ For one exchange, then for every client of the worker's row, the worker calls
     delta = hook.before_encode(worker, job, delta)      before the codec (the leader rank only)
 
 and keeps ``job.saved`` (tensors under the hook's ``prefix``) in the client's state file, never in its message.
+``job.plan`` is the round's plan as the client received it; ``job.plan.values`` the strategy's plan values.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 class ClientJob:
     """One client's round on a worker, as every hook sees it."""
     client: int
-    plan: object  # strategies.RoundPlan
+    plan: object  # strategies.RoundPlan (plan.values: the strategy's plan values for the round)
     state_round: int  # the round whose saved state the client reloads (-1: it has none yet)
     start: torch.Tensor  # the adapter it trains from
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # kept in its state file, by the hooks' prefixes

@@ -5,6 +5,8 @@ micro-batch gives (latents, conditioning, noise, timesteps, and a generator of i
 seeded per client and round apart from the batches' stream: ``seeds.client_objective``) and returns (the loss, its metrics). The names in ``metrics`` are reported per client: the mean over the
 round's steps travels up in the client's message (fp32, a fixed slot per name: sizes still follow from the
 config) and appears per client in the round's record. ``families`` lists where it is defined (None: every one).
+While a client trains, ``self.plan`` is the round's ``RoundPlan``: ``self.plan.values`` holds the numbers the
+strategy sends every client (its ``plan_values``).
 
 Built-ins, as diffusers' training scripts define them:
 
@@ -56,6 +58,7 @@ class Context:
 class Objective:
     families: tuple[str, ...] | None = None  # model.family values it is defined for (None: every family)
     metrics: tuple[str, ...] = ()  # per-client numbers it reports (the mean over the round's steps)
+    plan = None  # the round's strategies.RoundPlan while a client trains (plan.values: the strategy's plan values)
 
     def __init__(self, train_cfg):
         self.cfg = train_cfg

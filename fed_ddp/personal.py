@@ -108,7 +108,8 @@ def finetune_adapters(server, global_flat: torch.Tensor) -> dict[int, torch.Tens
         else None
     engine = TorchEngine(denoiser(pipe), cfg.train)
     plan = RoundPlan(round=cfg.fed.rounds + 1, local_steps=cfg.personal.steps or cfg.fed.local_steps,
-                     lr=cfg.personal.lr if cfg.personal.lr is not None else cfg.train.lr)
+                     lr=cfg.personal.lr if cfg.personal.lr is not None else cfg.train.lr,
+                     values=server.plan(cfg.fed.rounds + 1).values)  # the strategy's plan values, as every round
     out = {}
     for c, data in enumerate(server.data.clients):
         t = LocalTrainer(pipe, server.scheduler, data, cfg.train, cfg.run.seed, replay, cfg.data.replay_fraction,

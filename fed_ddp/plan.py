@@ -34,7 +34,7 @@ from fed_ddp.diffusion.meta import (  # noqa: F401  (re-exported: plan's callers
     read_denoiser,
     unet_config,
 )
-from fed_ddp.protocol import HEAD_BYTES, PLAN_BYTES, UP_TAIL_BYTES, ControlWire, wire_for
+from fed_ddp.protocol import ControlWire, wire_for
 
 
 # -- the plan ---------------------------------------------------------------------------------------------
@@ -100,9 +100,9 @@ def make_plan(cfg: RunConfig, comm: CommConfig, denoiser: str | None = None) -> 
     slots = math.ceil(m / f.num_workers)
     gather_up = (f.num_workers * slots if comm.gather == "gather" else m) * w.up_nbytes
     return Plan(source, base, w.num_params, len(layout), f.rounds, f.num_clients,
-                Direction(w.up, w.up.wire_bytes, w.up_tail), Direction(w.down, w.down.wire_bytes, PLAN_BYTES),
+                Direction(w.up, w.up.wire_bytes, w.up_tail), Direction(w.down, w.down.wire_bytes, w.plan_bytes),
                 per_round=m, workers=f.num_workers, sampling=f.sampling, state_bytes=state_bytes,
-                client_cache=f.client_cache, cluster_down=f.num_workers * (HEAD_BYTES + w.body_nbytes(slots)),
+                client_cache=f.client_cache, cluster_down=f.num_workers * (w.head_nbytes + w.body_nbytes(slots)),
                 cluster_up=round(gather_up), method=cfg.train.method, family=family, denoiser=type(model).__name__)
 
 
@@ -160,7 +160,7 @@ def format_plan(p: Plan, comm: CommConfig) -> str:
     lines += _population_lines(p)
     lines += [
         "",
-        (f"metadata includes the protocol's fields ({UP_TAIL_BYTES} B up, {PLAN_BYTES} B down). "
+        (f"metadata includes the protocol's fields ({p.up.header} B up, {p.down.header} B down). "
          "'vs' columns: how many times fewer bytes than dense fp32."),
 ("Sizes are known to both ends from the round's table, so no size travels; with comm.gather=gather the "
          "uplink pads every worker to the fullest one, with p2p it moves exactly the messages."),

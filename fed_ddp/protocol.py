@@ -4,6 +4,7 @@ Downlink (server -> every worker, two broadcasts)::
 
     head = [kind, round, local_steps, lr, proximal_mu, slots] (fp32; kind: ROUND, STOP, or one of secure
            aggregation's steps, whose bodies ``fed_ddp.privacy.masked`` defines)
+           + the strategy's plan values (fp32, one per name in its ``plan_values``, in that order)
     body = assignment table int32 [workers x slots x 2]: (client id, round of the client's saved state;
            -1 = empty slot / no state yet) + [clip, client noise std] (fp32, only when privacy clipping is
            on) + downlink-chain message
@@ -16,15 +17,16 @@ Uplink (worker w -> server, one gather): worker w's clients' messages, one after
 The state round tells the worker exactly which state file the client must continue from (the server
 knows when each client last played), so a missing file is an error, never a silent fresh start, and a
 file left by an interrupted round is never picked up. Every size is a function of the config, the
-adapter layout and the head only, never of the data: the
-body's size follows from ``slots``, and worker w's uplink is exactly (clients in its row) x
+adapter layout and the head only, never of the data: the head's size follows from the strategy's
+``plan_values`` (``fed.strategy``, looked up on both ends), the body's from ``slots``, and worker w's uplink is
+exactly (clients in its row) x
 ``up_nbytes`` (with ``lora.client_ranks``: the sum of its clients' ``up_nbytes_of``, which follow each
 client's rank), so both ends know every buffer's length before anything moves and no size travels.
 Counts travel as fp32, exact up to 2**24 (16.7 M examples per client).
 
 Byte accounting (``Wire``): per client and round, ``down_bytes`` = what a client needs over the air
-(the plan fields + the global adapter) and ``up_bytes`` = one client's message; payload = the codec's
-values, metadata = the codec's scales, indices and seeds plus the protocol's fields. The assignment
+(the plan fields and the strategy's plan values + the global adapter) and ``up_bytes`` = one client's message;
+payload = the codec's values, metadata = the codec's scales, indices and seeds plus the protocol's fields. The assignment
 table is cluster traffic only (a phone does not need to know who else plays).
 """
 
@@ -40,11 +42,12 @@ from fed_ddp.lora_ranks import SubLayout, client_rank
 from fed_ddp.seeds import client_codec
 from fed_ddp.strategies import ClientUpdate, RoundPlan
 from fed_ddp.strategies.scaffold import control_layout
+from fed_ddp.strategies.updates import PLAN_FIELDS
 
-HEAD_FIELDS = ("kind", "round", "local_steps", "lr", "proximal_mu", "slots")
+HEAD_FIELDS = ("kind", *PLAN_FIELDS, "slots")  # then the strategy's plan values (Wire.head_nbytes)
 ROUND, STOP = 0, 1  # head kinds; secure aggregation adds its steps (fed_ddp.privacy.masked: 2..5)
-HEAD_BYTES = 4 * len(HEAD_FIELDS)
-PLAN_BYTES = 4 * 5  # the plan fields a client needs (all but slots)
+HEAD_BYTES = 4 * len(HEAD_FIELDS)  # the head of a strategy without plan values
+PLAN_BYTES = 4 * 5  # the plan fields a client needs (all but slots), before the strategy's plan values
 UP_FIELDS = ("num_examples", "train_loss", "train_seconds", "client_seconds")
 UP_TAIL_BYTES = 4 + 4 * len(UP_FIELDS)  # int32 client id + fp32 fields
 
@@ -77,13 +80,17 @@ class Wire:
     """Packs and unpacks the round's buffers with the configured codec chains.
 
     ``layout`` is the adapter's (name, shape) list in flat-vector order (``compression.layout_of``);
-    ``workers`` the number of rows of the assignment table. ``client_ranks`` (``lora.client_ranks``; empty:
+    ``workers`` the number of rows of the assignment table; ``plan_values`` the strategy's (``Strategy.plan_values``),
+    sent after the head's own fields. ``client_ranks`` (``lora.client_ranks``; empty:
     every client sends the whole adapter): client c sends only its rank's sub-layout
     (``fed_ddp.lora_ranks``) through an uplink chain of its own size, so message sizes are per client.
     """
 
     def __init__(self, comm, layout, workers: int = 1, privacy_fields: bool = False, client_ranks=(),
-                 up_metrics=()):
+                 up_metrics=(), plan_values=()):
+        self.plan_values = tuple(plan_values)
+        self.head_nbytes = HEAD_BYTES + 4 * len(self.plan_values)
+        self.plan_bytes = PLAN_BYTES + 4 * len(self.plan_values)  # what of the head one client needs
         # the uplink's protocol fields: UP_FIELDS, then the objective's per-client metrics (one fp32 slot each)
         self.up_fields = UP_FIELDS + tuple(up_metrics)
         self.up_tail = 4 + 4 * len(self.up_fields)
@@ -98,7 +105,7 @@ class Wire:
         self.up_bytes = self.up.wire_bytes + ByteCount(0, self.up_tail)  # one client's message
         # privacy (clipping on): the round's clip and the std of the noise each client adds travel in the body
         self.fields_bytes = 8 if privacy_fields else 0
-        self.down_bytes = self.down.wire_bytes + ByteCount(0, PLAN_BYTES + self.fields_bytes)  # what one client receives
+        self.down_bytes = self.down.wire_bytes + ByteCount(0, self.plan_bytes + self.fields_bytes)  # one client's
         self.up_nbytes = self.up_bytes.total
         self.down_msg_nbytes = self.down.wire_bytes.total
         probe = ChainState()
@@ -107,13 +114,15 @@ class Wire:
 
     # -- server -> workers ------------------------------------------------------------------------
     def pack_head(self, plan: RoundPlan, slots: int, stop: bool = False, kind: int = ROUND) -> torch.Tensor:
+        """``plan.values`` must hold every name in ``plan_values`` (the server checks: ``Strategy.check_plan``)."""
         return _f32_bytes([float(STOP if stop else kind), plan.round, plan.local_steps, plan.lr, plan.proximal_mu,
-                           slots])
+                           slots, *(float(plan.values[k]) for k in self.plan_values)])
 
     def unpack_head(self, buf: torch.Tensor) -> Head:
-        self._check(buf, HEAD_BYTES, "downlink head")
-        kind, rnd, steps, lr, mu, slots = _f32(buf)
-        return Head(int(kind), RoundPlan(int(rnd), int(steps), float(lr), float(mu)), int(slots))
+        self._check(buf, self.head_nbytes, "downlink head")
+        kind, rnd, steps, lr, mu, slots, *values = _f32(buf)
+        plan = RoundPlan(int(rnd), int(steps), float(lr), float(mu), dict(zip(self.plan_values, values)))
+        return Head(int(kind), plan, int(slots))
 
     def body_nbytes(self, slots: int) -> int:
         return 8 * self.workers * slots + self.fields_bytes + self.down_msg_nbytes
@@ -245,16 +254,17 @@ class Wire:
 def wire_for(cfg, layout, workers: int, comm=None) -> Wire:
     """The wire a run of ``cfg`` uses (``comm``: its codec section, ``cfg.comm`` by default): scaffold's
     ``ControlWire`` (the control variates travel with the adapter), else the plain one with the privacy fields
-    and per-client ranks the config asks for."""
+    and per-client ranks the config asks for; either with the strategy's plan values in the head."""
     from fed_ddp.objectives import lookup as objective
     from fed_ddp.strategies import lookup
 
     comm = cfg.comm if comm is None else comm
     metrics = objective(cfg.train.objective).metrics  # each client's objective metrics travel with its message
-    if lookup(cfg.fed.strategy).controls:
-        return ControlWire(comm, layout, workers, up_metrics=metrics)
+    strategy = lookup(cfg.fed.strategy)
+    if strategy.controls:
+        return ControlWire(comm, layout, workers, up_metrics=metrics, plan_values=strategy.plan_values)
     return Wire(comm, layout, workers, privacy_fields=cfg.privacy.clips, client_ranks=cfg.lora.client_ranks,
-                up_metrics=metrics)
+                up_metrics=metrics, plan_values=strategy.plan_values)
 
 
 class ControlWire(Wire):
@@ -263,8 +273,8 @@ class ControlWire(Wire):
     The codec chains (and so every byte count) cover both halves; ``layout`` and ``num_params`` stay the
     adapter's, and clients keep state every round they play (their c_i)."""
 
-    def __init__(self, comm, layout, workers: int = 1, up_metrics=()):
-        super().__init__(comm, control_layout(layout), workers, up_metrics=up_metrics)
+    def __init__(self, comm, layout, workers: int = 1, up_metrics=(), plan_values=()):
+        super().__init__(comm, control_layout(layout), workers, up_metrics=up_metrics, plan_values=plan_values)
         self.layout = list(layout)
         self.num_params = self.up.numel // 2
         self.keeps_state = True

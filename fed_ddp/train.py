@@ -36,7 +36,7 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     from fed_ddp.diffusion.lora import prepare_trainable
     from fed_ddp.diffusion.models import base_path, load_pipeline, quiet_libraries, training_scheduler
     from fed_ddp.engines import TorchEngine, build_engine
-    from fed_ddp.protocol import HEAD_BYTES, wire_for
+    from fed_ddp.protocol import wire_for
     from fed_ddp.transport import CollectiveTransport
 
     quiet_libraries()
@@ -73,12 +73,12 @@ def run_rank(cfg: RunConfig, topo: Topology, device: torch.device) -> dict | Non
     worker = Worker(wid, cfg, pipe, scheduler, data, wire, engine=engine, replay=replay, leader=topo.is_leader,
                     rank_in_client=topo.rank_in_client, ranks_per_client=topo.ranks_per_client)
     if topo.is_leader:
-        transport.serve(HEAD_BYTES, worker.body_nbytes, worker.handle)
+        transport.serve(wire.head_nbytes, worker.body_nbytes, worker.handle)
         log = logging.getLogger("fed_ddp")
         log.info("played %d client rounds, encoded %d clients' data, read %d client states",
                  worker.played, worker.encoded, worker.store.reads)
     else:
-        transport.follow(HEAD_BYTES, worker.body_nbytes, worker.handle)
+        transport.follow(wire.head_nbytes, worker.body_nbytes, worker.handle)
     return None
 
 

@@ -21,6 +21,7 @@ BETA, SERVER_LR = 0.5, 0.8
 EXAMPLE = ROOT / "examples" / "fedema.py"  # the shipped examples, as a user names them
 PROBES, RECORDER = ROOT / "examples" / "probes.py", ROOT / "tests" / "recorder_callback.py"
 SAMPLER = ROOT / "examples" / "round_robin.py"  # 4 clients, 2 a round in turn: {0, 1}, then {2, 3}
+ANNEAL = ROOT / "examples" / "annealed_offset.py"  # a strategy's plan value, used by the clients' objective
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,44 @@ def test_a_plugin_that_takes_a_built_in_name_and_a_strategy_setting_of_the_wrong
     with pytest.raises(ConfigError, match=r"fed.strategy_args.beta='high': must be a float \(fed.strategy=fedema2's "
                                           r"default is 0.9\)"):
         load_config(TINY, [f"run.plugins=[{own}]", "fed.strategy=fedema2", "fed.strategy_args.beta=high"])
+
+
+def test_a_strategys_plan_values_reach_every_client_over_gloo_ranks(tiny_base, tmp_path):
+    """examples/annealed_offset.py through fed-ddp run (1 server + 2 gloo workers, 2 rounds): the objective of
+    every client reports the strength it trained with, which in every round is the strategy's schedule
+    start x (R - t + 1) / R as fp32; the value adds 4 B to every head and to every client's downlink."""
+    start, rounds = 0.3, 2
+    proc = run_cli("run", TINY, f"model.pretrained={tiny_base}", f"run.output_dir={tmp_path}", "run.name=anneal",
+                   f"run.plugins=[{ANNEAL}]", "fed.strategy=annealed_offset", "train.objective=annealed_offset",
+                   f"fed.strategy_args.start={start}", "fed.workers=2", "eval.images_per_prompt=2",
+                   "eval.inference_steps=2", "eval.sample_seeds=[0]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "anneal" / "metrics.jsonl").read_text().splitlines()][1:]
+    p = json.loads((tmp_path / "anneal" / "summary.json").read_text())["lora_parameters"]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        want = float(np.float32(start * (rounds - r["round"] + 1) / rounds))
+        assert r["clients"]["sampled"] == [0, 1] and r["noise_offset"] == {"0": want, "1": want}
+        down = r["comm"]["air"]["down"]  # 2 clients: the adapter (dense fp32) + 5 plan fields + the value
+        assert (down["messages"], down["payload"], down["metadata"]) == (2, 2 * 4 * p, 2 * 4 * (5 + 1))
+        assert r["bytes_down"] == 2 * (4 * (6 + 1) + 8 * 2 * 1 + 4 * p)  # 2 workers: head + table + adapter
+
+
+@pytest.mark.parametrize(("declared", "said"), [
+    ('("noise offset",)', "plan value 'noise offset' is not an identifier"),
+    ('("anneal", "anneal")', "plan value 'anneal' is declared twice"),
+    ('("lr",)', "plan value 'lr' is a field of every plan"),
+    ('"anneal"', "plan_values='anneal' is not a tuple of names"),
+])
+def test_a_strategy_that_declares_bad_plan_values_is_one_line_at_config_load(tmp_path, declared, said):
+    from fed_ddp.config import ConfigError, load_config
+
+    own = tmp_path / "planned.py"
+    own.write_text(f"from fed_ddp.strategies import FedAvg\n\n\nclass Planned(FedAvg):\n    plan_values = {declared}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [f"fed.strategy={own}:Planned"])
+    assert str(e.value) == (f"fed.strategy='{own}:Planned': {said}: plan_values takes distinct identifiers other "
+                            "than kind, round, local_steps, lr, proximal_mu, slots, values")
 
 
 def test_a_callback_that_raises_stops_the_run_naming_itself_and_the_round(tiny_base, tmp_path):

@@ -178,6 +178,8 @@ CHECKS: dict[str | re.Pattern, Check] = {
     "fed-ddp run configs/quickstart.yaml run.callbacks=[examples/probes.py:DeltaNorm]": LAUNCH,
     'fed-ddp run configs/quickstart.yaml train.objective=prior "train.prior_prompts=[a handwritten digit zero,a '
     'handwritten digit three]"': LAUNCH,
+    "fed-ddp run configs/quickstart.yaml run.plugins=[examples/annealed_offset.py] fed.strategy=annealed_offset "
+    "train.objective=annealed_offset": LAUNCH,
     "fed-ddp new strategy my_lab/fedlion.py": EXEC,  # writes into the test's checkout of the repository
     "fed-ddp run configs/population.yaml lora.client_ranks=[2,4,8]": LAUNCH,
     "fed-ddp run configs/quickstart.yaml personal.mode=split": LAUNCH,

@@ -528,6 +528,70 @@ def test_head_round_trip(stop):
     assert h.plan.proximal_mu == pytest.approx(0.01, rel=1e-7)
 
 
+def test_plan_values_travel_after_the_head_fields_and_count_in_every_clients_down_bytes():
+    """A strategy's plan values: fp32 after the six head fields, in ``plan_values`` order, whatever order the plan
+    holds them in; 4 B each in the head and in every client's down_bytes (metadata: protocol fields)."""
+    wire = Wire(CommSection(), [("w", (P,))], workers=3, plan_values=("anneal", "scale"))
+    plan = RoundPlan(round=3, local_steps=5, lr=0.01, values={"scale": -2.5, "anneal": 0.1})
+    head = wire.pack_head(plan, slots=2)
+    assert head.numel() == wire.head_nbytes == 4 * (6 + 2)
+    fields = np.frombuffer(head.numpy().tobytes(), dtype=np.float32)  # decoded apart from fed_ddp
+    np.testing.assert_array_equal(fields, np.array([0, 3, 5, 0.01, 0, 2, 0.1, -2.5], dtype=np.float32))
+    got = wire.unpack_head(head)
+    assert got.plan.values == {"anneal": float(np.float32(0.1)), "scale": -2.5} and got.slots == 2
+    assert (got.plan.round, got.plan.local_steps) == (3, 5)
+    assert wire.down_bytes.payload == DENSE.down_bytes.payload == 4 * P
+    assert wire.down_bytes.metadata == DENSE.down_bytes.metadata + 8 == 4 * (5 + 2)
+    with pytest.raises(ValueError, match=f"downlink head buffer: expected {4 * 8} uint8 bytes"):
+        wire.unpack_head(DENSE.pack_head(plan, slots=2))  # a head without them is refused, never misread
+    assert DENSE.unpack_head(DENSE.pack_head(plan, slots=2)).plan.values == {}  # a wire without: none travel
+
+
+def test_every_built_in_declares_no_plan_values_and_the_reserved_names_cover_the_head():
+    from fed_ddp.protocol import HEAD_FIELDS
+    from fed_ddp.strategies import Strategy
+
+    assert set(HEAD_FIELDS) | {"values"} == set(Strategy.RESERVED)
+    for name in ("fedavg", "fedprox", "fedadam", "fedavgm", "fedadagrad", "fedyogi", "ffa_lora", "flexlora",
+                 "scaffold"):
+        assert REGISTRY[name].plan_values == ()
+        REGISTRY[name].check_plan_values(name)
+
+
+class _Planned(FedAvg):
+    plan_values = ("anneal",)
+    gives: dict[str, object]  # what configure_round puts in the plan's values
+
+    def configure_round(self, rnd):
+        plan = super().configure_round(rnd)
+        plan.values.update(self.gives)
+        return plan
+
+
+@pytest.mark.parametrize(("gives", "said"), [
+    ({}, "fed.strategy=planned: configure_round(4) gave no plan value 'anneal' (its plan_values: anneal)"),
+    ({"anneal": 1.0, "other": 2.0}, ("fed.strategy=planned: configure_round(4) gave plan value 'other', which "
+                                     "it does not declare (its plan_values: anneal)")),
+    ({"anneal": float("nan")}, ("fed.strategy=planned: configure_round(4) gave plan value anneal=nan: must be a "
+                                "number, finite in fp32")),
+    ({"anneal": 1e39}, "plan value anneal=1e+39: must be a number, finite in fp32"),  # inf once in fp32
+    ({"anneal": "0.5"}, "plan value anneal='0.5': must be a number, finite in fp32"),
+])
+def test_a_plan_that_misses_a_declared_value_or_adds_one_is_one_line_naming_the_strategy(gives, said):
+    from types import SimpleNamespace
+
+    from fed_ddp.server.loop import Server
+
+    strat = _Planned(local_steps=2, lr=0.1)
+    strat.gives = gives
+    server = SimpleNamespace(strategy=strat, cfg=SimpleNamespace(fed=SimpleNamespace(strategy="planned")))
+    with pytest.raises(ValueError) as e:
+        Server.plan(server, 4)  # what plans every round on the server (and the stop head)
+    assert said in str(e.value) and "\n" not in str(e.value)
+    strat.gives = {"anneal": 0.5}
+    assert Server.plan(server, 4).values == {"anneal": 0.5}  # exactly the declared ones: fine
+
+
 def test_body_carries_the_table_and_the_global():
     g = _global(3)
     table = [[4, 9], [], [1000000]]

@@ -221,6 +221,7 @@ class FedSection:
         from fed_ddp.strategies import lookup
 
         # the registry itself (no second list); package.module:Name imports and registers it
+        lookup(self.strategy).check_plan_values(self.strategy)
         lookup(self.strategy).check_args(self.strategy, dict(self.strategy_args))
         _positive("fed.server_lr", self.server_lr)
         for k in ("beta1", "beta2", "server_momentum"):

@@ -2,7 +2,7 @@
 same loop runs under torchrun and in one process. A round is a handful of stages, each with its inputs and
 outputs in the open:
 
-    plan    = strategy.configure_round(round)
+    plan    = strategy.configure_round(round)     its plan values checked against its plan_values
     chosen  = select(round, plan)                 who is reachable, sampled, late or fails to report (simulated)
     job     = assign(round, plan, chosen, global) the table (balanced) and the downlink that carries it
     got     = exchange(job)                       every worker plays its row: one message per client, decoded
@@ -191,7 +191,7 @@ class Server:
             bar.set_postfix(loss=f"{row.train_loss_mean or float('nan'):.4f}",
                             val=f"{row.metrics.get('val_loss', float('nan')):.4f}")
         bar.close()
-        self.transport.stop(self.wire.pack_head(self.strategy.configure_round(cfg.fed.rounds + 1), 0, stop=True))
+        self.transport.stop(self.wire.pack_head(self.plan(cfg.fed.rounds + 1), 0, stop=True))
         return self.finish(global_flat, base_eval, rows)
 
     def _describe(self, num_params: int, start: int) -> None:
@@ -227,7 +227,7 @@ class Server:
         """One round, start to checkpoint: its record and the new global adapter."""
         clock = records.Clock()
         extra = self.callbacks.fire("on_round_start", rnd)
-        plan = self.strategy.configure_round(rnd)
+        plan = self.plan(rnd)
         chosen, sim = self.select(rnd, plan)
         job = self.assign(rnd, plan, chosen, global_flat)
         got = self.exchange_round(plan, job, global_flat)
@@ -264,6 +264,12 @@ class Server:
         return row, global_flat
 
     # -- the stages --------------------------------------------------------------------------------------------
+    def plan(self, rnd: int):
+        """The strategy's plan of round ``rnd``, its values exactly the strategy's ``plan_values``."""
+        plan = self.strategy.configure_round(rnd)
+        self.strategy.check_plan(self.cfg.fed.strategy, plan)
+        return plan
+
     def select(self, rnd: int, plan):
         """The round's clients, and the simulated cell's clocks of the scheduled ones (stragglers are not played)."""
         cfg = self.cfg

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 
 import torch
 
 from fed_ddp.errors import ConfigError
 from fed_ddp.strategies.robust import combine
-from fed_ddp.strategies.updates import ClientUpdate, RoundPlan, weighted_mean
+from fed_ddp.strategies.updates import PLAN_FIELDS, ClientUpdate, RoundPlan, weighted_mean
 
 __all__ = ["ClientUpdate", "RoundPlan", "Strategy", "weighted_mean"]
 
@@ -19,6 +20,10 @@ class Strategy(ABC):
 
     controls = False  # scaffold: control variates travel with the adapter (``protocol.ControlWire``)
     frozen_factors: tuple[str, ...] = ()  # LoRA factors every client keeps frozen (FFA-LoRA: "lora_A"), never sent
+    # names of the numbers configure_round adds to every round's plan (RoundPlan.values), sent to every client as
+    # fp32 after the head's own fields: a client's hooks read them as job.plan.values, its objective self.plan.values
+    plan_values: tuple[str, ...] = ()
+    RESERVED = ("kind", *PLAN_FIELDS, "slots", "values")  # the downlink head's own fields and RoundPlan's
 
     # fed.* keys this strategy's constructor takes (fedadam: beta1, beta2, tau); other keyword parameters of its
     # constructor are its own settings, set by fed.strategy_args.NAME (validated against the constructor)
@@ -63,6 +68,40 @@ class Strategy(ABC):
                 raise ConfigError(key, v, f"must be a {kind.__name__} (fed.strategy={name}'s default is {default!r})")
 
     @classmethod
+    def check_plan_values(cls, name: str) -> None:
+        """One line (at config load) for a ``plan_values`` name that is no identifier, repeats, or is reserved."""
+        values = cls.plan_values
+        allowed = f"plan_values takes distinct identifiers other than {', '.join(cls.RESERVED)}"
+        if not isinstance(values, (tuple, list)):
+            raise ConfigError("fed.strategy", name, f"plan_values={values!r} is not a tuple of names: {allowed}")
+        for i, v in enumerate(values):
+            why = ("is not an identifier" if not (isinstance(v, str) and v.isidentifier()) else
+                   "is declared twice" if v in values[:i] else "is a field of every plan" if v in cls.RESERVED else "")
+            if why:
+                raise ConfigError("fed.strategy", name, f"plan value {v!r} {why}: {allowed}")
+
+    @classmethod
+    def check_plan(cls, name: str, plan: RoundPlan) -> None:
+        """What ``configure_round`` returned must carry exactly the declared ``plan_values``, each a number that
+        is finite in fp32; else a line naming the strategy, the round and the value."""
+        declared = list(cls.plan_values)
+        said = f"(its plan_values: {', '.join(declared) or 'none'})"
+        for k in declared:
+            if k not in plan.values:
+                raise ValueError(f"fed.strategy={name}: configure_round({plan.round}) gave no plan value {k!r} {said}")
+        for k, v in plan.values.items():
+            if k not in declared:
+                raise ValueError(f"fed.strategy={name}: configure_round({plan.round}) gave plan value {k!r}, which "
+                                 f"it does not declare {said}")
+            try:
+                ok = math.isfinite(v) and bool(torch.tensor(float(v), dtype=torch.float32).isfinite())
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"fed.strategy={name}: configure_round({plan.round}) gave plan value {k}={v!r}: "
+                                 "must be a number, finite in fp32")
+
+    @classmethod
     def from_config(cls, fed, train, layout=None, args: dict | None = None) -> Strategy:
         """Built from the config: the common settings, the fed.* keys in ``fed_keys``, the layout if the
         constructor takes one, and ``fed.strategy_args``."""
@@ -94,6 +133,7 @@ class Strategy(ABC):
         return global_state
 
     def configure_round(self, rnd: int) -> RoundPlan:
+        """Round ``rnd``'s plan; a strategy with ``plan_values`` fills ``values`` (every name, every round)."""
         return RoundPlan(round=rnd, local_steps=self.local_steps, lr=self.lr, proximal_mu=self.proximal_mu)
 
     @abstractmethod

@@ -6,15 +6,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+PLAN_FIELDS = ("round", "local_steps", "lr", "proximal_mu")  # every plan's own fields, in the downlink head's order
+
 
 @dataclass
 class RoundPlan:
-    """What the server asks of every client in one round (travels in the downlink header)."""
+    """What the server asks of every client in one round (travels in the downlink header). ``values``: the
+    strategy's own numbers for the round, one per name in its ``plan_values`` (fp32 on the wire)."""
 
     round: int
     local_steps: int
     lr: float
     proximal_mu: float = 0.0
+    values: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
