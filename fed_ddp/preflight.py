@@ -45,9 +45,9 @@ def check_model(cfg) -> list[str]:
     model = meta_denoiser(config, family)
     if cfg.train.method != "lora":
         return []
-    from fed_ddp.diffusion.families import DEFAULT_TARGETS
+    from fed_ddp.diffusion.families import lookup
 
-    targets = list(cfg.lora.targets) or list(DEFAULT_TARGETS[family])
+    targets = list(cfg.lora.targets) or list(lookup(family).default_targets)
     layers = {n: m for n, m in model.named_modules() if type(m).__name__ in LAYERS}
     caps = {t: [_rank_cap(m) for n, m in layers.items() if n == t or n.endswith("." + t)] for t in targets}
     missing = [t for t, hits in caps.items() if not hits]

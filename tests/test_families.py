@@ -1,6 +1,7 @@
 """Model families (SD, SDXL, SD3, Flux) behind one interface: the flow-matching objective against an
 independent computation, the sampler's shift, per-family runs whose exported adapter the family's own
-diffusers pipeline loads to the same image as ``fed-ddp generate``, and the one-line errors."""
+diffusers pipeline loads to the same image as ``fed-ddp generate``, a family of one's own (a plug-in) trained
+and planned through the real paths, and the one-line errors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from conftest import ROOT, run_cli
 from PIL import Image
 
-from fed_ddp.diffusion.families import DEFAULT_TARGETS, denoiser, family_of, get_family
+from fed_ddp.diffusion.families import denoiser, family_of, get_family
 
 PROMPT = "a handwritten digit seven"
 
@@ -103,7 +104,7 @@ def test_family_round_trip_and_default_targets(name, family_base):
     assert fam.name == name and type(pipe).__name__ == fam.pipeline_class_name
     attach_lora(denoiser(pipe), LoraSection(rank=2))  # targets [] = the family's defaults
     hit = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in denoiser(pipe).named_parameters() if ".lora_A." in n}
-    leaf = {t.rsplit(".", 1)[-1] for t in DEFAULT_TARGETS[name]}
+    leaf = {t.rsplit(".", 1)[-1] for t in fam.default_targets}
     assert hit and hit <= leaf
     assert len(lora_parameters(denoiser(pipe))) > 0
 
@@ -131,7 +132,6 @@ def test_family_adapter_loads_in_its_pipeline_like_fed_ddp_generate(name, family
     from safetensors.torch import load_file
 
     from fed_ddp.cli import main
-    from fed_ddp.diffusion.families import PIPELINES
     from fed_ddp.evaluation import generate
     from fed_ddp.images import save_grid
 
@@ -139,7 +139,7 @@ def test_family_adapter_loads_in_its_pipeline_like_fed_ddp_generate(name, family
     ours = tmp_path / "ours.png"
     assert main(["generate", str(final), "--prompt", PROMPT, "--seed", "3", "--steps", "4", "--out", str(ours)]) == 0
 
-    pipe = getattr(diffusers, PIPELINES[name]).from_pretrained(family_base(name))
+    pipe = getattr(diffusers, get_family(name).pipeline_class_name).from_pretrained(family_base(name))
     pipe.set_progress_bar_config(disable=True)
     plain = tmp_path / "plain.png"
     save_grid(generate(pipe, [PROMPT], 3, 4, 1.0)[None], [PROMPT], plain, cell=64)
@@ -205,3 +205,125 @@ def test_batched_accuracy_images_equal_one_call_per_digit(name, family_base):
                    guidance_scale=1.0, output_type="np", **fam.sample_kwargs(pipe)).images
     alone = np.concatenate([generate(pipe, [caption(d)] * 3, 10 + d, 3, 1.0) for d in (4, 7)])
     np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+# -- a family of one's own (run.plugins, package.module:Name) ------------------------------------------------------
+COUNTING = '''
+import torch
+
+from fed_ddp.diffusion.families import SD, register
+
+TRAINING_CALLS = []  # the batch size of each loss call made with gradients (the clients' steps)
+
+
+class Counting(SD):
+    """SD with LoRA on the value and output projections only, counting its loss calls."""
+
+    name = "sd_counting"
+    default_targets = ("to_v", "to_out.0")
+
+    def loss(self, model, scheduler, latents, cond, noise, t):
+        if torch.is_grad_enabled():
+            TRAINING_CALLS.append(len(latents))
+        return super().loss(model, scheduler, latents, cond, noise, t)
+
+
+register("sd_counting", Counting)
+'''
+
+
+def _doc_family() -> str:
+    """The python block of docs/extending.md's "A model family" section, as written."""
+    text = (ROOT / "docs" / "extending.md").read_text().split("## A model family", 1)[1]
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.usefixtures("registries_restored")
+def test_a_plugin_family_trains_with_its_own_targets_and_loss(tiny_base, tmp_path):
+    """A family registered from a file in run.plugins, on the path every rank takes (load_config, load_pipeline
+    with model.family, prepare_trainable, a client's local steps, the export): its default targets are the only
+    ones trained and exported, and every local step calls its loss."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from fed_ddp.client import LocalTrainer
+    from fed_ddp.config import load_config
+    from fed_ddp.data.federated import build_federated_data
+    from fed_ddp.diffusion.lora import export_adapter, get_flat, prepare_trainable
+    from fed_ddp.diffusion.models import load_pipeline, training_scheduler
+    from fed_ddp.strategies import RoundPlan
+
+    plugin = tmp_path / "counting.py"
+    plugin.write_text(COUNTING)
+    cfg = load_config(str(ROOT / "configs" / "tiny_test.yaml"), [
+        f"model.pretrained={tiny_base}", f"run.plugins=[{plugin}]", "model.family=sd_counting"])
+    assert cfg.lora.targets == ["to_v", "to_out.0"]
+    pipe = load_pipeline(str(tiny_base), torch.device("cpu"), cfg.model.revision, cfg.model.family)
+    assert type(family_of(pipe)).__name__ == "Counting"
+    prepare_trainable(denoiser(pipe), cfg)
+    data = build_federated_data(cfg, channels=pipe.vae.config.in_channels)
+    trainer = LocalTrainer(pipe, training_scheduler(pipe), data.clients[0], cfg.train, cfg.run.seed)
+    delta, metrics = trainer.fit(get_flat(denoiser(pipe)), RoundPlan(1, cfg.fed.local_steps, cfg.train.lr))
+    calls = sys.modules[f"fed_ddp_plugin_{plugin.stem}"].TRAINING_CALLS
+    assert calls == [cfg.train.batch_size] * cfg.fed.local_steps  # 3 steps of 8 (configs/tiny_test.yaml)
+    assert np.isfinite(metrics["train_loss"]) and delta.abs().max() > 0
+    keys = load_file(export_adapter(denoiser(pipe), tmp_path / "out"))
+    modules = {k.split(".lora_")[0] for k in keys}
+    assert all(m.endswith((".to_v", ".to_out.0")) for m in modules)
+    assert {m.endswith(".to_v") for m in modules} == {True, False}  # both targets, and only they
+
+
+@pytest.mark.usefixtures("registries_restored")
+def test_the_documented_family_plans_its_targets(tmp_path):
+    """docs/extending.md's example as written, in run.plugins or named ``file.py:Name``: ``fed-ddp plan`` counts
+    LoRA on its two targets of the SD tiny base's UNet (fewer than SD's four), and of SD 1.5's."""
+    from conftest import cli_here
+
+    from fed_ddp.config import load_config
+    from fed_ddp.plan import UNET_CONFIGS, make_plan, meta_denoiser
+
+    doc = tmp_path / "sd_qv.py"
+    doc.write_text(_doc_family())
+    tiny = str(ROOT / "configs" / "tiny_test.yaml")
+    cfg = load_config(tiny, [f"run.plugins=[{doc}]", "model.family=sd_qv"])
+    assert cfg.lora.targets == ["to_q", "to_v"]
+    assert load_config(tiny, [f"model.family={doc}:SDQV"]).lora.targets == ["to_q", "to_v"]
+    ours, sd = make_plan(cfg, cfg.comm), make_plan(load_config(tiny), cfg.comm)
+    unet = get_family("sd").tiny_denoiser()
+    by_hand = sum(4 * (m.in_features + m.out_features) for n, m in unet.named_modules()
+                  if n.endswith((".to_q", ".to_v")))  # rank 4 (lora.rank's default): r * (in + out)
+    assert ours.lora_parameters == by_hand and 0 < by_hand < sd.lora_parameters
+    proc = cli_here("plan", tiny, f"model.family={doc}:SDQV")
+    assert proc.returncode == 0 and f"{by_hand:,} trainable parameters" in proc.stdout, proc.stderr
+    # SD 1.5's published UNet is its own (it recognises the config), by --denoiser or by the hub id's shipped config
+    real = meta_denoiser(json.loads((UNET_CONFIGS / "sd15_unet.json").read_text()), "sd")
+    by_hand = sum(4 * (m.in_features + m.out_features) for n, m in real.named_modules() if n.endswith((".to_q", ".to_v")))
+    proc = cli_here("plan", tiny, f"model.family={doc}:SDQV", "--denoiser", "sd15")
+    assert proc.returncode == 0 and f"{by_hand:,} trainable parameters" in proc.stdout, proc.stderr
+    hub = load_config(tiny, [f"model.family={doc}:SDQV", "model.pretrained=stable-diffusion-v1-5/stable-diffusion-v1-5"])
+    assert make_plan(hub, hub.comm).lora_parameters == by_hand
+
+
+@pytest.mark.usefixtures("registries_restored")
+@pytest.mark.parametrize(("plugin", "family", "said"), [
+    ("", "sd4", "model.family='sd4': must be one of {known} or package.module:Name"),  # the built-ins, and any plug-in
+    ("", "fed_ddp.strategies:FedAvg",
+     "model.family='fed_ddp.strategies:FedAvg': is not a fed_ddp.diffusion.families.sd.SD subclass"),
+    ("from fed_ddp.diffusion.families import SDXL, register\nregister('sd', SDXL)\n", "sd",
+     "does not import: ValueError: family 'sd' is already registered"),
+])
+def test_bad_family_is_one_line(plugin, family, said, tmp_path):
+    from fed_ddp.config import ConfigError, load_config
+    from fed_ddp.diffusion.families import REGISTRY
+
+    extra = []
+    if plugin:
+        (tmp_path / "clash.py").write_text(plugin)
+        extra = [f"run.plugins=[{tmp_path / 'clash.py'}]"]
+    with pytest.raises(ConfigError) as e:
+        load_config(str(ROOT / "configs" / "tiny_test.yaml"), [*extra, f"model.family={family}"])
+    assert said.format(known=sorted(REGISTRY)) in str(e.value) and "\n" not in str(e.value)
+    from fed_ddp.diffusion.families.sd import SD
+
+    assert REGISTRY["sd"] is SD  # a refused registration replaces nothing

@@ -195,18 +195,19 @@ def _lora_count(model, targets, rank) -> int:
 def test_real_size_denoisers_have_the_published_counts_and_lora_sizes(name):
     import json
 
-    from fed_ddp.diffusion.families import DEFAULT_TARGETS, DENOISERS
+    from fed_ddp.diffusion.families import lookup
     from fed_ddp.plan import BUILTIN_DENOISERS, meta_denoiser
 
     family, published = REAL[name]
+    fam = lookup(family)
     fresh = meta_denoiser(json.loads((UNET_CONFIGS / BUILTIN_DENOISERS[name][1]).read_text()), family)
     assert sum(p.numel() for p in fresh.parameters()) == published
     for rank in (4, 16):
-        expected = _lora_count(fresh, DEFAULT_TARGETS[family], rank)
+        expected = _lora_count(fresh, fam.default_targets, rank)
         cfg, comm = load_run_and_comm(TINY, [f"model.family={family}", f"lora.rank={rank}", "lora.targets=[]"])
-        assert cfg.lora.targets == DEFAULT_TARGETS[family]
+        assert cfg.lora.targets == list(fam.default_targets)
         plan = make_plan(cfg, comm, name)
-        assert (plan.family, plan.denoiser) == (family, DENOISERS[family][1])
+        assert (plan.family, plan.denoiser) == (family, fam.denoiser_class_name)
         assert plan.unet_parameters == published
         assert plan.lora_parameters == expected > 0
         assert plan.dense_lora_bytes == plan.up.message.total == 4 * expected  # dense fp32 uplink: 4 B a value

@@ -64,9 +64,9 @@ class RunConfig:
 
     def __post_init__(self):
         if not self.lora.targets:  # the family's defaults, written out so every rank, checkpoint and plan sees them
-            from fed_ddp.diffusion.families import DEFAULT_TARGETS
+            from fed_ddp.diffusion.families import lookup
 
-            self.lora.targets = list(DEFAULT_TARGETS[self.model.family])
+            self.lora.targets = list(lookup(self.model.family).default_targets)
         if self.data.source == "imagefolder" and self.data.client_dirs:
             _check(len(self.data.client_dirs) == self.fed.num_clients, "data.client_dirs",
                    self.data.client_dirs, f"needs one folder per client (fed.num_clients={self.fed.num_clients})")

@@ -71,16 +71,16 @@ class PretrainSection:
 
 @dataclass(kw_only=True)
 class ModelSection:
-    family: str = "sd"  # sd (SD 1.x/2.x), sdxl, sd3, flux: pipeline class, LoRA module, prompt encoding, loss (docs/models.md)
+    family: str = "sd"  # sd (SD 1.x/2.x), sdxl, sd3, flux / package.module:Name: pipeline class, LoRA module, prompt encoding, loss (docs/models.md)
     pretrained: str | None = None  # local diffusers pipeline directory or hub id; null = tiny base
     revision: str | None = None  # hub revision for `pretrained`
     cache_dir: str = "~/.cache/fed_ddp"  # where the built-in tiny base is cached
     tiny: PretrainSection = field(default_factory=PretrainSection)  # built-in base recipe
 
     def __post_init__(self):
-        from fed_ddp.diffusion.families import NAMES, PIPELINES, detect_family
+        from fed_ddp.diffusion.families import REGISTRY, detect_family, lookup, pipeline_class_at, pipeline_classes
 
-        _one_of("model.family", self.family, set(NAMES))
+        fam = lookup(self.family)
         self.cache_dir = os.path.expanduser(self.cache_dir)
         if not self.pretrained:
             return
@@ -91,9 +91,9 @@ class ModelSection:
             _check(p.is_dir() and (p / "model_index.json").exists(), "model.pretrained", self.pretrained,
                    "must be a diffusers pipeline directory (with model_index.json) or a hub id")
             found = detect_family(p)
-            _check(found == self.family, "model.pretrained", self.pretrained,
-                   f"holds a {found} pipeline ({PIPELINES[found]}): set model.family={found}" if found else
-                   f"holds no pipeline fed_ddp trains (model_index.json names none of {sorted(PIPELINES.values())})")
+            _check(pipeline_class_at(p) == fam.pipeline_class_name, "model.pretrained", self.pretrained,
+                   f"holds a {found} pipeline ({REGISTRY[found].pipeline_class_name}): set model.family={found}"
+                   if found else f"holds no pipeline fed_ddp trains (model_index.json names none of {pipeline_classes()})")
 
 
 @dataclass(kw_only=True)

@@ -60,9 +60,9 @@ def attach_lora(unet, cfg: LoraSection, seed: int = 0) -> None:
 
 def targets_of(model, cfg: LoraSection) -> list[str]:
     """``cfg.targets``, or the default targets of the model's family when empty."""
-    from fed_ddp.diffusion.families import DEFAULT_TARGETS, family_of_model
+    from fed_ddp.diffusion.families import family_of_model, lookup
 
-    return list(cfg.targets) or list(DEFAULT_TARGETS[family_of_model(model)])
+    return list(cfg.targets) or list(lookup(family_of_model(model)).default_targets)
 
 
 def attach_personal(unet, cfg: LoraSection, rank: int | None = None) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fed_ddp.diffusion.families import DENOISERS, config_family, get_family
+from fed_ddp.diffusion.families import SD, config_family, denoiser_classes, get_family, lookup
 from fed_ddp.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -48,28 +48,30 @@ def read_denoiser(denoiser: str) -> tuple[dict, str, str]:
     family = config_family(config)
     if family is None:
         raise ConfigError("--denoiser", denoiser, f"{path} holds a {config.get('_class_name')}, not one of "
-                          f"{sorted({cls for _, cls in DENOISERS.values()})}")
+                          f"{denoiser_classes()}")
     return config, str(path), family
 
 
 def denoiser_config(cfg: RunConfig, denoiser: str | None = None) -> tuple[dict | None, str, str]:
     """(denoiser config, where it came from, family); None config = the family's built-in tiny base."""
     family = cfg.model.family
+    fam = lookup(family)
     if denoiser:
         config, source, found = read_denoiser(denoiser)
-        if found != family:  # main() sets model.family from --denoiser: only an explicit override differs
+        # main() sets model.family from --denoiser: only an explicit override differs (a plug-in family may own it)
+        if found != family and not fam.recognises(config):
             raise ConfigError("--denoiser", denoiser, f"is a {found} denoiser, but model.family={family}")
-        return config, source, found
+        return config, source, family
     if not cfg.model.pretrained:
         return None, f"built-in tiny {family} base", family
-    attr, cls = DENOISERS[family]
+    attr, cls = fam.denoiser_attr, fam.denoiser_class_name
     local = Path(cfg.model.pretrained).expanduser() / attr / "config.json"
     if local.is_file():
         return json.loads(local.read_text()), str(local), family
     if cfg.model.pretrained in KNOWN_HUB_IDS:
         name = KNOWN_HUB_IDS[cfg.model.pretrained]
         found, file = BUILTIN_DENOISERS[name]
-        if found != family:
+        if found != family and lookup(found).pipeline_class_name != fam.pipeline_class_name:
             raise ConfigError("model.pretrained", cfg.model.pretrained, f"is a {found} model: set model.family={found}")
         return (json.loads((UNET_CONFIGS / file).read_text()),
                 f"{cfg.model.pretrained} (its {attr} config, shipped as {file})", family)
@@ -95,9 +97,10 @@ def unet_config(cfg: RunConfig, unet: str | None = None) -> tuple[dict | None, s
     return config, source
 
 
-def meta_denoiser(config: dict | None, family: str = "sd") -> torch.nn.Module:
-    """The family's denoiser with the shapes of ``config`` and no weights (``meta`` device); None: its tiny base."""
-    fam = get_family(family)
+def meta_denoiser(config: dict | None, family: str | SD = "sd") -> torch.nn.Module:
+    """The family's (a name or a family object) denoiser with the shapes of ``config`` and no weights (``meta``
+    device); None: its tiny base."""
+    fam = family if isinstance(family, SD) else get_family(family)
     with torch.device("meta"):
         return fam.tiny_denoiser() if config is None else fam.denoiser_class().from_config(config)
 

@@ -7,17 +7,18 @@ run`` calls it too when the cache is empty. Two stages, both from scratch and de
 1. the autoencoder (reconstruction + a small KL term), then its latent scale set to 1 / std;
 2. the UNet and the text encoder jointly, on latents, with a share of empty captions.
 
-The other families (``model.family=sdxl|sd3|flux``) get the same autoencoder recipe (flow families with a
-latent shift, as SD3's and Flux's autoencoders have) and then train their denoiser alone, with the family's
-own loss, on conditioning that their pipeline computes from frozen, randomly initialised text encoders
-(random projections of the words still tell the digits apart; the real families' encoders come pretrained).
-"""
+The other families (``model.family=sdxl|sd3|flux``: their ``tiny_text_encoder`` is false) get the same
+autoencoder recipe (flow families with a latent shift, as SD3's and Flux's autoencoders have) and then train
+their denoiser alone, with the family's own loss, on conditioning that their pipeline computes from frozen,
+randomly initialised text encoders (random projections of the words still tell the digits apart; the real
+families' encoders come pretrained)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -41,7 +42,8 @@ def cache_path(cfg: PretrainSection, cache_dir: str, family: str = "sd") -> Path
     key = json.dumps({"v": RECIPE_VERSION, **asdict(cfg), **({"family": family} if family != "sd" else {})},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / f"tiny-digits{'' if family == 'sd' else '-' + family}-{digest}"
+    tag = "" if family == "sd" else "-" + re.sub(r"[^\w.-]", "_", family)  # a package.module:Name or file.py:Name too
+    return Path(cache_dir).expanduser() / f"tiny-digits{tag}-{digest}"
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
@@ -75,9 +77,9 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
     return err
 
 
-def train_base(unet, text_encoder, tokenizer, scheduler, latents, captions, cfg: PretrainSection, show: bool):
+def train_base(family, unet, text_encoder, tokenizer, scheduler, latents, captions, cfg: PretrainSection, show: bool):
+    """SD's recipe: the UNet and its text encoder together, with the family's loss."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    sd = get_family("sd")
     rng = np.random.default_rng(cfg.seed + 1)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr)
@@ -95,8 +97,8 @@ def train_base(unet, text_encoder, tokenizer, scheduler, latents, captions, cfg:
         drop = torch.from_numpy(rng.random(len(i)) < cfg.empty_caption_fraction)
         batch_ids[drop] = empty
         emb = text_encoder(batch_ids).last_hidden_state
-        noise, t = sd.draw(latents[i], scheduler, gen)
-        loss = sd.loss(unet, scheduler, latents[i], {"embeds": emb}, noise, t)
+        noise, t = family.draw(latents[i], scheduler, gen)
+        loss = family.loss(unet, scheduler, latents[i], {"embeds": emb}, noise, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -108,7 +110,7 @@ def train_base(unet, text_encoder, tokenizer, scheduler, latents, captions, cfg:
 
 
 def train_denoiser(pipe, family, latents, captions, cfg: PretrainSection, show: bool):
-    """The non-SD families: the denoiser alone, on the family's conditioning of frozen text encoders."""
+    """The other families: the denoiser alone, on the family's conditioning of frozen text encoders."""
     from fed_ddp.data.encoded import take
 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -147,8 +149,8 @@ def pretrain_tiny_base(cfg: PretrainSection, out_dir: str | Path, show_progress:
     data = load_digits_dataset()
     data = data.subset(np.flatnonzero(np.isin(data.labels, cfg.digits)))
     fam = get_family(family)
-    if family == "sd":
-        vae, text_encoder, unet = tiny.build_vae(), tiny.build_text_encoder(), tiny.build_unet()
+    if fam.tiny_text_encoder:  # SD's layout and recipe
+        vae, text_encoder, unet = tiny.build_vae(), tiny.build_text_encoder(), fam.tiny_denoiser()
     else:
         vae, pipe = tiny.build_vae(), fam.tiny_pipeline()
     vae_err = train_vae(vae, data.images, cfg.vae_steps, cfg.batch_size, cfg.lr, cfg.seed, show_progress,
@@ -156,9 +158,9 @@ def pretrain_tiny_base(cfg: PretrainSection, out_dir: str | Path, show_progress:
     with torch.no_grad():
         shift = vae.config.get("shift_factor") or 0.0
         latents = (vae.encode(data.images).latent_dist.mean - shift) * vae.config.scaling_factor
-    if family == "sd":
+    if fam.tiny_text_encoder:
         tokenizer, scheduler = tiny.build_tokenizer(), tiny.build_scheduler()
-        loss = train_base(unet, text_encoder, tokenizer, scheduler, latents, data.captions, cfg, show_progress)
+        loss = train_base(fam, unet, text_encoder, tokenizer, scheduler, latents, data.captions, cfg, show_progress)
         pipe = tiny.build_pipeline(unet=unet, vae=vae, text_encoder=text_encoder)
     else:
         pipe.register_modules(vae=vae)

@@ -44,7 +44,7 @@ def unet_step_flops(cfg, unet_config: dict | None, latent_shape: tuple[int, ...]
     from fed_ddp.diffusion.lora import prepare_trainable
     from fed_ddp.diffusion.meta import meta_denoiser
 
-    model = meta_denoiser(unet_config, family.name if family is not None else "sd")
+    model = meta_denoiser(unet_config, family if family is not None else "sd")
     prepare_trainable(model, cfg)
     batch = cfg.train.batch_size * cfg.fed.ranks_per_client * cfg.train.gradient_accumulation_steps
     return count_step_flops(model, batch, latent_shape, embed_shape, cond_shapes, family)

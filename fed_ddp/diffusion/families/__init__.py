@@ -1,16 +1,22 @@
 """Model families: what differs between SD 1.5, SDXL, SD3 and Flux, behind one small interface.
 
-A family knows its diffusers pipeline class, which module carries the LoRA (``unet`` or ``transformer``)
-and its default targets, how prompts become conditioning tensors, the training loss (ε / v prediction
-or flow matching), the sampling arguments, the LoRA export, and how to build a tiny base from configs.
+A family is a class (``SD`` or a subclass) that declares its facts as class attributes: its ``name``, its
+diffusers pipeline class (``pipeline_class_name``), which module carries the LoRA (``denoiser_attr``: ``unet``
+or ``transformer``) and its class (``denoiser_class_name``), its ``default_targets``, and how to recognise its
+denoiser config (``recognises``). Its methods say how prompts become conditioning tensors, the training loss
+(ε / v prediction or flow matching), the sampling arguments, the LoRA export, and how to build a tiny base.
 Everything else (clients, server, codecs, strategies, DeepSpeed, population, privacy) sees only the
 denoiser module and a dict of per-sample conditioning tensors::
 
-    fam = family_of(pipe)               # from the pipeline's class
+    fam = family_of(pipe)               # the family that loaded the pipeline (else: by its class)
     model = fam.denoiser(pipe)          # pipe.unet or pipe.transformer
     cond = fam.encode_prompts(pipe, captions)       # {"embeds": (N, L, D), ...}
     noise, t = fam.draw(latents, scheduler, generator)
     loss = fam.loss(model, scheduler, latents, cond, noise, t)
+
+Families are a registry (``model.family``, a registered name or ``package.module:Name``): the four built-ins
+are registered below as a plug-in registers its own, with ``register`` from a module in ``run.plugins``.
+Nothing here imports diffusers (the launcher's pre-flight reads these classes).
 """
 
 from __future__ import annotations
@@ -18,44 +24,45 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fed_ddp.errors import ConfigError
+from fed_ddp.diffusion.families.flux import Flux
+from fed_ddp.diffusion.families.sd import SD
+from fed_ddp.diffusion.families.sd3 import SD3
+from fed_ddp.diffusion.families.sdxl import SDXL
 
-NAMES = ("sd", "sdxl", "sd3", "flux")
-
-# what each family's pipeline class and denoiser are called (model_index.json `_class_name`, plan, README)
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-DENOISERS = {"sd": ("unet", "UNet2DConditionModel"), "sdxl": ("unet", "UNet2DConditionModel"),
-             "sd3": ("transformer", "SD3Transformer2DModel"), "flux": ("transformer", "FluxTransformer2DModel")}
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-JOINT = ATTENTION + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # MM-DiT: the text stream's projections
-# default LoRA targets (`lora.targets: []`): those of diffusers' LoRA training scripts for each family
-DEFAULT_TARGETS = {"sd": ATTENTION, "sdxl": ATTENTION, "sd3": JOINT,
-                   "flux": JOINT + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]}
+REGISTRY: dict[str, type[SD]] = {}
 
 
-def get_family(name: str):
+def register(name: str, cls: type[SD]) -> None:
+    if name in REGISTRY:
+        raise ValueError(f"family {name!r} is already registered")
+    REGISTRY[name] = cls
+
+
+for _cls in (SD, SDXL, SD3, Flux):
+    register(_cls.name, _cls)
+
+
+def lookup(name: str, key: str = "model.family") -> type[SD]:
+    """The family class of ``model.family`` (a registered name or ``package.module:Name``); one line otherwise."""
+    from fed_ddp.plugins import lookup as find
+
+    return find(REGISTRY, name, key, SD, " or package.module:Name")
+
+
+def get_family(name: str) -> SD:
     """The family object for ``model.family``."""
-    if name not in NAMES:
-        raise ConfigError("model.family", name, f"must be one of {list(NAMES)}")
-    if name == "sd":
-        from fed_ddp.diffusion.families.sd import SD as cls
-    elif name == "sdxl":
-        from fed_ddp.diffusion.families.sdxl import SDXL as cls
-    elif name == "sd3":
-        from fed_ddp.diffusion.families.sd3 import SD3 as cls
-    else:
-        from fed_ddp.diffusion.families.flux import Flux as cls
-    return cls()
+    return lookup(name)()
 
 
-def family_of(pipe):
-    """The family of a loaded diffusers pipeline (by its class)."""
+def family_of(pipe) -> SD:
+    """The family of a diffusers pipeline: the one that loaded it (``SD.load``), else the first registered
+    family of its class (a pipeline built or loaded by diffusers itself)."""
     name = type(pipe).__name__
-    for fam, cls in PIPELINES.items():
-        if cls == name:
-            return get_family(fam)
-    raise ValueError(f"{name}: not a pipeline fed_ddp trains (one of {sorted(PIPELINES.values())})")
+    cls = getattr(pipe, "fed_ddp_family", None) or next(
+        (c for c in REGISTRY.values() if c.pipeline_class_name == name), None)
+    if cls is None:
+        raise ValueError(f"{name}: not a pipeline fed_ddp trains (one of {pipeline_classes()})")
+    return cls()
 
 
 def denoiser(pipe):
@@ -64,13 +71,17 @@ def denoiser(pipe):
     return pipe.transformer if unet is None else unet
 
 
+def pipeline_classes() -> list[str]:
+    return sorted({c.pipeline_class_name for c in REGISTRY.values()})
+
+
+def denoiser_classes() -> list[str]:
+    return sorted({c.denoiser_class_name for c in REGISTRY.values()})
+
+
 def config_family(config: dict) -> str | None:
-    """The family of a denoiser config (its ``_class_name``; an SDXL UNet adds ``text_time`` conditioning,
-    SD and SDXL share one UNet class); None: not a denoiser fed_ddp trains."""
-    cls = config.get("_class_name", "UNet2DConditionModel")
-    if cls == "UNet2DConditionModel":
-        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
-    return next((fam for fam, (_, name) in DENOISERS.items() if name == cls), None)
+    """The first registered family that recognises a denoiser config; None: not a denoiser fed_ddp trains."""
+    return next((name for name, cls in REGISTRY.items() if cls.recognises(config)), None)
 
 
 def family_of_model(model) -> str:
@@ -82,11 +93,16 @@ def family_of_model(model) -> str:
     return family
 
 
-def detect_family(path: str | Path) -> str | None:
-    """The family of a diffusers pipeline directory, from its model_index.json (None: not one we know)."""
+def pipeline_class_at(path: str | Path) -> str | None:
+    """The pipeline class a diffusers pipeline directory names in its model_index.json (None: none readable)."""
     index = Path(path).expanduser() / "model_index.json"
     try:
-        cls = json.loads(index.read_text()).get("_class_name")
+        return json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError):
         return None
-    return next((fam for fam, name in PIPELINES.items() if name == cls), None)
+
+
+def detect_family(path: str | Path) -> str | None:
+    """The first registered family of a pipeline directory's class (None: not one we know)."""
+    cls = pipeline_class_at(path)
+    return next((name for name, c in REGISTRY.items() if c.pipeline_class_name == cls), None)

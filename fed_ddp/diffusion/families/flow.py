@@ -14,11 +14,17 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from fed_ddp.diffusion.families.sd import SD, to_device
+from fed_ddp.diffusion.families.sd import ATTENTION, SD, to_device
+
+JOINT = (*ATTENTION, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # MM-DiT: the text stream's projections
 
 
 class Flow(SD):
+    denoiser_attr = "transformer"
+    default_targets: ClassVar[tuple[str, ...]] = JOINT
     flow = True
+    tiny_text_encoder = False
+    t5_tokenizer = "tokenizer_3"  # the pipeline's T5 tokenizer (Flux: tokenizer_2)
     weighting = "logit_normal"  # density of u (diffusers' --weighting_scheme)
     packing = 1  # latent channels per transformer input channel (Flux: 2x2 patches, 4)
     load_kwargs: ClassVar[dict] = {}
@@ -72,7 +78,7 @@ class Flow(SD):
 
     def max_sequence_length(self, pipe) -> int:
         """T5 tokens: the pipeline's default, or fewer if the tokenizer is shorter (the tiny base: 8)."""
-        tok = getattr(pipe, "tokenizer_3", None) if self.name == "sd3" else getattr(pipe, "tokenizer_2", None)
+        tok = getattr(pipe, self.t5_tokenizer, None)
         return min(self.default_sequence_length, tok.model_max_length) if tok is not None else self.default_sequence_length
 
     def sample_kwargs(self, pipe) -> dict:

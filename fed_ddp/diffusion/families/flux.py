@@ -3,14 +3,21 @@ guidance embedding, flow matching with a resolution-dependent shift."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from fed_ddp.diffusion.families.flow import Flow
+from fed_ddp.diffusion.families.flow import JOINT, Flow
 from fed_ddp.diffusion.families.sd import model_dtype
 
 
 class Flux(Flow):
     name = "flux"
+    pipeline_class_name = "FluxPipeline"
+    denoiser_class_name = "FluxTransformer2DModel"
+    default_targets: ClassVar[tuple[str, ...]] = (*JOINT, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                                                  "ff_context.net.2")
+    t5_tokenizer = "tokenizer_2"
     weighting = "none"  # uniform u: diffusers' Flux LoRA script default
     packing = 4  # 2x2 latent patches per token
     default_sequence_length = 512

@@ -9,20 +9,27 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from fed_ddp.diffusion.families import DENOISERS, PIPELINES
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
 
 
 class SD:
-    name = "sd"
+    """What a family declares (class attributes, read before anything is built) and does (methods)."""
+
+    name = "sd"  # its model.family name
+    pipeline_class_name = "StableDiffusionPipeline"  # the diffusers pipeline (model_index.json `_class_name`)
+    denoiser_attr = "unet"  # the pipeline's module that carries the LoRA
+    denoiser_class_name = "UNet2DConditionModel"  # its diffusers class (a denoiser config's `_class_name`)
+    # default LoRA targets (`lora.targets: []`): those of diffusers' LoRA training scripts for the family
+    default_targets: ClassVar[tuple[str, ...]] = ATTENTION
     flow = False  # flow matching (SD3, Flux) rather than DDPM timesteps
+    tiny_text_encoder = True  # its tiny base pretrains the (SD-layout) text encoder with the denoiser
 
-    @property
-    def pipeline_class_name(self) -> str:
-        return PIPELINES[self.name]
-
-    @property
-    def denoiser_attr(self) -> str:
-        return DENOISERS[self.name][0]
+    @classmethod
+    def recognises(cls, config: dict) -> bool:
+        """Whether a denoiser config is this family's: its ``_class_name`` (none: a UNet) is the family's denoiser
+        class (SD and SDXL share one UNet class: an SDXL UNet adds ``text_time`` conditioning)."""
+        return (config.get("_class_name", "UNet2DConditionModel") == cls.denoiser_class_name
+                and config.get("addition_embed_type") != "text_time")
 
     def pipeline_class(self):
         import diffusers
@@ -32,7 +39,7 @@ class SD:
     def denoiser_class(self):
         import diffusers
 
-        return getattr(diffusers, DENOISERS[self.name][1])
+        return getattr(diffusers, self.denoiser_class_name)
 
     # -- loading ------------------------------------------------------------------------------------
     load_kwargs: ClassVar[dict] = {"safety_checker": None, "requires_safety_checker": False}
@@ -46,6 +53,7 @@ class SD:
                 m.requires_grad_(False)
                 m.eval()
         pipe.set_progress_bar_config(disable=True)
+        pipe.fed_ddp_family = type(self)  # families.family_of(pipe): the family that loaded it
         return pipe.to(device)
 
     def denoiser(self, pipe):

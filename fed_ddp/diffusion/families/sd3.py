@@ -10,6 +10,8 @@ from fed_ddp.diffusion.families.sd import model_dtype
 
 class SD3(Flow):
     name = "sd3"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    denoiser_class_name = "SD3Transformer2DModel"
     weighting = "logit_normal"  # the SD3 paper's and diffusers' SD3 LoRA script default
     default_sequence_length = 256
 

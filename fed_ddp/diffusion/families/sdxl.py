@@ -12,7 +12,14 @@ from fed_ddp.diffusion.families.sd import SD
 
 class SDXL(SD):
     name = "sdxl"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    tiny_text_encoder = False
     load_kwargs: ClassVar[dict] = {}
+
+    @classmethod
+    def recognises(cls, config: dict) -> bool:
+        return (config.get("_class_name", "UNet2DConditionModel") == cls.denoiser_class_name
+                and config.get("addition_embed_type") == "text_time")
 
     @torch.no_grad()
     def encode_prompts(self, pipe, captions: list[str]) -> dict[str, torch.Tensor]:
