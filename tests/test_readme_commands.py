@@ -195,6 +195,7 @@ CHECKS: dict[str | re.Pattern, Check] = {
     # wireless
     "fed-ddp run configs/wireless.yaml": LAUNCH,
     "fed-ddp run configs/wireless.yaml wireless.deadline_s=20 wireless.scheduler=best_channel": LAUNCH,
+    "fed-ddp run configs/wireless.yaml fed.sampling=age": LAUNCH,
     "fed-ddp run configs/wireless.yaml train.method=full train.lr=1e-3": LAUNCH,
     "fed-ddp plan configs/sd15_lora_deepspeed.yaml --wireless": EXEC,
     "fed-ddp report runs/wireless": EXEC_ON_RUNS,
