@@ -36,10 +36,12 @@ def _dp(c):
     return c.privacy.dp.enabled
 
 
-def _nonlinear(c) -> list[str]:
-    from fed_ddp.compression.registry import REGISTRY, TRANSFORM
+SECAGG_LINEAR = ("fp16", "bf16", "int8", "int4")  # the uplinks secure aggregation re-encodes as masked fixed point
 
-    return [n for n in c.comm.uplink if REGISTRY[n].kind == TRANSFORM]
+
+def _nonlinear(c) -> list[str]:
+    """The uplink's codecs that secure aggregation cannot stand in for (transforms, and a plug-in's encoder)."""
+    return [n for n in c.comm.uplink if n not in SECAGG_LINEAR]
 
 
 def _cell_sampler(c):

@@ -21,6 +21,7 @@ BETA, SERVER_LR = 0.5, 0.8
 EXAMPLE = ROOT / "examples" / "fedema.py"  # the shipped examples, as a user names them
 PROBES, RECORDER = ROOT / "examples" / "probes.py", ROOT / "tests" / "recorder_callback.py"
 SAMPLER = ROOT / "examples" / "round_robin.py"  # 4 clients, 2 a round in turn: {0, 1}, then {2, 3}
+CODEC, BLOCK = ROOT / "examples" / "sign_codec.py", 32  # the uplink: 1-bit signs + a scale per 32 values
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def plugin() -> Path:
 
 def _overrides(base: Path, out: Path, name: str, plugin: Path, *more: str) -> list[str]:
     return [f"model.pretrained={base}", f"run.output_dir={out}", f"run.name={name}",
-            f"run.plugins=[{plugin},{SAMPLER}]", "fed.sampling=round_robin", "fed.num_clients=4",
+            f"run.plugins=[{plugin},{SAMPLER},{CODEC}]", "fed.sampling=round_robin", "fed.num_clients=4",
+            "comm.uplink=[sign]", f"comm.block_size={BLOCK}", "comm.min_numel=0",
             "fed.clients_per_round=2", "fed.strategy=fedema", f"fed.strategy_args.beta={BETA}",
             f"fed.server_lr={SERVER_LR}",
             f"run.callbacks=[{PROBES}:DeltaNorm,{RECORDER}:Recorder]", "eval.images_per_prompt=2", "eval.inference_steps=2",
@@ -75,6 +77,24 @@ def test_a_plugin_strategy_runs_on_every_rank_and_aggregates_as_numpy_does(launc
     final = _adapter(run)
     flat = torch.cat([final[k].flatten() for k in final])  # the adapter the last aggregation returned
     assert flat.numel() == prev_after.numel() and bool(torch.isfinite(flat).all())
+    # the plug-in codec carried every delta: one |value| per block of 32 (dense fp32 has one per value) ...
+    blocks = sum(-(-t.numel() // BLOCK) for t in final.values())
+    for rnd in (1, 2):
+        seen = load_file(probe / f"round_{rnd}.safetensors")
+        for i in range(len(seen["examples"])):
+            assert len(np.unique(np.abs(seen[f"delta_{i}"].numpy()))) <= blocks < flat.numel() / 10
+    # ... and the bytes the run reports are what the codec produced: its payloads, sized by numpy's packbits
+    from fed_ddp.plugins import import_plugin
+    from fed_ddp.protocol import UP_TAIL_BYTES
+
+    sign = import_plugin(str(CODEC)).Sign(BLOCK)
+    made = [sign.encode(torch.randn(t.shape)).bytes for t in final.values()]
+    payload, metadata = sum(b.payload for b in made), sum(b.metadata for b in made)
+    assert payload == sum(np.packbits(np.zeros(t.numel(), bool)).size for t in final.values())
+    assert metadata == 4 * blocks
+    for r in rounds:
+        up = r["comm"]["air"]["up"]
+        assert (up["messages"], up["payload"], up["metadata"]) == (2, 2 * payload, 2 * (metadata + UP_TAIL_BYTES))
 
 
 def test_the_api_both_ways_and_a_resume_give_the_launched_run_bit_for_bit(launched, tiny_base, plugin, tmp_path,
@@ -92,6 +112,43 @@ def test_the_api_both_ways_and_a_resume_give_the_launched_run_bit_for_bit(launch
     assert summary.rounds == 2 and summary.final == json.loads((tmp_path / "api" / "summary.json").read_text())["final"]
     a, b = _adapter(launched[0]), _adapter(tmp_path / "api")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_plugin_codec_encodes_and_decodes_as_numpy_does_and_sends_what_it_counts():
+    """examples/sign_codec.py against numpy (packbits, per-block mean |x|), alone and through a chain's byte
+    buffer (what the wire sends); secure aggregation refuses it in one line."""
+    from fed_ddp.compression import ByteCount, CommConfig, build_chain
+    from fed_ddp.config import ConfigError, load_config
+    from fed_ddp.plugins import import_plugin
+
+    sign = import_plugin(str(CODEC))
+
+    def reference(v: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scales = np.array([np.abs(v[i:i + block]).mean() for i in range(0, v.size, block)], dtype=np.float32)
+        decoded = np.where(v >= 0, 1.0, -1.0) * np.repeat(scales, block)[:v.size]
+        return np.packbits(v >= 0, bitorder="little"), scales, decoded
+
+    gen = torch.Generator().manual_seed(0)
+    for n, block in ((1, 64), (13, 4), (1000, 32), (4096, 64)):
+        x = torch.randn(n, generator=gen)
+        x[::7] = 0.0  # zero is sent as +: decodes to +scale
+        p = sign.Sign(block).encode(x)
+        signs, scales, decoded = reference(x.numpy(), block)
+        np.testing.assert_array_equal(p.fields["signs"].numpy(), signs)
+        np.testing.assert_allclose(p.fields["scales"].numpy(), scales, rtol=1e-6)
+        np.testing.assert_allclose(sign.Sign(block).decode(p).numpy(), decoded, rtol=1e-6)
+        assert p.bytes == ByteCount(-(-n // 8), 4 * -(-n // block))
+    layout = [("a", (8, 33)), ("b", (5,))]
+    chain = build_chain(["sign"], layout, CommConfig(uplink=["sign"], block_size=16, min_numel=0))
+    flat = torch.randn(8 * 33 + 5, generator=gen)
+    buf = chain.encode(flat).to_bytes()
+    assert buf.numel() == chain.wire_bytes.total == (33 + 1) + 4 * (17 + 1)
+    got = chain.decode(chain.from_bytes(buf)).numpy()
+    want = np.concatenate([reference(flat[:264].numpy(), 16)[2], reference(flat[264:].numpy(), 16)[2]])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [f"run.plugins=[{CODEC}]", "comm.uplink=[sign]", "privacy.secagg=true"])
+    assert "comm.uplink=['sign']: sign is not linear" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(("extra", "said"), [

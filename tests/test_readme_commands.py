@@ -173,6 +173,10 @@ CHECKS: dict[str | re.Pattern, Check] = {
     "fed-ddp run configs/quickstart.yaml run.plugins=[examples/fedema.py] fed.strategy=fedema fed.strategy_args.beta=0.5":
         LAUNCH,
     "fed-ddp run configs/quickstart.yaml run.callbacks=[examples/probes.py:DeltaNorm]": LAUNCH,
+    "fed-ddp plan configs/quickstart.yaml run.plugins=[examples/sign_codec.py] comm.uplink=[sign] comm.min_numel=0":
+        EXEC,
+    "fed-ddp run configs/quickstart.yaml run.plugins=[examples/sign_codec.py] comm.uplink=[sign] comm.min_numel=0":
+        LAUNCH,
     "fed-ddp new strategy my_lab/fedlion.py": EXEC,  # writes into the test's checkout of the repository
     "fed-ddp run configs/population.yaml lora.client_ranks=[2,4,8]": LAUNCH,
     "fed-ddp run configs/quickstart.yaml personal.mode=split": LAUNCH,
