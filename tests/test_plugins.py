@@ -47,7 +47,8 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 def launched(tiny_base, plugin, tmp_path_factory):
     """fed-ddp run: 1 server + 2 gloo workers, 2 rounds, the plug-in strategy and the probe named by the config."""
     out, probe = tmp_path_factory.mktemp("plug"), tmp_path_factory.mktemp("probe")
-    proc = run_cli("run", TINY, *_overrides(tiny_base, out, "cli", plugin), env={"RECORDER_DIR": str(probe)})
+    proc = run_cli("run", TINY, *_overrides(tiny_base, out, "cli", plugin), "tracking.wandb.mode=offline",
+                   env={"RECORDER_DIR": str(probe)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "cli", probe
 
@@ -95,6 +96,48 @@ def test_a_plugin_strategy_runs_on_every_rank_and_aggregates_as_numpy_does(launc
     for r in rounds:
         up = r["comm"]["air"]["up"]
         assert (up["messages"], up["payload"], up["metadata"]) == (2, 2 * payload, 2 * (metadata + UP_TAIL_BYTES))
+
+
+def wandb_history(run: Path) -> dict[int, dict]:
+    """The history rows of the run's offline W&B file (``wandb/offline-run-*/run-*.wandb``), by step, read with
+    W&B's own protobuf ``Record``: the file is a LevelDB-style log (a 7-byte header ``:W&B`` 0xBEE1 v0, then
+    32 KiB blocks of chunks: crc32 (4 B), length (2 B), type (1 B: full 1, first 2, middle 3, last 4))."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    (path,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:7] == b":W&B\xe1\xbe\x00", data[:7]
+    pos, block, part, rows = 7, 32768, b"", {}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is zero padding
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a whole record
+            rec = Record()
+            rec.ParseFromString(part)
+            part = b""
+            if rec.WhichOneof("record_type") == "history":
+                row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item}
+                rows[row["_step"]] = row
+    return rows
+
+
+def test_a_callbacks_values_are_in_the_offline_wandb_files(launched):
+    """What the callbacks returned, in W&B's offline run of the launched run too, at every round, equal to
+    metrics.jsonl (the values W&B would upload with `wandb sync`)."""
+    run, _ = launched
+    history = wandb_history(run)
+    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if r["round"] > 0]
+    assert len(rounds) == 2
+    for r in rounds:
+        logged = history[r["round"]]
+        for name in ("step_norm", "relative_step", "updates", "recorded_train_loss"):  # DeltaNorm's, Recorder's
+            assert logged[name] == pytest.approx(r[name], rel=1e-12), name
 
 
 def test_the_api_both_ways_and_a_resume_give_the_launched_run_bit_for_bit(launched, tiny_base, plugin, tmp_path,
