@@ -36,14 +36,18 @@ def _dp(c):
     return c.privacy.dp.enabled
 
 
+SECAGG_LINEAR = ("fp16", "bf16", "int8", "int4")  # the uplinks secure aggregation re-encodes as masked fixed point
+
+
 def _nonlinear(c) -> list[str]:
-    from fed_ddp.compression.registry import REGISTRY, TRANSFORM
+    """The uplink's codecs that secure aggregation cannot stand in for (transforms, and a plug-in's encoder)."""
+    return [n for n in c.comm.uplink if n not in SECAGG_LINEAR]
 
-    return [n for n in c.comm.uplink if REGISTRY[n].kind == TRANSFORM]
 
+def _cell_sampler(c):
+    from fed_ddp.population.sampling import lookup
 
-def _scheduled(c):
-    return c.wireless.enabled and c.wireless.scheduler != "random"
+    return lookup(c.fed.sampling).needs_cell
 
 
 def _ranks(c):
@@ -139,15 +143,12 @@ RULES: list[Rule] = [
          lambda c: f"is larger than the round ({c.fed.expected_round_size:g} clients expected per round): no round "
                    "could be unmasked"),
     # the simulated cell
-    Rule("wireless.scheduler other than random", "no differential privacy", "wireless.scheduler", _scheduled,
-         lambda c: not _dp(c), lambda c: c.wireless.scheduler,
-         lambda c: "differential privacy needs random (Poisson) sampling: a channel- or age-based choice of clients "
-                   "breaks amplification by sampling; use wireless.scheduler=random"),
-    Rule("wireless.scheduler other than random", "fed.sampling=uniform and fed.clients_per_round",
-         "wireless.scheduler", _scheduled,
-         lambda c: c.fed.sampling == "uniform" and c.fed.clients_per_round is not None, lambda c: c.wireless.scheduler,
-         lambda c: "picks fed.clients_per_round clients itself: set fed.sampling=uniform and fed.clients_per_round "
-                   f"(now fed.sampling={c.fed.sampling}, fed.clients_per_round={c.fed.clients_per_round})"),
+    Rule("a sampler of the simulated cell (best_channel, age)", "wireless.enabled", "fed.sampling", _cell_sampler,
+         lambda c: c.wireless.enabled, lambda c: c.fed.sampling,
+         lambda c: "reads the simulated cell's channels: set wireless.enabled=true"),
+    Rule("a sampler of the simulated cell (best_channel, age)", "fed.clients_per_round", "fed.sampling",
+         _cell_sampler, lambda c: c.fed.clients_per_round is not None, lambda c: c.fed.sampling,
+         lambda c: "schedules fed.clients_per_round clients of the cell: set fed.clients_per_round (now null)"),
     Rule("wireless.enabled", "privacy.secagg=false", "wireless.enabled",
          lambda c: c.wireless.enabled, lambda c: not c.privacy.secagg, lambda c: True,
          lambda c: "the wireless simulation does not model secure aggregation's four exchanges yet; set "

@@ -214,6 +214,9 @@ def check(cfg) -> bool:
                 raise UnsafePath(f"{stored_path}: not a mapping of config groups")
             # a key the stored config lacks came with a later version: the run used that key's default
             stored = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(to_dict(RunConfig())), loaded))
+            w = stored["wireless"]  # a run from before best_channel / age were samplers: load_config maps them
+            if w["enabled"] and w["scheduler"] != "random" and stored["fed"]["sampling"] == "uniform":
+                stored["fed"]["sampling"] = w["scheduler"]
         except (OSError, OmegaConfBaseException) as e:
             raise ConfigError("run.resume", True, f"the stored config is damaged ({' '.join(str(e).split())[:200]}); "
                               "a resume needs the run's own config.yaml") from None

@@ -104,11 +104,12 @@ def registries_restored():
     """Plug-ins a test module imports (run.plugins) register names in this process; afterwards the registries,
     the plug-in file cache and sys.modules are as before, so no later test sees them."""
     from fed_ddp import callbacks, objectives, plugins, strategies
+    from fed_ddp.compression import registry as codecs
     from fed_ddp.diffusion import families
     from fed_ddp.population import sampling
 
     saved = [(r, dict(r)) for r in (strategies.REGISTRY, callbacks.REGISTRY, objectives.REGISTRY, sampling.REGISTRY,
-                                    families.REGISTRY)]
+                                    families.REGISTRY, codecs.REGISTRY)]
     files, modules = dict(plugins._files), set(sys.modules)
     yield
     for registry, before in saved:

@@ -22,6 +22,7 @@ EXAMPLE = ROOT / "examples" / "fedema.py"  # the shipped examples, as a user nam
 PROBES, RECORDER = ROOT / "examples" / "probes.py", ROOT / "tests" / "recorder_callback.py"
 SAMPLER = ROOT / "examples" / "round_robin.py"  # 4 clients, 2 a round in turn: {0, 1}, then {2, 3}
 ANNEAL = ROOT / "examples" / "annealed_offset.py"  # a strategy's plan value, used by the clients' objective
+CODEC, BLOCK = ROOT / "examples" / "sign_codec.py", 32  # the uplink: 1-bit signs + a scale per 32 values
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def plugin() -> Path:
 
 def _overrides(base: Path, out: Path, name: str, plugin: Path, *more: str) -> list[str]:
     return [f"model.pretrained={base}", f"run.output_dir={out}", f"run.name={name}",
-            f"run.plugins=[{plugin},{SAMPLER}]", "fed.sampling=round_robin", "fed.num_clients=4",
+            f"run.plugins=[{plugin},{SAMPLER},{CODEC}]", "fed.sampling=round_robin", "fed.num_clients=4",
+            "comm.uplink=[sign]", f"comm.block_size={BLOCK}", "comm.min_numel=0",
             "fed.clients_per_round=2", "fed.strategy=fedema", f"fed.strategy_args.beta={BETA}",
             f"fed.server_lr={SERVER_LR}",
             f"run.callbacks=[{PROBES}:DeltaNorm,{RECORDER}:Recorder]", "eval.images_per_prompt=2", "eval.inference_steps=2",
@@ -46,7 +48,8 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 def launched(tiny_base, plugin, tmp_path_factory):
     """fed-ddp run: 1 server + 2 gloo workers, 2 rounds, the plug-in strategy and the probe named by the config."""
     out, probe = tmp_path_factory.mktemp("plug"), tmp_path_factory.mktemp("probe")
-    proc = run_cli("run", TINY, *_overrides(tiny_base, out, "cli", plugin), env={"RECORDER_DIR": str(probe)})
+    proc = run_cli("run", TINY, *_overrides(tiny_base, out, "cli", plugin), "tracking.wandb.mode=offline",
+                   env={"RECORDER_DIR": str(probe)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "cli", probe
 
@@ -76,6 +79,66 @@ def test_a_plugin_strategy_runs_on_every_rank_and_aggregates_as_numpy_does(launc
     final = _adapter(run)
     flat = torch.cat([final[k].flatten() for k in final])  # the adapter the last aggregation returned
     assert flat.numel() == prev_after.numel() and bool(torch.isfinite(flat).all())
+    # the plug-in codec carried every delta: one |value| per block of 32 (dense fp32 has one per value) ...
+    blocks = sum(-(-t.numel() // BLOCK) for t in final.values())
+    for rnd in (1, 2):
+        seen = load_file(probe / f"round_{rnd}.safetensors")
+        for i in range(len(seen["examples"])):
+            assert len(np.unique(np.abs(seen[f"delta_{i}"].numpy()))) <= blocks < flat.numel() / 10
+    # ... and the bytes the run reports are what the codec produced: its payloads, sized by numpy's packbits
+    from fed_ddp.plugins import import_plugin
+    from fed_ddp.protocol import UP_TAIL_BYTES
+
+    sign = import_plugin(str(CODEC)).Sign(BLOCK)
+    made = [sign.encode(torch.randn(t.shape)).bytes for t in final.values()]
+    payload, metadata = sum(b.payload for b in made), sum(b.metadata for b in made)
+    assert payload == sum(np.packbits(np.zeros(t.numel(), bool)).size for t in final.values())
+    assert metadata == 4 * blocks
+    for r in rounds:
+        up = r["comm"]["air"]["up"]
+        assert (up["messages"], up["payload"], up["metadata"]) == (2, 2 * payload, 2 * (metadata + UP_TAIL_BYTES))
+
+
+def wandb_history(run: Path) -> dict[int, dict]:
+    """The history rows of the run's offline W&B file (``wandb/offline-run-*/run-*.wandb``), by step, read with
+    W&B's own protobuf ``Record``: the file is a LevelDB-style log (a 7-byte header ``:W&B`` 0xBEE1 v0, then
+    32 KiB blocks of chunks: crc32 (4 B), length (2 B), type (1 B: full 1, first 2, middle 3, last 4))."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    (path,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:7] == b":W&B\xe1\xbe\x00", data[:7]
+    pos, block, part, rows = 7, 32768, b"", {}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is zero padding
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a whole record
+            rec = Record()
+            rec.ParseFromString(part)
+            part = b""
+            if rec.WhichOneof("record_type") == "history":
+                row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item}
+                rows[row["_step"]] = row
+    return rows
+
+
+def test_a_callbacks_values_are_in_the_offline_wandb_files(launched):
+    """What the callbacks returned, in W&B's offline run of the launched run too, at every round, equal to
+    metrics.jsonl (the values W&B would upload with `wandb sync`)."""
+    run, _ = launched
+    history = wandb_history(run)
+    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if r["round"] > 0]
+    assert len(rounds) == 2
+    for r in rounds:
+        logged = history[r["round"]]
+        for name in ("step_norm", "relative_step", "updates", "recorded_train_loss"):  # DeltaNorm's, Recorder's
+            assert logged[name] == pytest.approx(r[name], rel=1e-12), name
 
 
 def test_the_api_both_ways_and_a_resume_give_the_launched_run_bit_for_bit(launched, tiny_base, plugin, tmp_path,
@@ -93,6 +156,43 @@ def test_the_api_both_ways_and_a_resume_give_the_launched_run_bit_for_bit(launch
     assert summary.rounds == 2 and summary.final == json.loads((tmp_path / "api" / "summary.json").read_text())["final"]
     a, b = _adapter(launched[0]), _adapter(tmp_path / "api")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_plugin_codec_encodes_and_decodes_as_numpy_does_and_sends_what_it_counts():
+    """examples/sign_codec.py against numpy (packbits, per-block mean |x|), alone and through a chain's byte
+    buffer (what the wire sends); secure aggregation refuses it in one line."""
+    from fed_ddp.compression import ByteCount, CommConfig, build_chain
+    from fed_ddp.config import ConfigError, load_config
+    from fed_ddp.plugins import import_plugin
+
+    sign = import_plugin(str(CODEC))
+
+    def reference(v: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scales = np.array([np.abs(v[i:i + block]).mean() for i in range(0, v.size, block)], dtype=np.float32)
+        decoded = np.where(v >= 0, 1.0, -1.0) * np.repeat(scales, block)[:v.size]
+        return np.packbits(v >= 0, bitorder="little"), scales, decoded
+
+    gen = torch.Generator().manual_seed(0)
+    for n, block in ((1, 64), (13, 4), (1000, 32), (4096, 64)):
+        x = torch.randn(n, generator=gen)
+        x[::7] = 0.0  # zero is sent as +: decodes to +scale
+        p = sign.Sign(block).encode(x)
+        signs, scales, decoded = reference(x.numpy(), block)
+        np.testing.assert_array_equal(p.fields["signs"].numpy(), signs)
+        np.testing.assert_allclose(p.fields["scales"].numpy(), scales, rtol=1e-6)
+        np.testing.assert_allclose(sign.Sign(block).decode(p).numpy(), decoded, rtol=1e-6)
+        assert p.bytes == ByteCount(-(-n // 8), 4 * -(-n // block))
+    layout = [("a", (8, 33)), ("b", (5,))]
+    chain = build_chain(["sign"], layout, CommConfig(uplink=["sign"], block_size=16, min_numel=0))
+    flat = torch.randn(8 * 33 + 5, generator=gen)
+    buf = chain.encode(flat).to_bytes()
+    assert buf.numel() == chain.wire_bytes.total == (33 + 1) + 4 * (17 + 1)
+    got = chain.decode(chain.from_bytes(buf)).numpy()
+    want = np.concatenate([reference(flat[:264].numpy(), 16)[2], reference(flat[264:].numpy(), 16)[2]])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [f"run.plugins=[{CODEC}]", "comm.uplink=[sign]", "privacy.secagg=true"])
+    assert "comm.uplink=['sign']: sign is not linear" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(("extra", "said"), [

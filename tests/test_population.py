@@ -392,7 +392,7 @@ def test_a_user_sampler_is_named_like_a_built_in_and_what_it_returns_is_checked(
     with pytest.raises(ConfigError, match=r"differential privacy needs poisson"):
         load_config(POP_CFG, [f"fed.sampling={spec}", "fed.sample_rate=null", "fed.clients_per_round=10",
                               "privacy.dp.noise_multiplier=1"])
-    with pytest.raises(ConfigError, match=r"fed.sampling='nope': must be one of .*'all', 'poisson', 'round_robin', 'uniform'"):
+    with pytest.raises(ConfigError, match=r"fed.sampling='nope': must be one of .*'age', 'all', 'best_channel', 'poisson', 'round_robin', 'uniform'"):
         load_config(TINY, ["fed.sampling=nope"])  # the plug-in registered its own name too
     assert REGISTRY[spec] is REGISTRY["round_robin"]
 

@@ -180,6 +180,10 @@ CHECKS: dict[str | re.Pattern, Check] = {
     'handwritten digit three]"': LAUNCH,
     "fed-ddp run configs/quickstart.yaml run.plugins=[examples/annealed_offset.py] fed.strategy=annealed_offset "
     "train.objective=annealed_offset": LAUNCH,
+    "fed-ddp plan configs/quickstart.yaml run.plugins=[examples/sign_codec.py] comm.uplink=[sign] comm.min_numel=0":
+        EXEC,
+    "fed-ddp run configs/quickstart.yaml run.plugins=[examples/sign_codec.py] comm.uplink=[sign] comm.min_numel=0":
+        LAUNCH,
     "fed-ddp new strategy my_lab/fedlion.py": EXEC,  # writes into the test's checkout of the repository
     "fed-ddp run configs/population.yaml lora.client_ranks=[2,4,8]": LAUNCH,
     "fed-ddp run configs/quickstart.yaml personal.mode=split": LAUNCH,
@@ -202,6 +206,7 @@ CHECKS: dict[str | re.Pattern, Check] = {
     # wireless
     "fed-ddp run configs/wireless.yaml": LAUNCH,
     "fed-ddp run configs/wireless.yaml wireless.deadline_s=20 wireless.scheduler=best_channel": LAUNCH,
+    "fed-ddp run configs/wireless.yaml fed.sampling=age": LAUNCH,
     "fed-ddp run configs/wireless.yaml train.method=full train.lr=1e-3": LAUNCH,
     "fed-ddp plan configs/sd15_lora_deepspeed.yaml --wireless": EXEC,
     "fed-ddp report runs/wireless": EXEC_ON_RUNS,

@@ -1,8 +1,9 @@
 """What reaches W&B is what metrics.jsonl holds, and offline runs land where ``wandb sync`` finds them.
 
-W&B's offline ``.wandb`` files cannot be read back from Python, so the server loop runs here (the
-study runs of inproc_runs, shared with test_report) with a recording stand-in for the ``wandb`` module
-behind the real ``WandbLogger``; the real library is used for the offline-directory check.
+W&B ships no Python reader of its offline ``.wandb`` files, so the server loop runs here (the study runs of
+inproc_runs, shared with test_report) with a recording stand-in for the ``wandb`` module behind the real
+``WandbLogger``; the real library is used for the offline-directory check, and test_plugins reads a real
+offline file back (its records, with W&B's protobuf) for the callbacks' values of a launched run.
 """
 
 from __future__ import annotations

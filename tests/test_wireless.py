@@ -106,22 +106,30 @@ def test_deadline_drops_exactly_the_clients_whose_time_exceeds_it():
     assert sim.late == want and 0 < len(want) < len(clients)
 
 
-def test_schedulers_best_channel_and_age():
+def test_schedulers_best_channel_and_age_as_registered_samplers():
+    """best_channel and age through the sampler registry (the path a run takes), against the cell's gains and a
+    hand-made schedule; without the cell they say what they need."""
+    from fed_ddp.population.sampling import Context, sample
+
     w = _w()
     cell = Cell.build(w, 30, 5)
     reach = np.arange(0, 30, 2)
-    best = schedule("best_channel", cell, 4, reach, 5, np.full(30, -1))
+    never = np.full(30, -1)
+    best = sample("best_channel", 4, 0, reach, m=5, num_clients=30, context=Context(never, cell))
     g = cell.gains(4)
     assert len(best) == 5 and set(best) <= set(reach)
     assert min(g[best]) > max(g[[c for c in reach if c not in best]])
     last = np.full(30, 3)
-    last[[2, 8, 20]] = -1  # never served
-    last[[4, 6]] = 1  # served longest ago among the rest
-    age = schedule("age", cell, 4, reach, 5, last)
+    last[[2, 8, 20]] = -1  # never sampled
+    last[[4, 6]] = 1  # sampled longest ago among the rest
+    age = sample("age", 4, 0, reach, m=5, num_clients=30, context=Context(last, cell))
     assert set(age) == {2, 8, 20, 4, 6}
-    tied = schedule("age", cell, 4, reach, 3, np.full(30, -1))  # all tied: a seeded draw
-    np.testing.assert_array_equal(tied, schedule("age", cell, 4, reach, 3, np.full(30, -1)))
-    assert not np.array_equal(tied, schedule("age", cell, 5, reach, 3, np.full(30, -1)))
+    assert set(sample("age", 4, 99, reach, m=5, num_clients=30, context=Context(last, cell))) == set(age)  # no rng
+    tied = schedule("age", cell, 4, reach, 3, never)  # all tied: a seeded draw of the cell
+    np.testing.assert_array_equal(tied, schedule("age", cell, 4, reach, 3, never))
+    assert not np.array_equal(tied, schedule("age", cell, 5, reach, 3, never))
+    with pytest.raises(ValueError, match=r"^fed.sampling=best_channel reads the simulated cell: set wireless.enabled"):
+        sample("best_channel", 4, 0, reach, m=5, num_clients=30)
 
 
 class _Mlp(torch.nn.Module):
@@ -175,14 +183,34 @@ def test_bad_wireless_input_is_one_line(override, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_scheduler_needs_uniform_sampling_and_no_dp():
-    with pytest.raises(ConfigError, match="fed.sampling=uniform"):
-        load_config(TINY, ["wireless.enabled=true", "wireless.scheduler=age"])
-    ok = ["wireless.enabled=true", "wireless.scheduler=age", "fed.clients_per_round=2"]
-    load_config(TINY, ok)
-    with pytest.raises(ConfigError, match="amplification by sampling"):
-        load_config(TINY, [*ok, "privacy.dp.noise_multiplier=1.0", "fed.sampling=poisson", "fed.sample_rate=0.5",
-                           "fed.clients_per_round=null"])
+def test_wireless_scheduler_is_the_older_spelling_of_the_sampler():
+    for name in ("best_channel", "age"):
+        for more in ([], ["fed.sampling=uniform"], [f"fed.sampling={name}"]):  # uniform: what it needed before
+            cfg = load_config(TINY, ["wireless.enabled=true", f"wireless.scheduler={name}", "fed.clients_per_round=2",
+                                     *more])
+            assert cfg.fed.sampling == name
+    assert load_config(TINY, ["wireless.scheduler=age"]).fed.sampling == "uniform"  # no cell: ignored, as before
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["wireless.enabled=true", "wireless.scheduler=age", "fed.sampling=weighted",
+                           "fed.clients_per_round=2"])
+    assert str(e.value) == ("wireless.scheduler='age': is the older spelling of fed.sampling=age, which contradicts "
+                            "fed.sampling=weighted: set only fed.sampling")
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["wireless.enabled=true", "wireless.scheduler=age"],
+     "fed.sampling='age': schedules fed.clients_per_round clients of the cell: set fed.clients_per_round (now null)"),
+    (["fed.sampling=best_channel", "fed.clients_per_round=2"],
+     "fed.sampling='best_channel': reads the simulated cell's channels: set wireless.enabled=true"),
+    (["wireless.enabled=true", "fed.sampling=age", "fed.clients_per_round=2", "privacy.dp.noise_multiplier=1.0"],
+     "fed.sampling='age': differential privacy needs poisson"),
+    (["wireless.enabled=true", "wireless.scheduler=best_channel", "fed.clients_per_round=2",
+      "privacy.dp.noise_multiplier=1.0"], "fed.sampling='best_channel': differential privacy needs poisson"),
+])
+def test_the_cell_samplers_need_the_cell_m_and_no_dp(overrides, said):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert str(e.value).startswith(said) and "\n" not in str(e.value)
 
 
 def test_unmeetable_deadline_warns_with_what_the_fastest_device_needs():
@@ -260,6 +288,28 @@ def test_a_run_stored_before_a_config_group_existed_still_resumes(tmp_path):
         check(load_config(TINY, [f"run.output_dir={tmp_path}", "run.resume=true", "wireless.enabled=true"]))
 
 
+def test_a_run_stored_with_the_older_scheduler_spelling_still_resumes(tmp_path):
+    """Runs from before best_channel / age were samplers stored fed.sampling=uniform beside wireless.scheduler=age;
+    load_config now reads that as fed.sampling=age, and the resume check reads the stored config the same way."""
+    from omegaconf import OmegaConf
+
+    from fed_ddp.config import save_config
+    from fed_ddp.rundir import check
+
+    ov = [f"run.output_dir={tmp_path}", "run.resume=true", "wireless.enabled=true", "wireless.scheduler=age",
+          "fed.clients_per_round=1"]
+    cfg = load_config(TINY, ov)
+    save_config(cfg, cfg.run.dir / "config.yaml")
+    (cfg.run.dir / "metrics.jsonl").write_text("")
+    old = OmegaConf.load(cfg.run.dir / "config.yaml")
+    assert old.fed.sampling == "age"
+    old.fed.sampling = "uniform"  # as the older version stored it
+    OmegaConf.save(old, cfg.run.dir / "config.yaml")
+    check(cfg)  # no error
+    with pytest.raises(ConfigError, match=r"fed.sampling \('age' -> 'best_channel'\)"):
+        check(load_config(TINY, [*ov[:3], "wireless.scheduler=best_channel", "fed.clients_per_round=1"]))
+
+
 def _ws(*overrides: str, n: int = 6) -> Wireless:
     cfg = load_config(TINY, ["wireless.enabled=true", f"fed.num_clients={n}", *overrides])
     return Wireless(cfg, step_flops=10 ** 11, up_bytes=300_000, down_bytes=200_000, num_params=75_000)
@@ -291,28 +341,23 @@ def test_latency_and_energy_when_clients_are_late_or_lost():
     assert sim.download_s > 0 and row["sim_latency_s"] == pytest.approx(sim.download_s) and row["sim_energy_j"] == 0
 
 
-def test_age_serves_stragglers_too_and_its_state_survives_a_checkpoint():
-    ws = _ws("wireless.scheduler=age", "fed.clients_per_round=2", "wireless.deadline_s=1e-4")
-    seen = []
-    for rnd in (1, 2, 3):
-        picked = ws.picker(rnd)(np.arange(6))
-        sim = ws.simulate(rnd, list(picked), local_steps=5)
-        assert sim.late == list(picked)  # everyone misses this deadline ...
-        seen.append(set(picked))
-    assert set().union(*seen) == set(range(6))  # ... and still the schedule rotates through all six
-    from fed_ddp.checkpoint import load_state, write_state
+def test_age_serves_stragglers_too_and_a_resume_schedules_the_same(tiny_base, tmp_path):
+    """End to end (the production server loop): a deadline nobody meets, so every sampled client is a straggler
+    and nobody trains; age still rotates through all six (it counts who was sampled, not who reported), and a run
+    resumed after round 2 samples what the uninterrupted run sampled (the server checkpoints last_sampled)."""
+    ov = ["wireless.enabled=true", "wireless.scheduler=age", "fed.num_clients=6", "fed.clients_per_round=2",
+          "wireless.deadline_s=1e-4", "eval.every=10"]
 
-    fresh = _ws("wireless.scheduler=age", "fed.clients_per_round=2", "wireless.deadline_s=1e-4")
-    import tempfile
-    from pathlib import Path
+    def sampled(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["clients"]["sampled"] for r in rows if r["round"] > 0], [r for r in rows if r["round"] > 0]
 
-    with tempfile.TemporaryDirectory() as d:
-        write_state(Path(d) / "s.safetensors", {"wireless": ws.state_dict()})
-        Path(d, "x").mkdir()
-        (Path(d) / "s.safetensors").rename(Path(d, "x", "server_state.safetensors"))
-        fresh.load_state_dict(load_state(Path(d, "x"))["wireless"])
-    np.testing.assert_array_equal(fresh.last_scheduled, ws.last_scheduled)
-    np.testing.assert_array_equal(fresh.picker(4)(np.arange(6)), ws.picker(4)(np.arange(6)))
+    whole, rows = sampled(finished_run(tiny_base, tmp_path, "age", *ov, "fed.rounds=4"))
+    assert all(r["clients"]["late"] == r["clients"]["sampled"] for r in rows)  # everyone misses the deadline ...
+    assert set().union(*map(set, whole[:3])) == set(range(6))  # ... and still the schedule rotates through all six
+    finished_run(tiny_base, tmp_path, "age_resumed", *ov, "fed.rounds=2")
+    resumed, _ = sampled(finished_run(tiny_base, tmp_path, "age_resumed", *ov, "fed.rounds=4", "run.resume=true"))
+    assert resumed == whole
 
 
 def test_under_dp_no_sim_figure_leaves_the_server():

@@ -70,6 +70,12 @@ class RunConfig:
         if self.data.source == "imagefolder" and self.data.client_dirs:
             _check(len(self.data.client_dirs) == self.fed.num_clients, "data.client_dirs",
                    self.data.client_dirs, f"needs one folder per client (fed.num_clients={self.fed.num_clients})")
+        w = self.wireless
+        if w.enabled and w.scheduler != "random":  # the older spelling of fed.sampling=best_channel / age
+            _check(self.fed.sampling in ("uniform", w.scheduler), "wireless.scheduler", w.scheduler,
+                   f"is the older spelling of fed.sampling={w.scheduler}, which contradicts "
+                   f"fed.sampling={self.fed.sampling}: set only fed.sampling")
+            self.fed.sampling = w.scheduler
         check_compat(self)  # every rule across groups: fed_ddp/compat.py, docs/compatibility.md
 
     @property

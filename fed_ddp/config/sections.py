@@ -159,7 +159,7 @@ class FedSection:
     workers: int | None = None  # training ranks (or rank groups) W that play the sampled clients; null = min(N, clients_per_round, 8), and `fed-ddp run` on CPU launches at most one single-thread worker rank per core
     ranks_per_client: int = 1  # ranks per worker, training one client together (data parallel); world = 1 + workers * ranks_per_client
     clients_per_round: int | None = None  # uniform/weighted: m clients per round; null = all N
-    sampling: str = "uniform"  # all / uniform (m without replacement) / poisson (each joins with sample_rate) / weighted (by data size), or package.module:Name (a population.sampling.Sampler)
+    sampling: str = "uniform"  # all / uniform (m without replacement) / poisson (each joins with sample_rate) / weighted (by data size) / best_channel, age (the simulated cell's: docs/wireless.md), or package.module:Name (a population.sampling.Sampler)
     sample_rate: float | None = None  # poisson: probability q that a client joins a round, in (0, 1]
     availability: Any = 1.0  # probability a client is reachable in a round, or a trace file (one 0/1 line per client)
     dropout_rate: float = 0.0  # simulated: probability a sampled client fails to report (seeded)

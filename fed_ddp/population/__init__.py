@@ -9,6 +9,7 @@ their state through a ``ClientStateStore``. Everything here is pure or file-leve
 from fed_ddp.population.assign import WorkerCaches, assign
 from fed_ddp.population.sampling import RoundClients, available, dropouts, read_trace, sample, select_round
 from fed_ddp.population.store import ClientStateStore
+from fed_ddp.wireless import samplers as _cell_samplers  # noqa: F401  (best_channel and age register, as a plug-in does)
 
 __all__ = ["ClientStateStore", "RoundClients", "WorkerCaches", "assign", "available", "dropouts", "read_trace", "sample",
            "select_round"]

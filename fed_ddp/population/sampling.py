@@ -7,29 +7,46 @@
 Samplers (``fed.sampling``, a registered name or ``package.module:Name``): ``all`` (every reachable client),
 ``uniform`` (m without replacement), ``poisson`` (each reachable client joins independently with probability q:
 the round size varies, which is the form privacy accounting needs), ``weighted`` (m without replacement,
-probability proportional to data size). A user's sampler subclasses ``Sampler`` and gets the round, its seeded
-random stream, the reachable ids and the population's public facts (examples per client); what it returns is
-checked (unique ids among the reachable) before the round uses it. Each decision has its own random stream
-(``fed_ddp.seeds``), so changing the dropout rate does not change who is sampled.
+probability proportional to data size), and the simulated cell's ``best_channel`` and ``age``
+(``fed_ddp.wireless.samplers``, registered through ``register`` like a plug-in's when ``fed_ddp.population`` is
+imported). A user's sampler subclasses
+``Sampler`` and gets the round, its seeded random stream, the reachable ids and the population's public facts
+(examples per client), plus ``self.context`` (``Context``: the round each client was last sampled, and the
+simulated cell when ``wireless.enabled``); what it returns is checked (unique ids among the reachable) before the
+round uses it. Each decision has its own random stream (``fed_ddp.seeds``), so changing the dropout rate does not
+change who is sampled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fed_ddp import seeds
 
 
+@dataclass(frozen=True)
+class Context:
+    """What the run knows beside the round's reachable ids, the same for every sampler (``Sampler.context``)."""
+
+    last_sampled: np.ndarray  # per client id: the last round it was sampled in, -1 if never (read-only; checkpointed)
+    cell: Any = None  # the simulated wireless cell (fed_ddp.wireless.Cell: cell.gains(rnd), device classes) when
+    #                   wireless.enabled, else None
+
+
 class Sampler:
     """Chooses the round's clients among the reachable ones. ``uses``: which of ``fed.clients_per_round`` (m) and
     ``fed.sample_rate`` (q) it reads (the config refuses the other one); ``num_clients``, ``m`` and ``q`` are the
-    config's. Differential privacy accepts only ``all`` and ``poisson`` (its accountant assumes their draw)."""
+    config's. ``needs_cell``: it reads ``context.cell`` (the config then needs ``wireless.enabled`` and m).
+    ``context``: set before each ``sample`` call. Differential privacy accepts only ``all`` and ``poisson`` (its
+    accountant assumes their draw)."""
 
     uses: str | None = "clients_per_round"  # "clients_per_round", "sample_rate" or None
+    needs_cell: bool = False
+    context: Context | None = None
 
     def __init__(self, num_clients: int, clients_per_round: int | None = None, sample_rate: float | None = None):
         self.num_clients, self.m, self.q = num_clients, clients_per_round, sample_rate
@@ -89,7 +106,6 @@ def register(name: str, cls: type[Sampler]) -> None:
 
 for _name, _cls in (("all", All), ("uniform", Uniform), ("poisson", Poisson), ("weighted", Weighted)):
     register(_name, _cls)
-MODES = tuple(REGISTRY)  # the built-in names
 
 
 def lookup(name: str, key: str = "fed.sampling") -> type[Sampler]:
@@ -129,13 +145,17 @@ def available(rnd: int, seed: int, num_clients: int, availability: float | np.nd
 
 
 def sample(mode: str, rnd: int, seed: int, candidates: np.ndarray, m: int | None = None, q: float | None = None,
-           sizes: np.ndarray | None = None, num_clients: int | None = None) -> np.ndarray:
+           sizes: np.ndarray | None = None, num_clients: int | None = None,
+           context: Context | None = None) -> np.ndarray:
     """The clients the sampler ``mode`` picks from ``candidates`` (ascending ids), checked. ``sizes``: examples per
-    client id (``weighted``); ``num_clients``: N (default: one past the largest candidate). With fewer candidates
-    than m, uniform and weighted take them all."""
+    client id (``weighted``); ``num_clients``: N (default: one past the largest candidate); ``context``: what the
+    sampler finds in ``self.context`` (None: nobody sampled yet, no cell). With fewer candidates than m, uniform
+    and weighted take them all."""
     candidates = np.asarray(candidates, dtype=np.int64)
     n = num_clients if num_clients is not None else int(candidates.max()) + 1 if len(candidates) else 0
-    ids = lookup(mode)(n, m, q).sample(rnd, seeds.round_rng(seed, rnd, seeds.SAMPLING), candidates, sizes)
+    sampler = lookup(mode)(n, m, q)
+    sampler.context = context if context is not None else Context(np.full(n, -1, dtype=np.int64))
+    ids = sampler.sample(rnd, seeds.round_rng(seed, rnd, seeds.SAMPLING), candidates, sizes)
     return checked(ids, candidates, mode)
 
 
@@ -181,18 +201,14 @@ class RoundClients:
 
 
 def select_round(fed, rnd: int, seed: int, sizes: np.ndarray, trace: np.ndarray | None = None,
-                 sample_seed: int | None = None, pick: Callable[[np.ndarray], np.ndarray] | None = None
-                 ) -> RoundClients:
+                 sample_seed: int | None = None, context: Context | None = None) -> RoundClients:
     """The whole decision of round ``rnd`` from the ``fed`` config section. ``sample_seed``: the sampling
     stream's own seed (differential privacy keeps it secret: amplification by sampling needs an
-    adversary who does not know who was sampled); None = ``seed``. ``pick``: a scheduler that chooses among
-    the reachable clients instead of the sampler (``wireless.scheduler``)."""
+    adversary who does not know who was sampled); None = ``seed``. ``context``: the sampler's ``self.context``."""
     n = fed.num_clients
     reach = available(rnd, seed, n, trace if trace is not None else float(fed.availability))
-    if pick is not None:
-        picked = pick(reach)
-    else:
-        picked = sample(fed.sampling, rnd, seed if sample_seed is None else sample_seed, reach,
-                        m=fed.clients_per_round, q=fed.sample_rate, sizes=sizes, num_clients=fed.num_clients)
+    picked = sample(fed.sampling, rnd, seed if sample_seed is None else sample_seed, reach,
+                    m=fed.clients_per_round, q=fed.sample_rate, sizes=sizes, num_clients=fed.num_clients,
+                    context=context)
     lost = dropouts(rnd, seed, picked, fed.dropout_rate)
     return RoundClients([int(c) for c in picked], [int(c) for c in lost], len(reach))

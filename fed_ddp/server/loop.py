@@ -34,6 +34,7 @@ from fed_ddp.evaluation import Evaluator, cached_base_eval, reference_classifier
 from fed_ddp.files import write_text
 from fed_ddp.lora_names import is_lora_name
 from fed_ddp.population import WorkerCaches, assign, read_trace, select_round
+from fed_ddp.population.sampling import Context
 from fed_ddp.privacy.engine import ServerPrivacy, pack_fields, round_trip
 from fed_ddp.privacy.engine import resolve as resolve_privacy
 from fed_ddp.privacy.masked import MaskedServer
@@ -90,6 +91,9 @@ class Server:
         self.trace = read_trace(a, cfg.fed.num_clients) if isinstance(a, str) else None
         self.evaluate = Evaluator(cfg, pipe, scheduler, data, tracker)
         self.last_played = np.full(cfg.fed.num_clients, -1, dtype=np.int32)  # round each client last played
+        # round each client was last sampled (a sampler's context: age; a straggler cut by the deadline was
+        # sampled too, or the slowest devices would take every round's slots forever)
+        self.last_sampled = np.full(cfg.fed.num_clients, -1, dtype=np.int64)
         self.caches = WorkerCaches(self.workers, cfg.fed.client_cache)  # who still holds whose encoded data
         self.bad_rounds = BadRounds(cfg.fed.max_bad_rounds, self.run_dir)
         self.callbacks = Callbacks(cfg.run.callbacks)  # run.callbacks: user code on this rank (fed_ddp.callbacks)
@@ -131,7 +135,8 @@ class Server:
 
     # -- the resume state: every piece a checkpoint saves beside the adapter, here only ---------------------------
     def state_dict(self) -> dict:
-        return {"last_played": torch.from_numpy(self.last_played.copy()), "norm_ref": self.admit.norm_ref,
+        return {"last_played": torch.from_numpy(self.last_played.copy()),
+                "last_sampled": torch.from_numpy(self.last_sampled.copy()), "norm_ref": self.admit.norm_ref,
                 "privacy": json.dumps(self.privacy.state_dict()) if self.privacy else None,
                 "frozen_lora": self.frozen, **({"wireless": self.wireless.state_dict()} if self.wireless else {})}
 
@@ -145,6 +150,9 @@ class Server:
         self.down_state.step = state["round"]
         if "last_played" in state:
             self.last_played = state["last_played"].numpy().astype(np.int32).copy()
+        sampled = state.get("last_sampled", state.get("wireless", {}).get("last_scheduled"))  # older: the cell's
+        if sampled is not None:
+            self.last_sampled = sampled.numpy().astype(np.int64).copy()
         self.admit.norm_ref = state.get("norm_ref")
         if self.wireless is not None and "wireless" in state:  # simulated time, energy, schedule go on
             self.wireless.load_state_dict(state["wireless"])
@@ -273,9 +281,12 @@ class Server:
     def select(self, rnd: int, plan):
         """The round's clients, and the simulated cell's clocks of the scheduled ones (stragglers are not played)."""
         cfg = self.cfg
+        seen = self.last_sampled.view()
+        seen.flags.writeable = False  # a sampler reads it, never writes it
+        context = Context(seen, self.wireless.cell if self.wireless else None)
         chosen = select_round(cfg.fed, rnd, cfg.run.seed, self.sizes, self.trace,
-                              self.privacy.sample_seed if self.privacy else None,
-                              pick=self.wireless.picker(rnd) if self.wireless else None)
+                              self.privacy.sample_seed if self.privacy else None, context)
+        self.last_sampled[chosen.sampled] = rnd
         sim = None
         if self.wireless is not None:
             sim = self.wireless.simulate(rnd, chosen.sampled, plan.local_steps, chosen.dropped)

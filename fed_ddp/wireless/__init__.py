@@ -5,7 +5,7 @@ of its local steps counted on the real model and batch. Everything it reports is
 ``sim_...``; measured wall time (``seconds``) is never mixed with it.
 
     ws  = Wireless(cfg, step_flops, up_bytes, down_bytes)   # the server builds one (wireless.enabled)
-    pick = ws.picker(rnd)                                   # best_channel / age replace the sampler (else None)
+    Context(last_sampled, ws.cell)                          # what the samplers best_channel / age read (samplers.py)
     sim = ws.simulate(rnd, scheduled, local_steps, failed)  # clocks; sim.late = stragglers past the deadline
     row.update(ws.row(sim, reported, lost))                 # sim_* metrics of the round
 """
@@ -33,26 +33,19 @@ class Wireless:
         self.num_params = num_params
         self.time_s = 0.0  # simulated time and energy so far (checkpointed)
         self.energy_j = 0.0
-        # the round each client was last scheduled (age: a straggler cut by the deadline was served too, or the
-        # slowest devices would take every round's slots forever); checkpointed
-        self.last_scheduled = np.full(cfg.fed.num_clients, -1, dtype=np.int64)
 
     def state_dict(self) -> dict:
-        import torch
-
-        return {"time_s": self.time_s, "energy_j": self.energy_j,
-                "last_scheduled": torch.from_numpy(self.last_scheduled.copy())}
+        return {"time_s": self.time_s, "energy_j": self.energy_j}
 
     def load_state_dict(self, state: dict) -> None:
         self.time_s, self.energy_j = float(state["time_s"]), float(state["energy_j"])
-        self.last_scheduled = state["last_scheduled"].numpy().astype(np.int64).copy()
 
     def describe(self) -> str:
         w, c = self.w, self.cell
         counts = np.bincount(c.device_class, minlength=len(c.classes))
         mix = ", ".join(f"{n} {k}" for k, n in zip(c.classes, counts))
         return (f"simulated cell: {len(c.distance_m)} devices ({mix}) within {w.radius_m:g} m, B = {w.bandwidth_hz / 1e6:g} "
-                f"MHz, p = {w.tx_power_dbm:g} dBm, base station {w.bs_power_dbm:g} dBm, scheduler {w.scheduler}, "
+                f"MHz, p = {w.tx_power_dbm:g} dBm, base station {w.bs_power_dbm:g} dBm, sampler {self.cfg.fed.sampling}, "
                 f"deadline {'none' if w.deadline_s is None else f'{w.deadline_s:g} s'}; one local step = "
                 f"{self.step_flops / 1e9:,.3g} GFLOP (counted); messages {self.up_bytes:,} B up, "
                 f"{self.down_bytes:,} B down")
@@ -78,20 +71,12 @@ class Wireless:
                 f"{air[k] + compute[k]:.3g} s (compute {compute[k]:.3g} s + air {air[k]:.3g} s): every client may be "
                 "dropped")
 
-    def picker(self, rnd: int):
-        """best_channel / age: a function (reachable ids -> scheduled ids) that replaces the sampler; random: None."""
-        if self.w.scheduler == "random":
-            return None
-        m = self.cfg.fed.clients_per_round
-        return lambda reachable: schedule(self.w.scheduler, self.cell, rnd, reachable, m, self.last_scheduled)
-
     def simulate(self, rnd: int, scheduled: list[int], local_steps: int, failed: list[int] = ()) -> RoundSim:
         """The round's clocks; ``sim.late``: the stragglers among the clients that did not fail anyway."""
         sim = simulate(self.cell, self.w, rnd, scheduled, 8 * self.up_bytes, 8 * self.down_bytes,
                        float(self.step_flops) * local_steps)
         lost = set(failed)
         sim.late = [c for c in sim.late if c not in lost]
-        self.last_scheduled[list(scheduled)] = rnd
         return sim
 
     def row(self, sim: RoundSim, reported: list[int], lost: list[int]) -> dict:

@@ -28,7 +28,7 @@ class WirelessSection:
     noise_dbm_hz: float = -174.0  # noise power spectral density N0
     shadowing_db: float = 8.0  # log-normal shadowing std (drawn once per device); Rayleigh fading is redrawn every round
     deadline_s: float | None = None  # drop the clients whose simulated round time would exceed it (null = none)
-    scheduler: str = "random"  # random (fed.sampling) / best_channel (strongest channels this round) / age (least recently served first)
+    scheduler: str = "random"  # the older spelling of fed.sampling=best_channel (strongest channels this round) / age (least recently sampled first); random: fed.sampling decides
     server_tflops: float = 10.0  # base station's server: aggregation time = 2 FLOPs per value per kept client / this
     devices: dict = field(default_factory=_default_devices)  # device classes {share, tflops (sustained), watts while training}; yours merge with these three (share 0 leaves one out)
     seed: int | None = None  # placement, device classes and fading; null = run.seed
