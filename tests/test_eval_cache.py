@@ -60,7 +60,7 @@ def test_evaluation_runs_on_eval_num_threads_and_restores_the_ranks(monkeypatch)
 
     seen = []
 
-    def fake(self, rnd, losses, grid, accuracy):
+    def fake(self, rnd, losses, grid, accuracy, quality):
         seen.append(torch.get_num_threads())
         if rnd < 0:
             raise RuntimeError("boom")
