@@ -76,3 +76,42 @@ def test_digits_split_keeps_client_and_base_concepts_apart():
     assert set(np.unique(fd.val.labels)) <= {5, 6, 7, 8, 9}
     all_idx = sum(len(c) for c in fd.clients) + len(fd.val)
     assert all_idx == int(np.isin(__import__("sklearn.datasets").datasets.load_digits().target, [5, 6, 7, 8, 9]).sum())
+
+
+def test_natural_partition_is_one_client_per_distinct_value_of_the_client_column(tmp_path):
+    """The reference groups the metadata lines by owner with a plain dict (pandas' groupby, without pandas): client i
+    holds exactly the images of the i-th owner in sorted order, each client holding out its own share."""
+    f = tmp_path / "owners"
+    f.mkdir()
+    rng = np.random.default_rng(0)
+    owners = rng.choice(["ann", "bo", "cy", "dee", "eve"], size=40).tolist()
+    rows = []
+    for i, who in enumerate(owners):
+        Image.fromarray(np.full((10, 10, 3), 6 * i, dtype=np.uint8)).save(f / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "text": f"photo {i}", "owner": who})
+    (f / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    groups: dict[str, set[str]] = {}
+    for r in rows:
+        groups.setdefault(r["owner"], set()).add(r["text"])
+    base = ["data.source=imagefolder", f"data.path={f}", "data.partition=natural", "data.client_column=owner"]
+    fd = build_federated_data(load_config(None, [*base, f"fed.num_clients={len(groups)}"]), channels=3)
+    assert len(fd.clients) == len(groups) == 5
+    for c, owner in enumerate(sorted(groups)):
+        held = set(fd.clients[c].captions) | set(fd.val_clients[c].captions)
+        assert held == groups[owner] and not set(fd.clients[c].captions) & set(fd.val_clients[c].captions)
+        assert len(fd.val_clients[c]) >= 1
+    assert sorted(fd.val.captions) == sorted(x for v in fd.val_clients for x in v.captions)
+
+    from fed_ddp.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        build_federated_data(load_config(None, [*base, "fed.num_clients=4"]), channels=3)
+    assert str(e.value).startswith("data.client_column='owner': has 5 distinct values in") and \
+        "set fed.num_clients=5 (it is 4)" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"data.client_column='user': metadata.jsonl:1 lacks it \(40 of 40 lines do; "
+                                          r"fields: file_name, owner, text\)"):
+        build_federated_data(load_config(None, [*base[:-1], "data.client_column=user", "fed.num_clients=5"]), 3)
+    with pytest.raises(ConfigError, match="data.partition=natural needs the metadata field"):
+        load_config(None, base[:-1])
+    with pytest.raises(ConfigError, match="natural needs data.source=imagefolder with data.path"):
+        load_config(None, ["data.partition=natural", "data.client_column=owner"])

@@ -113,7 +113,7 @@ class LoraSection:
                f"every client rank must be an integer in [1, lora.rank={self.rank}] (the global adapter's rank)")
 
 
-PARTITIONS = ("iid", "dirichlet", "shards")
+PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 
 
 @dataclass(kw_only=True)
@@ -122,8 +122,9 @@ class DataSection:
     path: str | None = None  # imagefolder: one folder with metadata.jsonl, partitioned across clients
     client_dirs: list[str] = field(default_factory=list)  # imagefolder: one folder per client instead
     label_field: str = "text"  # metadata field that dirichlet/shards partition over
+    client_column: str | None = None  # natural: the metadata field whose distinct values are the clients (one client per value, in sorted order)
     digits: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # digits: concepts the clients hold
-    partition: str = "shards"  # iid / dirichlet / shards
+    partition: str = "shards"  # iid / dirichlet / shards / natural (data.path: one client per distinct data.client_column value)
     dirichlet_alpha: float = 0.5  # dirichlet concentration (smaller = more skewed)
     shards_per_client: int = 2  # shards: label-sorted shards per client
     replay_fraction: float = 0.2  # share of each batch drawn from the base's concepts (anti-forgetting)
@@ -140,6 +141,11 @@ class DataSection:
         _check(bool(self.digits) and all(0 <= d <= 9 for d in self.digits), "data.digits", self.digits,
                "must be a non-empty list of digits 0..9")
         integer("data.resolution", self.resolution, 8, 4096)
+        if self.partition == "natural":
+            _check(self.source == "imagefolder" and bool(self.path), "data.partition", self.partition,
+                   "natural needs data.source=imagefolder with data.path (one folder whose metadata names the clients)")
+            _check(bool(self.client_column), "data.client_column", self.client_column,
+                   "data.partition=natural needs the metadata field whose values are the clients, e.g. owner")
         if self.path:
             self.path = os.path.expanduser(self.path)
         self.client_dirs = [os.path.expanduser(d) for d in self.client_dirs]

@@ -60,6 +60,8 @@ def build_federated_data(cfg: RunConfig, channels: int = 1) -> FederatedData:
             base = everything.subset(np.flatnonzero(np.isin(everything.labels, base_digits)))
             replay, val_base = _split(base, cfg, 1)
         return FederatedData(_partitioned(train, cfg), val, replay if d.replay_fraction > 0 else None, val_base)
+    if d.path and d.partition == "natural":
+        return _natural(cfg, channels)
     if d.path:
         pool = load_imagefolder(d.path, d.resolution, channels, d.label_field)
         train, val = _split(pool, cfg, 0)
@@ -69,6 +71,46 @@ def build_federated_data(cfg: RunConfig, channels: int = 1) -> FederatedData:
         train, val = _split(load_imagefolder(folder, d.resolution, channels, d.label_field), cfg, c)
         clients.append(train)
         vals.append(val)
+    return FederatedData(clients, concat(vals), val_clients=vals)
+
+
+def natural_clients(folder, column: str, num_clients: int) -> tuple[list[str], list[np.ndarray]]:
+    """data.partition=natural: the distinct values of ``column`` in the folder's metadata (sorted: client i holds the
+    i-th) and each one's row indices, from the metadata alone; one line if a row lacks it or the count is not N."""
+    from fed_ddp.config import ConfigError
+    from fed_ddp.data.imagefolder import read_metadata
+
+    rows = read_metadata(folder)
+    lacking = [r["_line"] for r in rows if column not in r]
+    if lacking:
+        fields = sorted({k for r in rows for k in r if k != "_line"})
+        raise ConfigError("data.client_column", column, f"metadata.jsonl:{lacking[0]} lacks it ({len(lacking)} of "
+                          f"{len(rows)} lines do; fields: {', '.join(fields)})")
+    values = np.array([str(r[column]) for r in rows])
+    names = sorted(set(values.tolist()))
+    if len(names) != num_clients:
+        raise ConfigError("data.client_column", column, f"has {len(names)} distinct values in {folder}/metadata.jsonl, "
+                          f"so data.partition=natural gives {len(names)} clients: set fed.num_clients={len(names)} "
+                          f"(it is {num_clients})")
+    return names, [np.flatnonzero(values == v) for v in names]
+
+
+def _natural(cfg: RunConfig, channels: int) -> FederatedData:
+    """One client per distinct data.client_column value, each holding out its own validation share (at least one
+    image; as data.client_dirs does), so the server has a held-out set per client too."""
+    d = cfg.data
+    names, parts = natural_clients(d.path, d.client_column, cfg.fed.num_clients)
+    pool = load_imagefolder(d.path, d.resolution, channels, d.label_field)
+    clients, vals = [], []
+    for c, idx in enumerate(parts):
+        if len(idx) < 2:
+            raise ValueError(f"data.client_column={d.client_column!r}: client {c} ({names[c]!r}) has {len(idx)} image: "
+                             "each needs at least 2 (one is held out for validation)")
+        # at least one held out per client, however few images it has (natural clients are often small)
+        perm = np.random.default_rng(cfg.run.seed + c).permutation(idx)
+        k = min(len(idx) - 1, max(1, round(d.val_fraction * len(idx))))
+        clients.append(pool.subset(np.sort(perm[k:])))
+        vals.append(pool.subset(np.sort(perm[:k])))
     return FederatedData(clients, concat(vals), val_clients=vals)
 
 
