@@ -115,3 +115,23 @@ def test_natural_partition_is_one_client_per_distinct_value_of_the_client_column
         load_config(None, base[:-1])
     with pytest.raises(ConfigError, match="natural needs data.source=imagefolder with data.path"):
         load_config(None, ["data.partition=natural", "data.client_column=owner"])
+
+
+def test_image_and_caption_columns_are_the_user_s(tmp_path):
+    """metadata.jsonl with `image` / `caption` fields (and an unrelated `text`): data.image_column and
+    data.caption_column read them; a missing column is one line naming it and the fields present."""
+    f = make_folder(tmp_path / "f", n=12)
+    rows = [json.loads(x) for x in (f / "metadata.jsonl").read_text().splitlines()]
+    renamed = [{"image": r["file_name"], "caption": r["text"].upper(), "text": "not the caption", "label": r["label"]}
+               for r in rows]
+    (f / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in renamed) + "\n")
+    cfg = load_config(None, ["data.source=imagefolder", f"data.path={f}", "data.partition=iid", "fed.num_clients=2",
+                             "data.image_column=image", "data.caption_column=caption"])
+    fd = build_federated_data(cfg, channels=3)
+    got = sorted(x for c in fd.clients for x in c.captions) + fd.val.captions
+    assert sorted(got) == sorted(r["caption"] for r in renamed)
+    with pytest.raises(ValueError) as e:
+        build_federated_data(load_config(None, ["data.source=imagefolder", f"data.path={f}", "fed.num_clients=2",
+                                                "data.partition=iid"]), channels=3)
+    assert "metadata.jsonl:1: each line needs 'file_name' and 'text' (data.image_column, data.caption_column), " \
+           "got ['caption', 'image', 'label', 'text']" in str(e.value) and "\n" not in str(e.value)

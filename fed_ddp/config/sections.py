@@ -121,7 +121,9 @@ class DataSection:
     source: str = "digits"  # digits (built-in, scikit-learn) / imagefolder
     path: str | None = None  # imagefolder: one folder with metadata.jsonl, partitioned across clients
     client_dirs: list[str] = field(default_factory=list)  # imagefolder: one folder per client instead
-    label_field: str = "text"  # metadata field that dirichlet/shards partition over
+    image_column: str = "file_name"  # imagefolder: the metadata field holding each image's path (relative to the folder)
+    caption_column: str = "text"  # imagefolder: the metadata field holding each image's caption
+    label_field: str = "text"  # metadata field that dirichlet/shards partition over ("text": the caption)
     client_column: str | None = None  # natural: the metadata field whose distinct values are the clients (one client per value, in sorted order)
     digits: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # digits: concepts the clients hold
     partition: str = "shards"  # iid / dirichlet / shards / natural (data.path: one client per distinct data.client_column value)

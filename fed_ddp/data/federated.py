@@ -63,27 +63,29 @@ def build_federated_data(cfg: RunConfig, channels: int = 1) -> FederatedData:
     if d.path and d.partition == "natural":
         return _natural(cfg, channels)
     if d.path:
-        pool = load_imagefolder(d.path, d.resolution, channels, d.label_field)
+        pool = load_imagefolder(d.path, d.resolution, channels, d.label_field, None, d.image_column, d.caption_column)
         train, val = _split(pool, cfg, 0)
         return FederatedData(_partitioned(train, cfg), val)
     clients, vals = [], []
     for c, folder in enumerate(d.client_dirs):
-        train, val = _split(load_imagefolder(folder, d.resolution, channels, d.label_field), cfg, c)
+        train, val = _split(load_imagefolder(folder, d.resolution, channels, d.label_field, None, d.image_column,
+                                                d.caption_column), cfg, c)
         clients.append(train)
         vals.append(val)
     return FederatedData(clients, concat(vals), val_clients=vals)
 
 
-def natural_clients(folder, column: str, num_clients: int) -> tuple[list[str], list[np.ndarray]]:
+def natural_clients(folder, column: str, num_clients: int, image_column: str = "file_name",
+                    caption_column: str = "text") -> tuple[list[str], list[np.ndarray]]:
     """data.partition=natural: the distinct values of ``column`` in the folder's metadata (sorted: client i holds the
     i-th) and each one's row indices, from the metadata alone; one line if a row lacks it or the count is not N."""
     from fed_ddp.config import ConfigError
     from fed_ddp.data.imagefolder import read_metadata
 
-    rows = read_metadata(folder)
+    rows = read_metadata(folder, image_column, caption_column)
     lacking = [r["_line"] for r in rows if column not in r]
     if lacking:
-        fields = sorted({k for r in rows for k in r if k != "_line"})
+        fields = sorted({k for r in rows for k in r if not k.startswith("_")})
         raise ConfigError("data.client_column", column, f"metadata.jsonl:{lacking[0]} lacks it ({len(lacking)} of "
                           f"{len(rows)} lines do; fields: {', '.join(fields)})")
     values = np.array([str(r[column]) for r in rows])
@@ -99,8 +101,8 @@ def _natural(cfg: RunConfig, channels: int) -> FederatedData:
     """One client per distinct data.client_column value, each holding out its own validation share (at least one
     image; as data.client_dirs does), so the server has a held-out set per client too."""
     d = cfg.data
-    names, parts = natural_clients(d.path, d.client_column, cfg.fed.num_clients)
-    pool = load_imagefolder(d.path, d.resolution, channels, d.label_field)
+    names, parts = natural_clients(d.path, d.client_column, cfg.fed.num_clients, d.image_column, d.caption_column)
+    pool = load_imagefolder(d.path, d.resolution, channels, d.label_field, None, d.image_column, d.caption_column)
     clients, vals = [], []
     for c, idx in enumerate(parts):
         if len(idx) < 2:
