@@ -52,6 +52,11 @@ UP_FIELDS = ("num_examples", "train_loss", "train_seconds", "client_seconds")
 UP_TAIL_BYTES = 4 + 4 * len(UP_FIELDS)  # int32 client id + fp32 fields
 
 
+def plan_nbytes(plan_values=()) -> int:
+    """What of the downlink head one client needs: the plan fields, then one fp32 per strategy plan value."""
+    return PLAN_BYTES + 4 * len(plan_values)
+
+
 def _f32_bytes(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(torch.uint8)
 
@@ -90,7 +95,7 @@ class Wire:
                  up_metrics=(), plan_values=()):
         self.plan_values = tuple(plan_values)
         self.head_nbytes = HEAD_BYTES + 4 * len(self.plan_values)
-        self.plan_bytes = PLAN_BYTES + 4 * len(self.plan_values)  # what of the head one client needs
+        self.plan_bytes = plan_nbytes(self.plan_values)  # what of the head one client needs
         # the uplink's protocol fields: UP_FIELDS, then the objective's per-client metrics (one fp32 slot each)
         self.up_fields = UP_FIELDS + tuple(up_metrics)
         self.up_tail = 4 + 4 * len(self.up_fields)

@@ -79,15 +79,13 @@ def natural_clients(folder, column: str, num_clients: int, image_column: str = "
                     caption_column: str = "text") -> tuple[list[str], list[np.ndarray]]:
     """data.partition=natural: the distinct values of ``column`` in the folder's metadata (sorted: client i holds the
     i-th) and each one's row indices, from the metadata alone; one line if a row lacks it or the count is not N."""
+    from pathlib import Path
+
     from fed_ddp.config import ConfigError
-    from fed_ddp.data.imagefolder import read_metadata
+    from fed_ddp.data.imagefolder import read_metadata, require_field
 
     rows = read_metadata(folder, image_column, caption_column)
-    lacking = [r["_line"] for r in rows if column not in r]
-    if lacking:
-        fields = sorted({k for r in rows for k in r if not k.startswith("_")})
-        raise ConfigError("data.client_column", column, f"metadata.jsonl:{lacking[0]} lacks it ({len(lacking)} of "
-                          f"{len(rows)} lines do; fields: {', '.join(fields)})")
+    require_field(rows, column, "data.client_column", Path(folder).expanduser() / "metadata.jsonl")
     values = np.array([str(r[column]) for r in rows])
     names = sorted(set(values.tolist()))
     if len(names) != num_clients:

@@ -61,6 +61,17 @@ def read_metadata(folder: str | Path, image_column: str = "file_name", caption_c
     return rows
 
 
+def require_field(rows: list[dict], name: str, key: str, meta: Path) -> None:
+    """Every metadata line has the field ``name`` (what ``key`` names); else one line: the fields there are, or the
+    first line without it."""
+    lacking = [row["_line"] for row in rows if name not in row]
+    if len(lacking) == len(rows):
+        fields = sorted({k for row in rows for k in row if not k.startswith("_")})
+        raise ConfigError(key, name, f"no line of {meta} has it (fields: {', '.join(fields)})")
+    if lacking:
+        raise ConfigError(key, name, f"{meta}:{lacking[0]} lacks it ({len(lacking)} of {len(rows)} lines do)")
+
+
 def load_imagefolder(folder: str | Path, resolution: int, channels: int = 3, label_field: str = "text",
                      label_names: list[str] | None = None, image_column: str = "file_name",
                      caption_column: str = "text") -> CaptionedImages:
@@ -68,14 +79,8 @@ def load_imagefolder(folder: str | Path, resolution: int, channels: int = 3, lab
     folder = Path(folder).expanduser()
     rows = read_metadata(folder, image_column, caption_column)
     meta = folder / "metadata.jsonl"
-    if label_field != "text":  # the field partitioning reads: on every line, or a line named
-        lacking = [row["_line"] for row in rows if label_field not in row]
-        if len(lacking) == len(rows):
-            fields = sorted({k for row in rows for k in row if not k.startswith("_")})
-            raise ConfigError("data.label_field", label_field, f"no line of {meta} has it (fields: {', '.join(fields)})")
-        if lacking:
-            raise ConfigError("data.label_field", label_field, f"{meta}:{lacking[0]} lacks it "
-                              f"({len(lacking)} of {len(rows)} lines do)")
+    if label_field != "text":  # the field partitioning reads
+        require_field(rows, label_field, "data.label_field", meta)
     mode = "L" if channels == 1 else "RGB"
     pics = []
     for row in rows:

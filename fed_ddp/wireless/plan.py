@@ -29,7 +29,7 @@ def wireless_rows(cfg, unet_config: dict | None, latent_shape, embed_shape) -> l
 
     from fed_ddp.diffusion.lora import prepare_trainable
     from fed_ddp.diffusion.meta import meta_unet
-    from fed_ddp.protocol import PLAN_BYTES, UP_TAIL_BYTES, Wire
+    from fed_ddp.protocol import UP_TAIL_BYTES, Wire, plan_nbytes
     from fed_ddp.strategies import lookup
     from fed_ddp.wireless.flops import unet_step_flops
 
@@ -43,14 +43,14 @@ def wireless_rows(cfg, unet_config: dict | None, latent_shape, embed_shape) -> l
     flops: dict[str, int] = {}
     lora_layout = None
     rows = []
-    plan_values = lookup(cfg.fed.strategy).plan_values  # the strategy's plan values: 4 B each, down
+    plan_values = lookup(cfg.fed.strategy).plan_values  # sent down with every plan (plan_nbytes)
     for label, method, uplink in variants(cfg):
         c = replace(cfg, train=replace(cfg.train, method=method))
         if method not in flops:
             flops[method] = unet_step_flops(c, unet_config, latent_shape, embed_shape)
         if method == "full":  # dense fp32: 4 bytes per weight, no codec (a chain over 10^9 values is not built)
             params = sum(p.numel() for p in meta_unet(unet_config).parameters())
-            up, down = 4 * params + UP_TAIL_BYTES, 4 * params + PLAN_BYTES + 4 * len(plan_values)
+            up, down = 4 * params + UP_TAIL_BYTES, 4 * params + plan_nbytes(plan_values)
         else:
             if lora_layout is None:
                 from fed_ddp.compression import layout_of
