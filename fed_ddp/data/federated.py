@@ -75,21 +75,17 @@ def build_federated_data(cfg: RunConfig, channels: int = 1) -> FederatedData:
     return FederatedData(clients, concat(vals), val_clients=vals)
 
 
-def natural_clients(folder, column: str, num_clients: int, image_column: str = "file_name",
-                    caption_column: str = "text") -> tuple[list[str], list[np.ndarray]]:
-    """data.partition=natural: the distinct values of ``column`` in the folder's metadata (sorted: client i holds the
-    i-th) and each one's row indices, from the metadata alone; one line if a row lacks it or the count is not N."""
-    from pathlib import Path
-
+def natural_clients(rows: list[dict], column: str, num_clients: int, meta) -> tuple[list[str], list[np.ndarray]]:
+    """data.partition=natural: the distinct values of ``column`` in a folder's metadata lines ``rows`` (sorted: client
+    i holds the i-th) and each one's row indices; one line if a row lacks it or the count is not N."""
     from fed_ddp.config import ConfigError
-    from fed_ddp.data.imagefolder import read_metadata, require_field
+    from fed_ddp.data.imagefolder import require_field
 
-    rows = read_metadata(folder, image_column, caption_column)
-    require_field(rows, column, "data.client_column", Path(folder).expanduser() / "metadata.jsonl")
+    require_field(rows, column, "data.client_column", meta)
     values = np.array([str(r[column]) for r in rows])
     names = sorted(set(values.tolist()))
     if len(names) != num_clients:
-        raise ConfigError("data.client_column", column, f"has {len(names)} distinct values in {folder}/metadata.jsonl, "
+        raise ConfigError("data.client_column", column, f"has {len(names)} distinct values in {meta}, "
                           f"so data.partition=natural gives {len(names)} clients: set fed.num_clients={len(names)} "
                           f"(it is {num_clients})")
     return names, [np.flatnonzero(values == v) for v in names]
@@ -99,8 +95,13 @@ def _natural(cfg: RunConfig, channels: int) -> FederatedData:
     """One client per distinct data.client_column value, each holding out its own validation share (at least one
     image; as data.client_dirs does), so the server has a held-out set per client too."""
     d = cfg.data
-    names, parts = natural_clients(d.path, d.client_column, cfg.fed.num_clients, d.image_column, d.caption_column)
-    pool = load_imagefolder(d.path, d.resolution, channels, d.label_field, None, d.image_column, d.caption_column)
+    from pathlib import Path
+
+    from fed_ddp.data.imagefolder import read_metadata
+
+    rows = read_metadata(d.path, d.image_column, d.caption_column)  # once: the clients, then the images
+    names, parts = natural_clients(rows, d.client_column, cfg.fed.num_clients, Path(d.path) / "metadata.jsonl")
+    pool = load_imagefolder(d.path, d.resolution, channels, d.label_field, rows=rows)
     clients, vals = [], []
     for c, idx in enumerate(parts):
         if len(idx) < 2:

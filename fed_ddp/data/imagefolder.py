@@ -74,10 +74,11 @@ def require_field(rows: list[dict], name: str, key: str, meta: Path) -> None:
 
 def load_imagefolder(folder: str | Path, resolution: int, channels: int = 3, label_field: str = "text",
                      label_names: list[str] | None = None, image_column: str = "file_name",
-                     caption_column: str = "text") -> CaptionedImages:
-    """Load, centre-crop and resize every listed image to ``resolution``, scaled to [-1, 1]."""
+                     caption_column: str = "text", rows: list[dict] | None = None) -> CaptionedImages:
+    """Load, centre-crop and resize every listed image to ``resolution``, scaled to [-1, 1]. ``rows``: the folder's
+    ``read_metadata``, where the caller has read it already."""
     folder = Path(folder).expanduser()
-    rows = read_metadata(folder, image_column, caption_column)
+    rows = rows if rows is not None else read_metadata(folder, image_column, caption_column)
     meta = folder / "metadata.jsonl"
     if label_field != "text":  # the field partitioning reads
         require_field(rows, label_field, "data.label_field", meta)
